@@ -1,0 +1,168 @@
+"""The one base adapter every method builds on.
+
+``AdapterLinear`` wraps an ``nn.Linear`` (kept as ``base_layer``, frozen) and owns
+what all methods share: input dropout on the adapter branch, the ``merged``
+flag, ``merge()``/``unmerge()``, the residual trick (``W_frozen = W - ΔW(θ₀)``)
+and parameter counting. A method subclass only says how ΔW is parameterised
+and initialised (see ``../shared/METHODS.md``, "Notation"):
+
+- ``_delta(tensors)``: ΔW from a mapping of its trainable tensors by name;
+- ``adapter_output(x, base_output)``: the unmerged adapter term, computed
+  without materialising a d_out × d_in matrix per token.
+
+The naming rule (loralib's): every tensor an adapter owns is named with the
+prefix ``lora_``. Parameters with that prefix that require grad are trained;
+parameters and *persistent* buffers with that prefix are saved and loaded;
+non-persistent ``lora_`` buffers are derived again from the base weight.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+ADAPTER_PREFIX = "lora_"
+
+
+def is_adapter_tensor(name: str) -> bool:
+    """True when a (qualified) parameter/buffer name belongs to an adapter."""
+    return name.rsplit(".", 1)[-1].startswith(ADAPTER_PREFIX)
+
+
+@dataclass
+class AdapterConfig:
+    """Options every method has. Subclasses add their own fields with defaults."""
+
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "AdapterConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; expected some of {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+
+def positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class AdapterLinear(nn.Module):
+    """Base class: ``y = base_layer(x) + adapter_output(dropout(x))`` unless merged."""
+
+    config_class = AdapterConfig
+    method_name: str = "?"  # set by @register_method
+    #: ``False`` for variants whose update depends on the batch (cannot be folded into W).
+    mergeable: bool = True
+
+    def __init__(self, base_layer: nn.Linear, config: AdapterConfig, stats=None):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"adapters wrap nn.Linear layers, got {type(base_layer).__name__}")
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.config = config
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.merged = False
+        #: calibration statistics this layer was built with (kept so a checkpoint can rebuild it)
+        self.stats = stats
+
+    # ---- what a method provides -------------------------------------------------------
+    def _delta(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """ΔW (d_out × d_in) computed from ``tensors`` (trainable tensors by name)."""
+        raise NotImplementedError
+
+    def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        """The adapter's additive term for input ``x`` (already through dropout)."""
+        raise NotImplementedError
+
+    @classmethod
+    def plan_layers(cls, linears: Mapping[str, nn.Linear], stats, config) -> dict[str, dict[str, Any]]:
+        """Per-layer config overrides decided from a global view (e.g. rank allocation)."""
+        return {}
+
+    # ---- shared machinery ---------------------------------------------------------------
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.named_parameters(recurse=False) if is_adapter_tensor(n)}
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW(θ) for the current trainable tensors."""
+        return self._delta(self.trainable_tensors())
+
+    def initial_delta_weight(self) -> torch.Tensor:
+        """ΔW(θ₀), from the snapshot taken by ``_make_residual``."""
+        return self._delta({n: getattr(self, n + "_init") for n in self.trainable_tensors()})
+
+    @property
+    def has_residual(self) -> bool:
+        return any(n.endswith("_init") for n, _ in self.named_buffers(recurse=False))
+
+    @torch.no_grad()
+    def _make_residual(self) -> None:
+        """Snapshot θ₀ as persistent buffers and set ``W ← W − ΔW(θ₀)`` (function-preserving init)."""
+        for name, tensor in self.trainable_tensors().items():
+            self.register_buffer(name + "_init", tensor.detach().clone())
+        self._add_to_weight(-self.initial_delta_weight())
+
+    @torch.no_grad()
+    def _add_to_weight(self, delta: torch.Tensor) -> None:
+        weight = self.base_layer.weight
+        weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+
+    def original_weight(self) -> torch.Tensor:
+        """The weight this adapter was built on (W, before the residual was subtracted)."""
+        weight = self.base_layer.weight.detach().float()
+        if self.merged:
+            weight = weight - self.delta_weight().float()
+        if self.has_residual:
+            weight = weight + self.initial_delta_weight().float()
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        return out + self.adapter_output(self.dropout(x), out).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into the base weight. Idempotent: merging a merged adapter does nothing."""
+        if self.merged:
+            return
+        if not self.mergeable:
+            raise RuntimeError(f"{self.method_name} with this config is not mergeable (its update depends on the batch)")
+        self._add_to_weight(self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take ΔW back out of the base weight. Does nothing on an unmerged adapter."""
+        if not self.merged:
+            return
+        self._add_to_weight(-self.delta_weight())
+        self.merged = False
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_tensors().values() if p.requires_grad)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method_name}, in={self.in_features}, out={self.out_features}, merged={self.merged}"

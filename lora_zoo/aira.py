@@ -1,0 +1,130 @@
+"""AIRA — Activation-Informed Low-Rank Adaptation (Li et al., ICCV 2025).
+
+A LoRA update ``ΔW = s · diag(m) B A`` with three switchable components
+(METHODS.md, "AIRA"), so the paper's ablation can be run:
+
+(a) ``init="owsvd"``: outlier-weighted SVD, ``W diag(s)^β = U Σ Vᵀ``,
+    ``B = U_r Σ_r^{1/2}``, ``A = Σ_r^{1/2} V_rᵀ diag(s)^{-β}`` (s: input channel
+    mean |x|); with ``residual`` (default) W ← W − ΔW(θ₀). ``init="lora"`` starts
+    A/B as LoRA does.
+(b) ``rank_alloc=True``: per-layer ranks from outlier scores by water-filling
+    under the parameter budget of uniform rank ``rank`` (``rank_allocation.py``);
+    the allocation is stored in the model's setup and saved with checkpoints.
+(c) ``act_scale=True``: ``m = (o / mean(o))^γ`` from the calibrated output
+    statistic o, a fixed buffer, so the adapter stays mergeable.
+    ``act_scale="batch"`` reproduces the authors' per-batch min–max scaling of
+    the live output (batch-dependent predictions; not mergeable, and the
+    residual then no longer cancels the init exactly).
+
+Scale ``s = α / r`` with α defaulting to r (s = 1), per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from .adapter import AdapterConfig, AdapterLinear, positive_int
+from .lora import kaiming_rows
+from .rank_allocation import allocate_ranks, outlier_score
+from .registry import register_method
+from .svd import weighted_svd
+
+
+@dataclass
+class AiraConfig(AdapterConfig):
+    rank: int = 8
+    alpha: Optional[float] = None
+    init: str = "owsvd"
+    owsvd_beta: float = 1.0
+    residual: bool = True
+    rank_alloc: bool = True
+    outlier_threshold: float = 5.0
+    rank_min: int = 2
+    rank_max: int = 32
+    rank_budget: Optional[int] = None
+    act_scale: Union[bool, str] = True
+    act_gamma: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive_int("rank", self.rank)
+        if self.init not in ("owsvd", "lora"):
+            raise ValueError(f"init must be 'owsvd' or 'lora', got {self.init!r}")
+        if self.act_scale not in (True, False, "batch"):
+            raise ValueError(f"act_scale must be true, false or 'batch', got {self.act_scale!r}")
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.init == "owsvd" or self.act_scale is True or self.rank_alloc
+
+
+def _need_stats(stats, what: str):
+    if stats is None:
+        raise ValueError(f"aira {what} needs calibration stats from collect_activation_stats "
+                         "(or switch that component off)")
+    return stats
+
+
+@register_method("aira")
+class AiraLinear(AdapterLinear):
+    config_class = AiraConfig
+
+    def __init__(self, base_layer: nn.Linear, config: AiraConfig, stats=None):
+        super().__init__(base_layer, config, stats)
+        self.rank = config.rank
+        self.scale = config.scale
+        self.mergeable = config.act_scale != "batch"
+        weight = base_layer.weight
+        if config.init == "owsvd":
+            col_scale = _need_stats(stats, "init='owsvd'").input_abs_mean
+            u, sigma, vt = weighted_svd(weight, self.rank, col_scale, config.owsvd_beta)
+            root = sigma.sqrt()
+            self.lora_A = nn.Parameter(root[:, None] * vt)
+            self.lora_B = nn.Parameter(u * root[None, :])
+        else:
+            self.lora_A = nn.Parameter(kaiming_rows(self.rank, self.in_features, weight))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=weight.device))
+        if config.act_scale is True:
+            out_abs = _need_stats(stats, "act_scale=True").output_abs_mean.to(weight.device).float()
+            importance = (out_abs / out_abs.mean().clamp_min(1e-12)) ** config.act_gamma
+            self.register_buffer("lora_output_scale", importance)
+        else:
+            self.register_buffer("lora_output_scale", None)
+        if config.residual:
+            self._make_residual()
+
+    @classmethod
+    def plan_layers(cls, linears, stats, config: AiraConfig):
+        """Outlier-driven per-layer ranks (component (b)); ``{}`` when rank_alloc is off."""
+        if not config.rank_alloc:
+            return {}
+        stats = _need_stats(stats, "rank_alloc=True")
+        names = list(linears)
+        scores = [outlier_score(linears[n].weight, stats[n].input_l2, config.outlier_threshold) for n in names]
+        costs = [linears[n].in_features + linears[n].out_features for n in names]
+        budget = config.rank_budget if config.rank_budget is not None else sum(costs) * config.rank
+        ranks = allocate_ranks(scores, costs, budget, config.rank_min, config.rank_max, uniform_rank=config.rank)
+        return {n: {"rank": r} for n, r in zip(names, ranks)}
+
+    def _delta(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        delta = self.scale * (tensors["lora_B"] @ tensors["lora_A"])
+        if self.lora_output_scale is not None:
+            delta = self.lora_output_scale[:, None] * delta
+        return delta
+
+    def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        out = (x @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype)
+        if self.lora_output_scale is not None:
+            out = out * self.lora_output_scale.to(out.dtype)
+        elif self.config.act_scale == "batch":
+            magnitude = base_output.detach().abs().reshape(-1, base_output.shape[-1]).mean(0)
+            low, high = magnitude.min(), magnitude.max()
+            out = out * ((magnitude - low) / (high - low).clamp_min(1e-12)).to(out.dtype)
+        return self.scale * out

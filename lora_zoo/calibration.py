@@ -1,0 +1,124 @@
+"""Calibration statistics: per-layer activation magnitudes of the frozen model.
+
+METHODS.md, "Notation": run the frozen model on calibration inputs (few-shot
+training images for the vision tower, class prompts for the text tower) and
+record, for each target layer, the input channels' mean absolute value
+``s_j = mean_tokens |x_j|`` and L2 norm ``n_j = ||X_{:,j}||₂`` and the output
+channels' mean absolute value ``o_i = mean_tokens |z_i|``. Text padding tokens
+(those equal to the text tower's ``pad_id``) are excluded. Everything is
+gathered in one forward pass over the batches, with hooks on the target
+linear layers; nothing per-token is kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .attention import split_attention
+from .targets import find_target_linears
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one linear layer (float32 CPU tensors)."""
+
+    input_abs_mean: torch.Tensor   # s, (d_in,)
+    input_l2: torch.Tensor         # n, (d_in,)
+    output_abs_mean: torch.Tensor  # o, (d_out,)
+    tokens: int
+
+    FIELDS = ("input_abs_mean", "input_l2", "output_abs_mean")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+
+class _Accumulator:
+    def __init__(self):
+        self.abs_in = self.sq_in = self.abs_out = None
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor, z: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
+        x = x.detach().float().reshape(-1, x.shape[-1])
+        z = z.detach().float().reshape(-1, z.shape[-1])
+        if valid is not None:
+            x, z = x[valid], z[valid]
+        sums = (x.abs().sum(0), x.pow(2).sum(0), z.abs().sum(0))
+        if self.abs_in is None:
+            self.abs_in, self.sq_in, self.abs_out = sums
+        else:
+            self.abs_in += sums[0]
+            self.sq_in += sums[1]
+            self.abs_out += sums[2]
+        self.tokens += x.shape[0]
+
+    def result(self) -> LayerStats:
+        count = max(self.tokens, 1)
+        return LayerStats(input_abs_mean=(self.abs_in / count).cpu(), input_l2=self.sq_in.sqrt().cpu(),
+                          output_abs_mean=(self.abs_out / count).cpu(), tokens=self.tokens)
+
+
+def _text_pad_id(model: nn.Module) -> Optional[int]:
+    for owner in (model, getattr(model, "text", None)):
+        if owner is not None and getattr(owner, "pad_id", None) is not None:
+            return int(owner.pad_id)
+    return 0  # open_clip's default tokenizer pads with 0
+
+
+def _valid_tokens(tokens: torch.Tensor, pad_id: Optional[int], seq_len: int) -> torch.Tensor:
+    """(N, seq_len) bool mask of non-padding positions; extra appended positions (CoCa cls) count as valid."""
+    valid = tokens != pad_id if pad_id is not None else torch.ones_like(tokens, dtype=torch.bool)
+    if seq_len > valid.shape[1]:
+        valid = torch.cat([valid, valid.new_ones(valid.shape[0], seq_len - valid.shape[1])], dim=1)
+    return valid[:, :seq_len]
+
+
+@torch.no_grad()
+def collect_activation_stats(model: nn.Module, image_batches: Optional[Iterable[torch.Tensor]] = None,
+                             text_batches: Optional[Iterable[torch.Tensor]] = None,
+                             targets=("q", "k", "v"), layers=None) -> dict[str, LayerStats]:
+    """Per-layer ``LayerStats`` for the targets of the vision tower (from ``image_batches``) and of the
+    text tower (from ``text_batches`` of token ids). Splits attention first if needed.
+
+    Returns ``{qualified layer name: LayerStats}`` with the names ``apply_adapters`` uses.
+    """
+    encoders = tuple(e for e, batches in (("vision", image_batches), ("text", text_batches)) if batches is not None)
+    if not encoders:
+        raise ValueError("collect_activation_stats needs image_batches and/or text_batches")
+    split_attention(model, encoders)
+    linears = find_target_linears(model, encoders, targets, layers)
+    accumulators = {name: _Accumulator() for name in linears}
+    state = {"valid": None}
+
+    def hook_for(name):
+        def hook(module, inputs, output):
+            accumulators[name].update(inputs[0], output, state["valid"])
+        return hook
+
+    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in linears.items()]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        if image_batches is not None:
+            for images in image_batches:
+                state["valid"] = None
+                model.encode_image(images.to(device))
+        if text_batches is not None:
+            pad_id = _text_pad_id(model)
+            for tokens in text_batches:
+                tokens = tokens.to(device)
+                seq_len = tokens.shape[1] + (1 if getattr(model, "cls_emb", None) is not None else 0)
+                state["valid"] = _valid_tokens(tokens, pad_id, seq_len).reshape(-1)
+                model.encode_text(tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = [name for name, acc in accumulators.items() if acc.tokens == 0]
+    if missing:
+        raise RuntimeError(f"no calibration tokens reached {missing[0]} ({len(missing)} layers)")
+    return {name: acc.result() for name, acc in accumulators.items()}

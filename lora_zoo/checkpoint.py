@@ -1,0 +1,166 @@
+"""Saving and loading adapters: a safetensors file of adapter tensors plus a JSON config beside it.
+
+``save_adapters(model, "run/adapters.safetensors")`` writes the ``lora_`` tensors
+(trainable ones, the θ₀ snapshots residual methods need, fixed buffers such as
+AIRA's output scale), the calibration statistics the layers were built with,
+and ``run/adapters.json`` (method, options, encoders, targets, layers, the
+per-layer options such as AIRA's rank allocation, package versions). Both
+files are written atomically. Frozen factors derived from W (NoRA's outer
+SVD, VeRA's seeded matrices) are not stored: they are rebuilt from the base
+model, deterministically.
+
+``load_adapters(model, path)`` into a model without adapters first injects
+them as saved; into an adapted model it checks that method, options, targets
+and per-layer ranks agree and names the first mismatch otherwise.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .calibration import LayerStats
+from .adapter import is_adapter_tensor
+from .inject import AdapterSetup, adapter_modules, adapter_state_dict, apply_adapters
+
+FORMAT_VERSION = 1
+STATS_PREFIX = "stats::"
+
+
+def config_path(path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path`` (same folder), so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _versions() -> dict[str, str]:
+    import open_clip
+
+    from . import __version__
+    return {"lora_zoo": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__}
+
+
+def _setup(model: nn.Module) -> AdapterSetup:
+    setup = getattr(model, "lora_zoo_setup", None)
+    if setup is None or not adapter_modules(model):
+        raise ValueError("model has no adapters from apply_adapters; nothing to save")
+    return setup
+
+
+def save_adapters(model: nn.Module, path) -> Path:
+    """Write adapter tensors to ``path`` (.safetensors) and the setup to ``path`` with suffix .json."""
+    setup = _setup(model)
+    path = Path(path)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in adapter_state_dict(model).items()}
+    tokens = {}
+    for name, adapter in adapter_modules(model).items():
+        if adapter.stats is not None:
+            tokens[name] = adapter.stats.tokens
+            for field, value in adapter.stats.tensors().items():
+                tensors[f"{STATS_PREFIX}{name}::{field}"] = value.detach().float().cpu().contiguous()
+    meta = {"format_version": FORMAT_VERSION, "method": setup.method, "config": setup.config,
+            "encoders": list(setup.encoders), "targets": list(setup.targets),
+            "layers": list(setup.layers) if setup.layers is not None else None,
+            "layer_overrides": setup.layer_overrides, "stats_tokens": tokens, "versions": _versions()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "lora_zoo"}))
+    atomic_write(config_path(path), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    return path
+
+
+def read_adapter_config(path) -> dict[str, Any]:
+    """The JSON config saved beside an adapter file (one-line error if it is missing or unreadable)."""
+    cfg_path = config_path(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"adapter file not found: {path} (expected a .safetensors written by save_adapters)")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read adapter config {cfg_path}: {err}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{cfg_path} has format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    return meta
+
+
+def _saved_stats(tensors, meta) -> dict[str, LayerStats]:
+    stats = {}
+    for name, tokens in meta["stats_tokens"].items():
+        fields = {f: tensors.pop(f"{STATS_PREFIX}{name}::{f}") for f in LayerStats.FIELDS}
+        stats[name] = LayerStats(tokens=tokens, **fields)
+    return stats
+
+
+def _check_matches(model: nn.Module, meta, stats, path) -> None:
+    setup = _setup(model)
+    saved = {"method": meta["method"], "encoders": tuple(meta["encoders"]), "targets": tuple(meta["targets"]),
+             "layers": tuple(meta["layers"]) if meta["layers"] is not None else None}
+    have = {"method": setup.method, "encoders": setup.encoders, "targets": setup.targets, "layers": setup.layers}
+    for key in saved:
+        if saved[key] != have[key]:
+            raise ValueError(f"checkpoint {path} was saved with {key}={saved[key]}, but the model has {key}={have[key]}")
+    for key in sorted(set(meta["config"]) | set(setup.config)):
+        if meta["config"].get(key) != setup.config.get(key):
+            raise ValueError(f"checkpoint {path} was saved with {key}={meta['config'].get(key)!r}, "
+                             f"but the model's adapters have {key}={setup.config.get(key)!r}")
+    for name in sorted(set(meta["layer_overrides"]) | set(setup.layer_overrides)):
+        a, b = meta["layer_overrides"].get(name), setup.layer_overrides.get(name)
+        if a != b:
+            raise ValueError(f"checkpoint {path} has per-layer options {a} for {name}, the model has {b}")
+    for name, adapter in adapter_modules(model).items():
+        if name in stats and (adapter.stats is None or not all(
+                torch.allclose(adapter.stats.tensors()[f].cpu(), t) for f, t in stats[name].tensors().items())):
+            raise ValueError(f"the model's {name} was built from other calibration statistics than checkpoint {path}; "
+                             "load into a model without adapters to rebuild them from the checkpoint")
+
+
+@torch.no_grad()
+def load_adapters(model: nn.Module, path) -> dict:
+    """Load adapters saved by ``save_adapters`` into ``model`` (injecting them first if it has none)."""
+    meta = read_adapter_config(path)
+    tensors = load_file(str(path))
+    stats = _saved_stats(tensors, meta)
+    if not adapter_modules(model):
+        apply_adapters(model, meta["method"], encoders=meta["encoders"], targets=meta["targets"],
+                       layers=meta["layers"], stats=stats or None, layer_overrides=meta["layer_overrides"],
+                       **meta["config"])
+    _check_matches(model, meta, stats, path)
+    expected = adapter_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        what = f"lacks {missing[0]}" if missing else f"has unexpected {unexpected[0]}"
+        raise ValueError(f"checkpoint {path} {what} ({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(expected[name].shape)}")
+    for prefix, adapter in adapter_modules(model).items():
+        was_merged = adapter.merged
+        original = adapter.original_weight()
+        for name, tensor in adapter.state_dict().items():
+            if is_adapter_tensor(name):
+                getattr(adapter, name).copy_(tensors[f"{prefix}.{name}"])
+        adapter.base_layer.weight.copy_(original)
+        adapter.merged = False
+        if adapter.has_residual:
+            adapter._add_to_weight(-adapter.initial_delta_weight())
+        if was_merged:
+            adapter.merge()
+    return meta

@@ -1,0 +1,48 @@
+"""Singular value decompositions used by NoRA, AIRA and PiSSA-style initialisation.
+
+``weighted_svd`` decomposes ``W diag(s)^β`` (β = 0 gives the plain SVD of W) and
+returns the right factor already un-weighted, ``V_rᵀ diag(s)^{-β}``, so that
+``U_r diag(Σ_r) Vt_r`` is the best rank-r approximation of W in the
+calibration-weighted norm ``||(W − Ŵ) diag(s)^β||_F`` (NoRA act-weighted outer
+SVD; AIRA owSVD, METHODS.md). Signs are canonical (the largest-magnitude entry
+of each left singular vector is positive), so the same W gives the same
+factors on any machine up to floating-point noise; checkpoints rely on this.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def _canonical_signs(u: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = u.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(torch.gather(u, -2, idx))
+    signs[signs == 0] = 1
+    return u * signs, vt * signs.transpose(-1, -2)
+
+
+def safe_scale(scale: torch.Tensor, beta: float) -> torch.Tensor:
+    """``scale^β`` with tiny/zero channels lifted to 1e-6·max so the inverse exists."""
+    scale = scale.detach().float()
+    floor = scale.max().clamp_min(1e-12) * 1e-6
+    return scale.clamp_min(floor) ** beta
+
+
+def weighted_svd(weight: torch.Tensor, rank: int, col_scale: Optional[torch.Tensor] = None,
+                 beta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` factors ``(U_r, S_r, Vt_r)`` of ``weight · diag(col_scale)^β``, right factor un-weighted.
+
+    ``weight`` may be batched (..., d_out, d_in). Computed in float32 on ``weight``'s device.
+    """
+    w = weight.detach().float()
+    scale = None
+    if col_scale is not None and beta != 0:
+        scale = safe_scale(col_scale.to(w.device), beta)
+        w = w * scale
+    u, s, vt = torch.linalg.svd(w, full_matrices=False)
+    u, s, vt = u[..., :, :rank], s[..., :rank], vt[..., :rank, :]
+    u, vt = _canonical_signs(u, vt)
+    if scale is not None:
+        vt = vt / scale
+    return u.contiguous(), s.contiguous(), vt.contiguous()

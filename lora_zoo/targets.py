@@ -1,0 +1,61 @@
+"""Which linear layers of an open_clip model a target set names.
+
+Targets are short names inside a residual block: ``q``, ``k``, ``v``, ``o``
+(attention projections, after ``split_attention``) and ``fc1``, ``fc2``
+(the MLP). Layers are block indices, applied to every chosen encoder
+(negative indices count from the end). Names returned are the qualified
+module names in the model, e.g. ``visual.transformer.resblocks.3.attn.v``.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from torch import nn
+
+from .attention import encoder_blocks
+
+TARGET_PATHS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o", "fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}
+ENCODERS = ("vision", "text")
+
+
+def check_targets(encoders: Iterable[str], targets: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    encoders, targets = tuple(encoders), tuple(targets)
+    for encoder in encoders:
+        if encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {encoder!r}; expected some of {', '.join(ENCODERS)}")
+    for target in targets:
+        if target not in TARGET_PATHS:
+            raise ValueError(f"unknown target {target!r}; expected some of {', '.join(TARGET_PATHS)}")
+    if not encoders or not targets:
+        raise ValueError("need at least one encoder and one target")
+    return encoders, targets
+
+
+def _block_indices(count: int, layers: Optional[Iterable[int]], encoder: str) -> list[int]:
+    if layers is None:
+        return list(range(count))
+    chosen = []
+    for index in layers:
+        if not -count <= int(index) < count:
+            raise ValueError(f"layer index {index} out of range for the {encoder} tower with {count} blocks")
+        chosen.append(int(index) % count)
+    return sorted(set(chosen))
+
+
+def find_target_linears(model: nn.Module, encoders=ENCODERS, targets=("q", "k", "v"),
+                        layers: Optional[Iterable[int]] = None) -> dict[str, nn.Module]:
+    """``{qualified name: module}`` for every target of every chosen block (attention must be split)."""
+    encoders, targets = check_targets(encoders, targets)
+    found = {}
+    for encoder in encoders:
+        prefix, blocks = encoder_blocks(model, encoder)
+        for index in _block_indices(len(blocks), layers, encoder):
+            for target in targets:
+                path = f"{index}.{TARGET_PATHS[target]}"
+                try:
+                    module = blocks.get_submodule(path)
+                except AttributeError:
+                    raise TypeError(f"{prefix}.{path} not found: call split_attention(model) first, "
+                                    f"or the block has no {target!r} layer") from None
+                found[f"{prefix}.{path}"] = module
+    return found
