@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 from .adapter import AdapterConfig, AdapterLinear, is_adapter_tensor
 from .attention import SplitAttention, split_attention
 from .calibration import LayerStats, collect_activation_stats
+from .hooks import TrainingHooks, param_groups, training_hooks
 from .checkpoint import load_adapters, read_adapter_config, save_adapters
 from .inject import (adapter_modules, adapter_state_dict, apply_adapters, build_config, count_trainable,
                      merge_adapters, named_trainable_parameters, layer_ranks, trainable_parameters,
@@ -30,7 +31,7 @@ from . import nora  # noqa: E402,F401  "nora"
 from . import aira  # noqa: E402,F401  "aira"
 
 __all__ = [
-    "AdapterConfig", "AdapterLinear", "LayerStats", "SplitAttention", "adapter_modules", "adapter_state_dict",
+    "AdapterConfig", "AdapterLinear", "LayerStats", "SplitAttention", "TrainingHooks", "param_groups", "training_hooks", "adapter_modules", "adapter_state_dict",
     "apply_adapters", "build_config", "collect_activation_stats", "count_trainable", "get_method",
     "is_adapter_tensor", "list_methods", "load_adapters", "merge_adapters", "named_trainable_parameters",
     "layer_ranks", "read_adapter_config", "register_method", "save_adapters", "split_attention",

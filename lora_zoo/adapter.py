@@ -42,6 +42,11 @@ class AdapterConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether building the adapter needs ``collect_activation_stats`` output."""
+        return False
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -94,6 +99,18 @@ class AdapterLinear(nn.Module):
     def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
         """The adapter's additive term for input ``x`` (already through dropout)."""
         raise NotImplementedError
+
+    @classmethod
+    def param_groups(cls, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups (override for per-tensor learning rates, e.g. LoRA+)."""
+        from .inject import trainable_parameters
+        return [{"params": trainable_parameters(model), "lr": lr, "weight_decay": weight_decay}]
+
+    @classmethod
+    def training_hooks(cls, model: nn.Module, total_steps: int):
+        """Step hooks for the training loop (override for rank schedules, regularisers…)."""
+        from .hooks import TrainingHooks
+        return TrainingHooks()
 
     @classmethod
     def plan_layers(cls, linears: Mapping[str, nn.Linear], stats, config) -> dict[str, dict[str, Any]]:

@@ -61,7 +61,7 @@ class AiraConfig(AdapterConfig):
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
     @property
-    def needs_stats(self) -> bool:
+    def needs_calibration(self) -> bool:
         return self.init == "owsvd" or self.act_scale is True or self.rank_alloc
 
 

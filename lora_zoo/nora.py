@@ -69,6 +69,10 @@ class NoraConfig(AdapterConfig):
     def scale(self) -> float:
         return (self.alpha if self.alpha is not None else self.inner_rank) / self.inner_rank
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.act_weighted
+
 
 @register_method("nora")
 class NoraLinear(AdapterLinear):

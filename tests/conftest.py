@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny open_clip models (random init, built in code) and inputs for them."""
+import pytest
+import torch
+
+from lora_zoo.models import build_clip
+
+
+def tiny_clip(backbone: str = "tiny-vit", seed: int = 0):
+    """A fresh tiny open_clip CLIP model (eval mode, CPU); same seed → same weights."""
+    return build_clip(backbone, seed=seed).model
+
+
+@pytest.fixture
+def images():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def texts():
+    """Token ids with an EOT (49407) and zero padding after it, as open_clip's tokenizer gives."""
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.zeros(4, 32, dtype=torch.long)
+    for row, length in enumerate((5, 9, 14, 20)):
+        tokens[row, 0] = 49406
+        tokens[row, 1:length - 1] = torch.randint(1, 49000, (length - 2,), generator=g)
+        tokens[row, length - 1] = 49407
+    return tokens
