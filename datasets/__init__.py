@@ -1,0 +1,33 @@
+"""Few-shot image classification datasets for CLIP adaptation (DTD, Food-101, Oxford-IIIT Pets).
+
+Reads the CoOp split files (Zhou et al., IJCV 2022) and samples K shots per
+class as CLIP-LoRA does (Zanella & Ben Ayed, CVPRW 2024). See DATASET.md for
+the expected folders and ``python -m datasets.check`` to verify them.
+
+This package shadows Hugging Face ``datasets`` when run from the repository root.
+Names needing torch, open_clip or numpy are imported on first use, so that
+``python -m datasets.check`` and ``python -m datasets.synthetic`` start fast.
+"""
+
+import importlib
+
+from .base import DEFAULT_TEMPLATE, DatasetError, Datum, FewShotDataset
+from .registry import build_dataset, list_datasets
+
+_LAZY = {
+    "build_data_loader": "loader",
+    "build_test_transform": "transforms",
+    "build_train_transform": "transforms",
+    "write_synthetic_dataset": "synthetic",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+__all__ = [
+    "DEFAULT_TEMPLATE", "DatasetError", "Datum", "FewShotDataset", "build_data_loader", "build_dataset",
+    "build_test_transform", "build_train_transform", "list_datasets", "write_synthetic_dataset",
+]
