@@ -139,9 +139,9 @@ def split_attention_module(attn: nn.Module) -> SplitAttention:
     if isinstance(attn, SplitAttention):
         return attn
     if isinstance(attn, nn.MultiheadAttention):
-        return _split_mha(attn)
+        return _split_mha(attn).train(attn.training)
     if OpenClipAttention is not None and isinstance(attn, OpenClipAttention):
-        return _split_open_clip(attn)
+        return _split_open_clip(attn).train(attn.training)
     raise TypeError(
         f"cannot split attention of type {type(attn).__module__}.{type(attn).__name__}; "
         "expected torch.nn.MultiheadAttention or open_clip.transformer.Attention"

@@ -41,7 +41,7 @@ def build_config(method: str, **cfg):
 def wrap_linear(linear: nn.Linear, method: str, stats=None, **cfg) -> AdapterLinear:
     """An adapter of ``method`` around any ``nn.Linear`` (frozen), built from keyword options."""
     cls = get_method(method)
-    return cls(linear, cls.config_class.from_dict(cfg), stats)
+    return cls(linear, cls.config_class.from_dict(cfg), stats).train(linear.training)
 
 
 def adapter_modules(model: nn.Module) -> dict[str, AdapterLinear]:
@@ -77,7 +77,7 @@ def apply_adapters(model: nn.Module, method: str, encoders: Iterable[str] = ("vi
     for name, linear in linears.items():
         layer_config = dataclasses.replace(config, **overrides.get(name, {}))
         layer_stats = stats.get(name) if stats is not None else None
-        adapter = cls(linear, layer_config, layer_stats)
+        adapter = cls(linear, layer_config, layer_stats).train(linear.training)  # keep the model's mode
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, adapter)
         adapters[name] = adapter

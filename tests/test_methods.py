@@ -1,0 +1,181 @@
+"""Table-driven test matrix over every registered method (peft's test_custom_models style).
+
+Each method has one row in ``CASES``: the small options used on the tiny model,
+whether it promises an unchanged output at init, and its trainable-parameter
+formula. A registered method without a row fails ``test_every_method_has_a_case``.
+"""
+import copy
+
+import pytest
+import torch
+
+import lora_zoo as lz
+from conftest import tiny_clip
+
+
+def lora_count(adapter):
+    return adapter.config.rank * (adapter.in_features + adapter.out_features)
+
+
+def nora_count(adapter):
+    return 2 * adapter.outer_rank * adapter.config.inner_rank
+
+
+# method -> (options, output unchanged at init, per-layer trainable count, needs calibration stats)
+CASES = {
+    "lora": dict(options=dict(rank=4, alpha=8), preserves=True, count=lora_count),
+    "nora": dict(options=dict(outer_rank=0.5, inner_rank=4), preserves=True, count=nora_count),
+    "nora_act": dict(method="nora", options=dict(outer_rank=40, inner_rank=4, act_weighted=True), preserves=True,
+                     count=nora_count),
+    "nora_plain": dict(method="nora", options=dict(outer_rank=0.5, inner_rank=4, inner_init="lora", residual=False),
+                       preserves=True, count=nora_count),
+    "aira": dict(options=dict(rank=4, rank_min=1, rank_max=16), preserves=True, count=lora_count),
+    "aira_noalloc": dict(method="aira", options=dict(rank=4, rank_alloc=False), preserves=True, count=lora_count),
+}
+
+
+def case_method(case_id):
+    return CASES[case_id].get("method", case_id)
+
+
+def test_every_method_has_a_case():
+    covered = {case_method(c) for c in CASES}
+    assert set(lz.list_methods()) <= covered, f"add a CASES row for {set(lz.list_methods()) - covered}"
+
+
+def adapted(case_id, images, texts, seed=0):
+    """(split model before adapters, adapted model, stats) for one case."""
+    base = tiny_clip(seed=seed)
+    lz.split_attention(base)
+    stats = lz.collect_activation_stats(base, [images], [texts], targets=("q", "k", "v"))
+    model = copy.deepcopy(base)
+    lz.apply_adapters(model, case_method(case_id), stats=stats, **CASES[case_id]["options"])
+    return base, model, stats
+
+
+def outputs(model, images, texts):
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(texts)
+
+
+@torch.no_grad()
+def perturb(model, seed=3):
+    """Move every trainable tensor away from its init, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    for p in lz.trainable_parameters(model):
+        p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+ALL = sorted(CASES)
+
+
+@pytest.mark.parametrize("case_id", ALL)
+def test_output_unchanged_at_init(case_id, images, texts):
+    if not CASES[case_id]["preserves"]:
+        pytest.skip("this method does not promise an unchanged output at init")
+    base, model, _ = adapted(case_id, images, texts)
+    for before, after in zip(outputs(base, images, texts), outputs(model, images, texts)):
+        torch.testing.assert_close(after, before, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case_id", ALL)
+def test_merge_unmerge(case_id, images, texts):
+    _, model, _ = adapted(case_id, images, texts)
+    perturb(model)
+    unmerged = outputs(model, images, texts)
+    weights = {n: a.base_layer.weight.clone() for n, a in lz.adapter_modules(model).items()}
+    lz.merge_adapters(model)
+    merged_weights = {n: a.base_layer.weight.clone() for n, a in lz.adapter_modules(model).items()}
+    assert any(not torch.equal(weights[n], merged_weights[n]) for n in weights)
+    for a, b in zip(outputs(model, images, texts), unmerged):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    lz.merge_adapters(model)  # repeated merge is idempotent
+    for n, a in lz.adapter_modules(model).items():
+        assert torch.equal(a.base_layer.weight, merged_weights[n])
+    lz.unmerge_adapters(model)
+    for n, a in lz.adapter_modules(model).items():
+        torch.testing.assert_close(a.base_layer.weight, weights[n], atol=1e-6, rtol=0)
+    for a, b in zip(outputs(model, images, texts), unmerged):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case_id", ALL)
+def test_only_adapter_tensors_train(case_id, images, texts):
+    _, model, _ = adapted(case_id, images, texts)
+    named = lz.named_trainable_parameters(model)
+    assert named and all(lz.is_adapter_tensor(n) for n in named)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if n not in named}
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n not in named)
+    before = {n: p.clone() for n, p in named.items()}
+    optimizer = torch.optim.AdamW(lz.param_groups(model, lr=1e-2, weight_decay=0.0))
+    model.train()
+    for _ in range(2):  # two steps: zero-initialised factors make their partners' first grads zero
+        optimizer.zero_grad()
+        img, txt = model.encode_image(images), model.encode_text(texts)
+        loss = (img @ txt.t()).pow(2).mean() + img.pow(2).mean()
+        loss.backward()
+        for n, p in model.named_parameters():
+            if n not in named:
+                assert p.grad is None, f"frozen {n} got a gradient"
+        optimizer.step()
+    for n, p in model.named_parameters():
+        if n in named:
+            assert not torch.equal(p, before[n]), f"trainable {n} did not change"
+        else:
+            assert torch.equal(p, frozen[n]), f"frozen {n} changed"
+
+
+@pytest.mark.parametrize("case_id", ALL)
+def test_trainable_count_formula(case_id, images, texts):
+    _, model, _ = adapted(case_id, images, texts)
+    adapters = lz.adapter_modules(model)
+    assert len(adapters) == 2 * 2 * 3  # 2 towers × 2 blocks × q/k/v
+    expected = sum(CASES[case_id]["count"](a) for a in adapters.values())
+    assert lz.count_trainable(model) == expected
+
+
+def test_aira_allocation_respects_budget(images, texts):
+    _, model, _ = adapted("aira", images, texts)
+    ranks = lz.layer_ranks(model)
+    adapters = lz.adapter_modules(model)
+    budget = sum(4 * (a.in_features + a.out_features) for a in adapters.values())
+    assert lz.count_trainable(model) == sum(r * (adapters[n].in_features + adapters[n].out_features)
+                                            for n, r in ranks.items())
+    assert lz.count_trainable(model) <= budget
+    assert all(1 <= r <= 16 for r in ranks.values())
+    assert len(set(ranks.values())) > 1  # the allocation is not uniform on this model
+
+
+@pytest.mark.parametrize("case_id", ALL)
+def test_save_load_round_trip(case_id, images, texts, tmp_path):
+    _, model, _ = adapted(case_id, images, texts)
+    perturb(model)
+    expected = outputs(model, images, texts)
+    lz.save_adapters(model, tmp_path / "adapters.safetensors")
+    assert (tmp_path / "adapters.json").is_file()
+    fresh = tiny_clip()  # plain model: adapters are injected from the checkpoint
+    lz.load_adapters(fresh, tmp_path / "adapters.safetensors")
+    for a, b in zip(outputs(fresh, images, texts), expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert lz.layer_ranks(fresh) == lz.layer_ranks(model)
+    # into an already adapted model with the same setup (and merged: it stays merged)
+    _, same, _ = adapted(case_id, images, texts)
+    if lz.adapter_modules(same)[next(iter(lz.adapter_modules(same)))].mergeable:
+        lz.merge_adapters(same)
+    lz.load_adapters(same, tmp_path / "adapters.safetensors")
+    for a, b in zip(outputs(same, images, texts), expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(method="nora", options=dict(outer_rank=0.5, inner_rank=4)), "method"),
+    (dict(method="lora", options=dict(rank=2, alpha=8)), "rank"),
+    (dict(method="lora", options=dict(rank=4, alpha=8), targets=("q", "v")), "targets"),
+])
+def test_mismatched_load_fails_clearly(change, message, images, texts, tmp_path):
+    _, model, _ = adapted("lora", images, texts)
+    lz.save_adapters(model, tmp_path / "a.safetensors")
+    other = tiny_clip()
+    lz.apply_adapters(other, change["method"], targets=change.get("targets", ("q", "k", "v")), **change["options"])
+    with pytest.raises(ValueError, match=message):
+        lz.load_adapters(other, tmp_path / "a.safetensors")
