@@ -229,3 +229,12 @@ def test_load_rejects_missing_or_bad_files(tmp_path):
         lz.load_adapters(tiny_clip(), tmp_path / "none.safetensors")
     with pytest.raises(ValueError, match="no adapters"):
         lz.save_adapters(tiny_clip(), tmp_path / "a.safetensors")
+
+
+def test_ci_runs_the_readme_test_command():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert len(readme) == 2 and "main_nora.py --demo" in readme[0]
+    ci_lines = (root / ".ci" / "run").read_text().strip().splitlines()
+    assert ci_lines[-1] == readme[1]
