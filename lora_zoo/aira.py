@@ -120,11 +120,12 @@ class AiraLinear(AdapterLinear):
         return delta
 
     def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
-        out = (x @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype)
-        if self.lora_output_scale is not None:
-            out = out * self.lora_output_scale.to(out.dtype)
-        elif self.config.act_scale == "batch":
+        up = self.scale * self.lora_B
+        if self.lora_output_scale is not None:  # diag(m) folded into B: no extra per-token work
+            up = self.lora_output_scale[:, None] * up
+        out = (x @ self.lora_A.t().to(x.dtype)) @ up.t().to(x.dtype)
+        if self.config.act_scale == "batch":
             magnitude = base_output.detach().abs().reshape(-1, base_output.shape[-1]).mean(0)
             low, high = magnitude.min(), magnitude.max()
             out = out * ((magnitude - low) / (high - low).clamp_min(1e-12)).to(out.dtype)
-        return self.scale * out
+        return out

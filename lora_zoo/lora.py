@@ -57,4 +57,5 @@ class LoraLinear(AdapterLinear):
         return self.scale * (tensors["lora_B"] @ tensors["lora_A"])
 
     def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
-        return self.scale * ((x @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype))
+        # the scale is folded into B (r × d_out values) rather than applied to every token's output
+        return (x @ self.lora_A.t().to(x.dtype)) @ (self.scale * self.lora_B).t().to(x.dtype)

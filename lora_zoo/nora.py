@@ -115,6 +115,6 @@ class NoraLinear(AdapterLinear):
         return self.scale * (left @ right)
 
     def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
-        left = (self.lora_outer_U @ self.lora_inner_B).to(x.dtype)   # P = U_o B'   (d_out × r_in)
-        right = (self.lora_inner_A @ self.lora_outer_Vt).to(x.dtype)  # Q = A' V_oᵀ (r_in × d_in)
-        return self.scale * ((x @ right.t()) @ left.t())
+        left = (self.scale * (self.lora_outer_U @ self.lora_inner_B)).to(x.dtype)  # s·P = s·U_o B' (d_out × r_in)
+        right = (self.lora_inner_A @ self.lora_outer_Vt).to(x.dtype)                # Q = A' V_oᵀ   (r_in × d_in)
+        return (x @ right.t()) @ left.t()
