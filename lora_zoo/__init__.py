@@ -29,6 +29,13 @@ from .registry import get_method, list_methods, register_method
 from . import lora  # noqa: E402,F401  "lora" (CLIP-LoRA preset)
 from . import nora  # noqa: E402,F401  "nora"
 from . import aira  # noqa: E402,F401  "aira"
+from . import loraplus  # noqa: E402,F401  "loraplus" (LoRA+, B at λ·lr)
+from . import lorafa  # noqa: E402,F401  "lorafa" (LoRA-FA, A frozen)
+from . import vera  # noqa: E402,F401  "vera"
+from . import adalora  # noqa: E402,F401  "adalora"
+from . import dylora  # noqa: E402,F401  "dylora"
+from . import dora  # noqa: E402,F401  "dora"
+from . import pissa  # noqa: E402,F401  "pissa"
 
 __all__ = [
     "AdapterConfig", "AdapterLinear", "LayerStats", "SplitAttention", "TrainingHooks", "param_groups", "training_hooks", "adapter_modules", "adapter_state_dict",

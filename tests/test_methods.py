@@ -21,6 +21,22 @@ def nora_count(adapter):
     return 2 * adapter.outer_rank * adapter.config.inner_rank
 
 
+def lorafa_count(adapter):  # A frozen: only B (d_out × r) trains
+    return adapter.config.rank * adapter.out_features
+
+
+def vera_count(adapter):  # d ∈ R^r, b ∈ R^{d_out}
+    return adapter.config.rank + adapter.out_features
+
+
+def adalora_count(adapter):  # P, Q and λ at the initial rank
+    return adapter.config.init_rank * (adapter.in_features + adapter.out_features + 1)
+
+
+def dora_count(adapter):  # LoRA plus the magnitude vector
+    return lora_count(adapter) + adapter.out_features
+
+
 # method -> (options, output unchanged at init, per-layer trainable count, needs calibration stats)
 CASES = {
     "lora": dict(options=dict(rank=4, alpha=8), preserves=True, count=lora_count),
@@ -31,6 +47,13 @@ CASES = {
                        preserves=True, count=nora_count),
     "aira": dict(options=dict(rank=4, rank_min=1, rank_max=16), preserves=True, count=lora_count),
     "aira_noalloc": dict(method="aira", options=dict(rank=4, rank_alloc=False), preserves=True, count=lora_count),
+    "loraplus": dict(options=dict(rank=4, alpha=8, lr_ratio=16.0), preserves=True, count=lora_count),
+    "lorafa": dict(options=dict(rank=4, alpha=8), preserves=True, count=lorafa_count),
+    "vera": dict(options=dict(rank=16), preserves=True, count=vera_count),
+    "adalora": dict(options=dict(init_rank=6, target_rank=4), preserves=True, count=adalora_count),
+    "dylora": dict(options=dict(rank=4, alpha=4), preserves=True, count=lora_count),
+    "dora": dict(options=dict(rank=4, alpha=8), preserves=True, count=dora_count),
+    "pissa": dict(options=dict(rank=4), preserves=True, count=lora_count),
 }
 
 

@@ -1,0 +1,82 @@
+"""DoRA (Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024).
+
+The adapted weight is split into a magnitude and a direction:
+
+    W_eff = m ⊙ (W + s·B A) / ||W + s·B A||_row,
+
+``m ∈ R^{d_out}`` (trainable, initialised to the row norms of W), B and A as in
+LoRA (B = 0, so the model is unchanged at init). As in DoRA §4.3 the row norm
+is treated as a constant in backward (detached). The unmerged forward never
+forms a weight per token: with ``g = m / ||W + s·B A||_row`` (one d_out vector
+per step), ``y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias``, written as the base output
+plus ``(g − 1) ⊙ (x Wᵀ) + g ⊙ s·(x̃ Aᵀ) Bᵀ`` with dropout only on the adapter
+input x̃ (as peft does). Merging is not additive: ``merge`` keeps the weight
+it overwrote (a non-persistent buffer) and ``unmerge`` restores it exactly.
+Defaults: the CLIP-LoRA preset (DoRA is LoRA plus the magnitude vector).
+Trainable parameters per matrix: ``r · (d_in + d_out) + d_out``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .lora import LoraConfig, LoraLinear
+from .registry import register_method
+
+
+@dataclass
+class DoraConfig(LoraConfig):
+    pass
+
+
+@register_method("dora")
+class DoraLinear(LoraLinear):
+    config_class = DoraConfig
+
+    def __init__(self, base_layer: nn.Linear, config: DoraConfig, stats=None):
+        super().__init__(base_layer, config, stats)
+        self.lora_magnitude = nn.Parameter(base_layer.weight.detach().float().norm(dim=1))
+        # W as it was before merge() overwrote it; None while unmerged
+        self.register_buffer("lora_unmerged_weight", None, persistent=False)
+
+    def _frozen_weight(self) -> torch.Tensor:
+        return self.lora_unmerged_weight if self.merged else self.base_layer.weight
+
+    def _effective_weight(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        combined = self._frozen_weight().float() + self.scale * (tensors["lora_B"] @ tensors["lora_A"])
+        return (tensors["lora_magnitude"] / combined.norm(dim=1).detach())[:, None] * combined
+
+    def _delta(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self._effective_weight(tensors) - self._frozen_weight().float()
+
+    def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        weight = self.base_layer.weight
+        row_norm = (weight.float() + self.scale * (self.lora_B @ self.lora_A)).norm(dim=1).detach()
+        gain = (self.lora_magnitude / row_norm).to(x.dtype)
+        without_bias = base_output if self.base_layer.bias is None else base_output - self.base_layer.bias.to(x.dtype)
+        lora = self.scale * ((x @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype))
+        return (gain - 1) * without_bias + gain * lora
+
+    def original_weight(self) -> torch.Tensor:
+        return self._frozen_weight().detach().float()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        effective = self._effective_weight(self.trainable_tensors())
+        self.lora_unmerged_weight = weight.detach().clone()
+        weight.copy_(effective.to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.base_layer.weight.copy_(self.lora_unmerged_weight)
+        self.lora_unmerged_weight = None
+        self.merged = False

@@ -1,0 +1,51 @@
+"""PiSSA (Meng, Wang & Zhang, "PiSSA: Principal Singular Values and Singular Vectors Adaptation
+of Large Language Models", NeurIPS 2024).
+
+The top-r singular triplets of W become the trainable adapter and the rest is
+frozen: with ``W = U Σ Vᵀ``, ``B = U_r Σ_r^{1/2}``, ``A = Σ_r^{1/2} V_rᵀ`` and the
+residual ``W_res = W − s·B A`` (``_make_residual``), so the model is unchanged at
+init (METHODS.md, "Baselines"). The plain SVD is ``svd.weighted_svd`` with no
+activation weighting. When the scale ``s = α/r`` is not 1, Σ_r is divided by s
+before the square roots (as peft's ``pissa_init`` does), so ``s·B A`` is always
+the best rank-r approximation of W. Defaults follow the paper: α = r (s = 1),
+no dropout. Trainable parameters per matrix: ``r · (d_in + d_out)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from .lora import LoraConfig, LoraLinear
+from .registry import register_method
+from .svd import weighted_svd
+
+
+@dataclass
+class PissaConfig(LoraConfig):
+    alpha: Optional[float] = None  # None: α = r, so s = 1 (PiSSA's setting)
+    rslora: bool = False
+    dropout: float = 0.0
+
+    @property
+    def scale(self) -> float:
+        alpha = self.alpha if self.alpha is not None else float(self.rank)
+        return alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+@register_method("pissa")
+class PissaLinear(LoraLinear):
+    config_class = PissaConfig
+
+    def __init__(self, base_layer: nn.Linear, config: PissaConfig, stats=None):
+        super().__init__(base_layer, config, stats)
+        if config.rank > min(self.in_features, self.out_features):
+            raise ValueError(f"pissa rank {config.rank} exceeds min(d_in, d_out) of a "
+                             f"{self.out_features}×{self.in_features} layer")
+        u, sigma, vt = weighted_svd(base_layer.weight, config.rank, beta=0.0)
+        root = (sigma / self.scale).sqrt()
+        self.lora_A.data.copy_(root[:, None] * vt)
+        self.lora_B.data.copy_(u * root[None, :])
+        self._make_residual()

@@ -1,0 +1,111 @@
+"""VeRA (Kopiczko, Blankevoort & Asano, "VeRA: Vector-based Random Matrix Adaptation", ICLR 2024).
+
+One pair of frozen random matrices for the whole model, ``A ∈ R^{r×D_in}`` and
+``B ∈ R^{D_out×r}`` (Kaiming-uniform from a seeded generator, A drawn first, as
+peft does), sized for the largest adapted layer; each layer uses the slices
+``A[:, :d_in]`` and ``B[:d_out]`` and trains two vectors, ``d ∈ R^r`` (init 0.1)
+and ``b ∈ R^{d_out}`` (init 0):
+
+    ΔW = diag(b) B diag(d) A      (no extra scale; b = 0, so the model is unchanged at init).
+
+``plan_layers`` finds the largest dims and hands them to every layer; every
+layer then holds the *same* tensor object from a small cache keyed by
+(seed, rank, dims, device, dtype) — one tensor per model, also after
+``model.to(...)``. The matrices are non-persistent buffers: a checkpoint stores
+only b and d, and loading regenerates A and B from the seed. Defaults: r = 256
+and d_init = 0.1 (the paper's image-classification setting with ViT-B and its
+initialisation), no dropout. Trainable parameters per matrix: ``r + d_out``.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from .adapter import AdapterConfig, AdapterLinear, positive_int
+from .registry import register_method
+
+_SHARED: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def _kaiming(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """Kaiming-uniform (a=√5, fan_in = cols), i.e. ``nn.Linear``'s init, from ``generator``."""
+    bound = math.sqrt(3.0) * math.sqrt(2.0 / (1 + 5)) / math.sqrt(cols)
+    return torch.empty(rows, cols).uniform_(-bound, bound, generator=generator)
+
+
+def shared_projections(seed: int, rank: int, max_out: int, max_in: int, device, dtype=torch.float32):
+    """The frozen pair ``(A: r×max_in, B: max_out×r)``; the same tensor objects while any holder lives."""
+    key = (seed, rank, max_out, max_in, str(torch.device(device)), dtype)
+    pair = _SHARED.get(key + ("A",)), _SHARED.get(key + ("B",))
+    if pair[0] is None or pair[1] is None:
+        generator = torch.Generator().manual_seed(seed)
+        down = _kaiming(rank, max_in, generator)
+        up = _kaiming(max_out, rank, generator)
+        pair = down.to(device=device, dtype=dtype), up.to(device=device, dtype=dtype)
+        _SHARED[key + ("A",)], _SHARED[key + ("B",)] = pair
+    return pair
+
+
+@dataclass
+class VeraConfig(AdapterConfig):
+    rank: int = 256
+    d_init: float = 0.1
+    projection_seed: int = 0
+    max_in_features: Optional[int] = None   # set by plan_layers (None: this layer's own size)
+    max_out_features: Optional[int] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive_int("rank", self.rank)
+
+
+@register_method("vera")
+class VeraLinear(AdapterLinear):
+    config_class = VeraConfig
+
+    def __init__(self, base_layer: nn.Linear, config: VeraConfig, stats=None):
+        super().__init__(base_layer, config, stats)
+        self.max_in = config.max_in_features or self.in_features
+        self.max_out = config.max_out_features or self.out_features
+        if self.max_in < self.in_features or self.max_out < self.out_features:
+            raise ValueError(f"vera shared matrices ({self.max_out}×{self.max_in}) are smaller than this "
+                             f"{self.out_features}×{self.in_features} layer")
+        device = base_layer.weight.device
+        down, up = shared_projections(config.projection_seed, config.rank, self.max_out, self.max_in, device)
+        self.register_buffer("lora_vera_A", down, persistent=False)
+        self.register_buffer("lora_vera_B", up, persistent=False)
+        self.lora_lambda_d = nn.Parameter(torch.full((config.rank,), float(config.d_init), device=device))
+        self.lora_lambda_b = nn.Parameter(torch.zeros(self.out_features, device=device))
+
+    @classmethod
+    def plan_layers(cls, linears, stats, config: VeraConfig):
+        """Every layer gets the largest in/out dims, so all slice one shared pair."""
+        max_in = max(layer.in_features for layer in linears.values())
+        max_out = max(layer.out_features for layer in linears.values())
+        return {name: {"max_in_features": max_in, "max_out_features": max_out} for name in linears}
+
+    def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's slices ``A[:, :d_in]`` and ``B[:d_out]`` of the shared pair."""
+        return self.lora_vera_A[:, :self.in_features], self.lora_vera_B[:self.out_features]
+
+    def _delta(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        down, up = self.projections()
+        return tensors["lora_lambda_b"][:, None] * (up * tensors["lora_lambda_d"][None, :]) @ down
+
+    def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        down, up = self.projections()
+        hidden = (x @ down.t().to(x.dtype)) * self.lora_lambda_d.to(x.dtype)
+        return (hidden @ up.t().to(x.dtype)) * self.lora_lambda_b.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # a device/dtype move converts each layer's buffer separately; share one converted pair again
+        super()._apply(fn, recurse)
+        down = self.lora_vera_A
+        self.lora_vera_A, self.lora_vera_B = shared_projections(
+            self.config.projection_seed, self.config.rank, self.max_out, self.max_in, down.device, down.dtype)
+        return self

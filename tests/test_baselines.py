@@ -1,0 +1,354 @@
+"""The defining property of each baseline method (LoRA+, LoRA-FA, VeRA, AdaLoRA, DyLoRA, DoRA, PiSSA),
+with numbers, plus a few iterations of each through ``main.py`` on synthetic data.
+
+The shared behaviour (unchanged output at init, merge/unmerge, only adapter tensors train, save/load,
+parameter counts) is in ``test_methods.py``.
+"""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lora_zoo as lz
+from conftest import tiny_clip
+from lora_zoo import adalora, dylora, vera
+
+
+def adapted(method, **options):
+    model = tiny_clip()
+    torch.manual_seed(0)  # adapters' random init
+    lz.apply_adapters(model, method, **options)
+    return model
+
+
+def clip_loss(model, images, texts):
+    img, txt = model.encode_image(images), model.encode_text(texts)
+    return (img @ txt.t()).pow(2).mean() + img.pow(2).mean()
+
+
+def run_loop(model, images, texts, steps, lr=1e-2):
+    """The training loop's hook contract (train.py), on the fixture inputs; returns the hooks."""
+    optimizer = torch.optim.AdamW(lz.param_groups(model, lr, 0.0))
+    hooks = lz.training_hooks(model, steps)
+    model.train()
+    for step in range(steps):
+        hooks.before_forward(step)
+        loss = clip_loss(model, images, texts) + hooks.regularizer()
+        optimizer.zero_grad()
+        loss.backward()
+        hooks.after_backward(step)
+        optimizer.step()
+        hooks.after_step(step)
+    hooks.finish()
+    model.eval()
+    return hooks
+
+
+# ---- LoRA+ ------------------------------------------------------------------------------------
+def test_loraplus_groups_carry_the_lr_ratio():
+    model = adapted("loraplus", rank=2, lr_ratio=16.0)
+    groups = lz.param_groups(model, lr=1e-3, weight_decay=0.01)
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"lora_A", "lora_B"}
+    assert by_name["lora_A"]["lr"] == pytest.approx(1e-3) and by_name["lora_B"]["lr"] == pytest.approx(16e-3)
+    assert all(g["weight_decay"] == 0.01 for g in groups)
+    named = lz.named_trainable_parameters(model)
+    for name in ("lora_A", "lora_B"):
+        expected = {id(p) for n, p in named.items() if n.endswith(name)}
+        assert {id(p) for p in by_name[name]["params"]} == expected and len(expected) == 12
+    # the ratio survives the shared loop's cosine schedule
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10, eta_min=0.0)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs["lora_B"] / lrs["lora_A"] == pytest.approx(16.0)
+
+
+# ---- LoRA-FA ----------------------------------------------------------------------------------
+def test_lorafa_a_never_changes(images, texts, tmp_path):
+    model = adapted("lorafa", rank=2)
+    adapters = lz.adapter_modules(model)
+    a_before = {n: a.lora_A.detach().clone() for n, a in adapters.items()}
+    b_before = {n: a.lora_B.detach().clone() for n, a in adapters.items()}
+    assert all(not a.lora_A.requires_grad for a in adapters.values())
+    run_loop(model, images, texts, steps=3)
+    for n, a in adapters.items():
+        assert torch.equal(a.lora_A, a_before[n])
+        assert a.lora_A.grad is None
+        assert not torch.equal(a.lora_B, b_before[n])
+    lz.save_adapters(model, tmp_path / "fa.safetensors")  # A is saved, so a loaded model has the same A
+    fresh = tiny_clip()
+    lz.load_adapters(fresh, tmp_path / "fa.safetensors")
+    for n, a in lz.adapter_modules(fresh).items():
+        assert torch.equal(a.lora_A, a_before[n]) and not a.lora_A.requires_grad
+
+
+# ---- VeRA -------------------------------------------------------------------------------------
+def test_vera_matrices_are_shared_and_regenerate_from_the_seed():
+    model = adapted("vera", rank=16, projection_seed=7)
+    adapters = list(lz.adapter_modules(model).values())
+    first = adapters[0]
+    for a in adapters:
+        assert a.lora_vera_A is first.lora_vera_A and a.lora_vera_B is first.lora_vera_B
+        down, up = a.projections()
+        assert down.untyped_storage().data_ptr() == first.lora_vera_A.untyped_storage().data_ptr()
+        assert up.untyped_storage().data_ptr() == first.lora_vera_B.untyped_storage().data_ptr()
+    assert first.lora_vera_A.shape == (16, 64) and first.lora_vera_B.shape == (64, 16)
+    saved = lz.adapter_state_dict(model)
+    assert not any("vera_A" in n or "vera_B" in n for n in saved)  # not stored per layer
+    assert len(saved) == 2 * len(adapters)  # only d and b
+    # a dtype/device move keeps one tensor for the model
+    model.to(torch.float64)
+    assert all(a.lora_vera_A is first.lora_vera_A for a in adapters)
+    assert first.lora_vera_A.dtype == torch.float64
+    down_values = first.lora_vera_A.float().clone()
+    # regenerated from the seed: same values, new tensor
+    vera._SHARED.clear()
+    again = list(lz.adapter_modules(adapted("vera", rank=16, projection_seed=7)).values())[0]
+    assert again.lora_vera_A is not first.lora_vera_A
+    torch.testing.assert_close(again.lora_vera_A, down_values, rtol=0, atol=0)
+    bound = (1 / 64) ** 0.5  # Kaiming-uniform(a=√5) on 64 input columns
+    assert again.lora_vera_A.abs().max() <= bound and again.lora_vera_A.abs().max() > 0.9 * bound
+    other = list(lz.adapter_modules(adapted("vera", rank=16, projection_seed=8)).values())[0]
+    assert not torch.equal(other.lora_vera_A, again.lora_vera_A)
+
+
+def test_vera_slices_the_largest_pair_per_layer():
+    torch.manual_seed(0)
+    linears = {"wide_in": nn.Linear(48, 20), "wide_out": nn.Linear(16, 40)}
+    config = lz.build_config("vera", rank=8, d_init=0.1)
+    plan = vera.VeraLinear.plan_layers(linears, None, config)
+    assert plan["wide_in"] == {"max_in_features": 48, "max_out_features": 40} == plan["wide_out"]
+    layers = {n: lz.wrap_linear(l, "vera", rank=8, **plan[n]) for n, l in linears.items()}
+    shared_a, shared_b = layers["wide_in"].lora_vera_A, layers["wide_in"].lora_vera_B
+    assert shared_a.shape == (8, 48) and shared_b.shape == (40, 8) and layers["wide_out"].lora_vera_A is shared_a
+    x = torch.randn(5, 16)
+    layer = layers["wide_out"]
+    with torch.no_grad():
+        layer.lora_lambda_b.copy_(torch.linspace(-1, 1, 40))
+        layer.lora_lambda_d.copy_(torch.linspace(0.5, 2, 8))
+        expected_delta = torch.diag(layer.lora_lambda_b) @ shared_b[:40] @ torch.diag(layer.lora_lambda_d) @ shared_a[:, :16]
+        torch.testing.assert_close(layer.delta_weight(), expected_delta)
+        torch.testing.assert_close(layer(x), x @ (layer.base_layer.weight + expected_delta).t() + layer.base_layer.bias)
+        assert layer.num_trainable() == 8 + 40
+
+
+# ---- AdaLoRA ----------------------------------------------------------------------------------
+def test_adalora_budget_schedule_numbers():
+    budget = lambda t: adalora.budget_schedule(t, 100, initial=72, target=48, t_init=0.1, t_final=0.3)
+    assert [budget(t) for t in (0, 5, 10)] == [72, 72, 72]
+    assert budget(40) == 48 + int(24 * 0.5 ** 3) == 51  # halfway through the cubic phase
+    assert budget(25) == int(48 + 24 * 0.75 ** 3) == 58
+    assert [budget(t) for t in (70, 85, 100)] == [48, 48, 48]
+    values = [budget(t) for t in range(101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # never increases
+
+
+def test_adalora_total_rank_follows_the_schedule(images, texts, tmp_path):
+    steps = 20
+    model = adapted("adalora", init_rank=6, target_rank=3, t_init=0.1, t_final=0.25, delta_t=1)
+    allocator = run_loop(model, images, texts, steps, lr=5e-3)
+    layers = lz.adapter_modules(model)
+    schedule = [allocator.budget(t) for t in range(1, steps + 1)]
+    assert schedule[0] == 72 and schedule[-1] == 36 and len(set(schedule)) > 3
+    assert allocator.rank_history == schedule  # total rank after every step = the cubic budget
+    ranks = allocator.summary()["adalora_final_ranks"]
+    assert sum(ranks.values()) == 3 * len(layers) and allocator.summary()["adalora_total_rank"] == 36
+    assert len(set(ranks.values())) > 1  # the budget is not spread uniformly
+    for name, a in layers.items():
+        assert ranks[name] == int(a.lora_rank_mask.sum())
+        assert torch.all(a.lora_lambda[a.lora_rank_mask == 0] == 0)
+    # the mask is saved: a loaded model evaluates with the same pruned triplets
+    expected = model.encode_image(images).detach()
+    lz.save_adapters(model, tmp_path / "ada.safetensors")
+    fresh = tiny_clip()
+    lz.load_adapters(fresh, tmp_path / "ada.safetensors")
+    for name, a in lz.adapter_modules(fresh).items():
+        assert torch.equal(a.lora_rank_mask, layers[name].lora_rank_mask)
+    torch.testing.assert_close(fresh.encode_image(images), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_adalora_orthogonality_penalty_and_importance():
+    layer = lz.wrap_linear(nn.Linear(12, 10), "adalora", init_rank=4, target_rank=2)
+    with torch.no_grad():  # orthonormal P columns and Q rows: zero penalty
+        layer.lora_P.copy_(torch.linalg.qr(torch.randn(10, 4))[0])
+        layer.lora_Q.copy_(torch.linalg.qr(torch.randn(12, 4))[0].t())
+    assert layer.orthogonality_penalty().item() == pytest.approx(0.0, abs=1e-10)
+    with torch.no_grad():
+        layer.lora_P.mul_(2.0)  # PᵀP = 4 I: penalty ||3 I||² = 9 · 4
+    assert layer.orthogonality_penalty().item() == pytest.approx(36.0, rel=1e-5)
+    model = nn.Sequential(layer)
+    model.lora_zoo_setup = lz.inject.AdapterSetup("adalora", layer.config.to_dict(), (), (), None)
+    allocator = lz.training_hooks(model, total_steps=10)
+    for p, g in ((layer.lora_P, 1.0), (layer.lora_lambda, 1.0), (layer.lora_Q, 1.0)):
+        p.grad = torch.full_like(p, g)
+    with torch.no_grad():
+        layer.lora_lambda.copy_(torch.tensor([1.0, 0.0, 2.0, 0.5]))
+    allocator.after_backward(0)
+    # one step from zero: Ī = 0.15 I, Ū = 0.15 · 0.85 I, s = Ī·Ū
+    s = lambda value: 0.15 * 0.15 * 0.85 * value ** 2
+    lam = s(torch.tensor([1.0, 0.0, 2.0, 0.5]))
+    p_part = s(layer.lora_P.detach().abs()).mean(dim=0)
+    q_part = s(layer.lora_Q.detach().abs()).mean(dim=1)
+    torch.testing.assert_close(allocator.triplet_scores("0"), lam + p_part + q_part)
+
+
+# ---- DyLoRA -----------------------------------------------------------------------------------
+def test_dylora_trains_varying_ranks_and_evaluates_at_full_rank(images, texts):
+    model = adapted("dylora", rank=4, alpha=4.0, dropout=0.0, seed=3)
+    layers = lz.adapter_modules(model)
+    layer = next(iter(layers.values()))
+    with torch.no_grad():
+        for a in layers.values():
+            a.lora_B.normal_()
+    sampler = lz.training_hooks(model, total_steps=12)
+    twin = lz.training_hooks(adapted("dylora", rank=4, seed=3), total_steps=12)
+    model.train()
+    x = torch.randn(3, 64)
+    for step in range(12):
+        sampler.before_forward(step)
+        twin.before_forward(step)
+        b = sampler.sampled[-1]
+        assert all(a.active_rank == b for a in layers.values())
+        expected = (4.0 / b) * (x @ layer.lora_A[:b].t()) @ layer.lora_B[:, :b].t()
+        torch.testing.assert_close(layer.adapter_output(x, None), expected)
+        model.zero_grad()
+        layer.adapter_output(x, None).pow(2).sum().backward()
+        assert torch.all(layer.lora_A.grad[b:] == 0) and torch.all(layer.lora_B.grad[:, b:] == 0)
+        assert layer.lora_A.grad[:b].abs().sum() > 0
+    assert sampler.sampled == twin.sampled  # seeded: the same sequence again
+    assert set(sampler.sampled) == {1, 2, 3, 4}
+    sampler.finish()
+    assert all(a.active_rank is None for a in layers.values())
+    model.eval()
+    full = (x @ layer.lora_A.t()) @ layer.lora_B.t()  # scale α/r = 1
+    torch.testing.assert_close(layer.adapter_output(x, None), full)
+    torch.testing.assert_close(layer.delta_weight(), layer.lora_B @ layer.lora_A)
+    summary = sampler.summary()
+    assert summary["dylora_eval_rank"] == 4 and sum(summary["dylora_sampled_rank_counts"].values()) == 12
+    # a chosen evaluation rank
+    small = lz.wrap_linear(nn.Linear(64, 64), "dylora", rank=4, alpha=4.0, eval_rank=2).eval()
+    with torch.no_grad():
+        small.lora_B.normal_()
+    torch.testing.assert_close(small.delta_weight(), 2.0 * small.lora_B[:, :2] @ small.lora_A[:2])
+
+
+def test_dylora_training_loop_records_varying_ranks(images, texts):
+    model = adapted("dylora", rank=4, alpha=4.0)
+    sampler = run_loop(model, images, texts, steps=8)
+    assert len(set(sampler.sampled)) > 1 and len(sampler.sampled) == 8
+    assert all(a.active_rank is None and not a.training for a in lz.adapter_modules(model).values())
+
+
+# ---- DoRA -------------------------------------------------------------------------------------
+def test_dora_merged_rows_have_the_magnitude_norms():
+    torch.manual_seed(0)
+    layer = lz.wrap_linear(nn.Linear(24, 16), "dora", rank=3, alpha=3.0, dropout=0.0)
+    torch.testing.assert_close(layer.lora_magnitude, layer.base_layer.weight.norm(dim=1))
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.3)
+        layer.lora_magnitude.mul_(torch.linspace(0.5, 1.5, 16))
+    x = torch.randn(7, 24)
+    original = layer.base_layer.weight.clone()
+    unmerged = layer(x).detach()
+    layer.merge()
+    torch.testing.assert_close(layer.base_layer.weight.norm(dim=1), layer.lora_magnitude.detach())
+    torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.original_weight(), original, rtol=0, atol=0)
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, original)  # exact, not within tolerance
+    assert layer.lora_unmerged_weight is None
+
+
+def test_dora_norm_is_constant_in_backward():
+    torch.manual_seed(1)
+    layer = lz.wrap_linear(nn.Linear(10, 6), "dora", rank=2, alpha=2.0, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.5)
+    x = torch.randn(4, 10)
+    layer(x).pow(2).sum().backward()
+    got = [layer.lora_A.grad.clone(), layer.lora_B.grad.clone(), layer.lora_magnitude.grad.clone()]
+
+    def reference(detach):
+        a, b, m = (t.detach().clone().requires_grad_() for t in (layer.lora_A, layer.lora_B, layer.lora_magnitude))
+        combined = layer.base_layer.weight + layer.scale * b @ a
+        norm = combined.norm(dim=1)
+        norm = norm.detach() if detach else norm
+        (x @ ((m / norm)[:, None] * combined).t() + layer.base_layer.bias).pow(2).sum().backward()
+        return [a.grad, b.grad, m.grad]
+
+    for mine, ref in zip(got, reference(detach=True)):
+        torch.testing.assert_close(mine, ref)
+    assert not torch.allclose(got[1], reference(detach=False)[1], atol=1e-4)
+
+
+# ---- PiSSA ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("alpha", [None, 1.0])
+def test_pissa_adapter_is_the_top_singular_part(alpha):
+    torch.manual_seed(2)
+    linear = nn.Linear(20, 12)
+    weight = linear.weight.detach().clone()
+    layer = lz.wrap_linear(linear, "pissa", rank=3, alpha=alpha)
+    u, s, vt = torch.linalg.svd(weight, full_matrices=False)
+    top = u[:, :3] @ torch.diag(s[:3]) @ vt[:3]
+    product = layer.lora_B @ layer.lora_A
+    torch.testing.assert_close(layer.scale * product, top, atol=1e-5, rtol=1e-5)
+    if alpha is None:
+        assert layer.scale == 1.0
+        torch.testing.assert_close(product, top, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.base_layer.weight, weight - top, atol=1e-5, rtol=1e-5)  # residual frozen
+    # B = U_r Σ_r^{1/2} (up to the sign of each singular pair), and A = Σ_r^{1/2} V_rᵀ
+    torch.testing.assert_close(layer.lora_B.norm(dim=0), (s[:3] / layer.scale).sqrt(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.lora_A.norm(dim=1), (s[:3] / layer.scale).sqrt(), atol=1e-5, rtol=1e-5)
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+
+
+# ---- end to end through main.py ---------------------------------------------------------------
+BASELINES = ["loraplus", "lorafa", "vera", "adalora", "dylora", "dora", "pissa"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    from datasets import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("baselines_data")
+    write_synthetic_dataset(root, dataset="dtd", num_classes=3, train_per_class=2, val_per_class=1,
+                            test_per_class=2, image_size=32)
+    return root
+
+
+def test_every_baseline_is_registered_with_a_config():
+    from pathlib import Path
+
+    assert set(BASELINES) <= set(lz.list_methods())
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for method in BASELINES:
+        assert (configs / f"{method}.yaml").is_file()
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_main_runs_a_few_iterations(method, synthetic_root, tmp_path, capsys):
+    import main
+
+    code = main.run(["--method", method, "--root_path", str(synthetic_root), "--dataset", "dtd", "--shots", "1",
+                     "--seed", "1", "--backbone", "tiny-vit", "--n_iters", "4", "--batch_size", "3",
+                     "--eval_batch_size", "16", "--num_workers", "0", "--device", "cpu",
+                     "--output_dir", str(tmp_path), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    run = tmp_path / "tiny-vit" / "dtd" / "1shots" / "seed1" / method
+    result = json.loads((run / "result.json").read_text())
+    assert result["method"] == method and result["iterations"] == 4 and result["merged"] is True
+    assert 0.0 <= result["accuracy"] <= 100.0
+    options = result["method_config"]
+    model = tiny_clip()
+    lz.load_adapters(model, run / "adapters.safetensors")
+    assert lz.count_trainable(model) == result["trainable_params"] > 0
+    if method == "adalora":  # the run ends at the target budget and records the final ranks
+        ranks = result["hooks_summary"]["adalora_final_ranks"]
+        assert len(ranks) == 12 and sum(ranks.values()) == 12 * options["target_rank"]
+        assert {n: int(a.lora_rank_mask.sum()) for n, a in lz.adapter_modules(model).items()} == ranks
+    if method == "dylora":
+        assert sum(result["hooks_summary"]["dylora_sampled_rank_counts"].values()) == 4
