@@ -1,0 +1,168 @@
+"""The one training loop and the evaluation every method shares (METHODS.md, "Experiment protocol").
+
+CLIP few-shot adaptation as in CLIP-LoRA (Zanella & Ben Ayed, CVPRW 2024) and
+the NoRA/AIRA papers (Li et al., ICCV 2025):
+
+- logits = 100 · normalize(image features) @ normalize(class text features)ᵀ
+  (the logit scale is fixed, not learned), cross-entropy on the labels;
+- AdamW on the method's parameter groups (``hooks.param_groups``), cosine
+  schedule to ``eta_min`` stepped every iteration; the train loader is cycled
+  until the requested number of iterations;
+- class text features are recomputed with gradients every step when the text
+  tower is adapted, computed once under ``no_grad`` otherwise;
+- autocast (fp16) + GradScaler on CUDA only, plain fp32 elsewhere;
+- a method's extras run through ``lora_zoo.hooks`` (``before_forward``,
+  ``regularizer``, ``after_backward`` on unscaled gradients, ``after_step``,
+  ``finish``, ``summary``).
+
+A non-finite loss stops training with ``NonFiniteLossError`` naming the iteration.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hooks import param_groups, training_hooks
+
+LOGIT_SCALE = 100.0
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; nothing should be saved as a result."""
+
+
+@dataclass
+class TrainResult:
+    iterations: int
+    seconds: float
+    final_loss: float
+    loss_history: list[tuple[int, float]] = field(default_factory=list)  # (iteration, mean loss since last entry)
+    hooks_summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def iterations_per_second(self) -> float:
+        return self.iterations / self.seconds if self.seconds > 0 else float("nan")
+
+
+def autocast(device: torch.device, amp: bool):
+    """fp16 autocast on CUDA when ``amp``; a disabled context elsewhere (CPU runs in fp32)."""
+    enabled = amp and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=enabled)
+
+
+def text_features(model: nn.Module, class_tokens: torch.Tensor) -> torch.Tensor:
+    """L2-normalised text features of the class prompts (one row per class)."""
+    return F.normalize(model.encode_text(class_tokens).float(), dim=-1)
+
+
+def clip_logits(model: nn.Module, images: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
+    """``100 · normalize(encode_image(images)) @ class_featuresᵀ`` in fp32."""
+    image_features = F.normalize(model.encode_image(images).float(), dim=-1)
+    return LOGIT_SCALE * image_features @ class_features.t()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, class_tokens: torch.Tensor, device: torch.device,
+             amp: bool = True) -> float:
+    """Top-1 accuracy (%) of zero-shot-style CLIP classification over ``loader``."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        with autocast(device, amp):
+            features = text_features(model, class_tokens.to(device))
+            for images, labels in loader:
+                logits = clip_logits(model, images.to(device, non_blocking=True), features)
+                correct += (logits.argmax(dim=-1).cpu() == labels).sum().item()
+                total += labels.numel()
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluation loader is empty")
+    return 100.0 * correct / total
+
+
+def cycle(loader: Iterable) -> Iterator:
+    """Batches of ``loader`` forever (a new pass, reshuffled, each time it runs out)."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError("training loader is empty")
+
+
+def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tensor, *, total_iterations: int,
+                   lr: float, device: torch.device, weight_decay: float = 1e-2, betas=(0.9, 0.999),
+                   eta_min: float = 1e-6, text_adapted: bool = True, amp: bool = True, progress: bool = True,
+                   log_every: int = 0) -> TrainResult:
+    """Train the adapters of ``model`` (from ``apply_adapters``) for ``total_iterations`` steps.
+
+    ``log_every`` iterations (default: about 20 entries per run) the mean loss goes to the log and
+    ``TrainResult.loss_history``. Raises ``NonFiniteLossError`` at the first non-finite loss.
+    """
+    from tqdm.auto import tqdm
+
+    if total_iterations < 1:
+        raise ValueError(f"total_iterations must be >= 1, got {total_iterations}")
+    optimizer = torch.optim.AdamW(param_groups(model, lr, weight_decay), lr=lr, betas=tuple(betas),
+                                  weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_iterations, eta_min=eta_min)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    hooks = training_hooks(model, total_iterations)
+    class_tokens = class_tokens.to(device)
+    fixed_features = None
+    if not text_adapted:
+        with torch.no_grad(), autocast(device, amp):
+            fixed_features = text_features(model, class_tokens)
+    log_every = log_every or max(1, total_iterations // 20)
+    history, window, loss_value = [], [], float("nan")
+    batches = cycle(loader)
+    model.train()
+    bar = tqdm(range(total_iterations), desc="train", disable=not progress, dynamic_ncols=True, leave=False)
+    start = time.perf_counter()
+    for step in bar:
+        images, labels = next(batches)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        hooks.before_forward(step)
+        with autocast(device, amp):
+            features = fixed_features if fixed_features is not None else text_features(model, class_tokens)
+            loss = F.cross_entropy(clip_logits(model, images, features), labels) + hooks.regularizer()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            bar.close()
+            raise NonFiniteLossError(f"training loss is {loss_value} at iteration {step + 1}/{total_iterations}; "
+                                     "stopped, nothing saved as a result (try a lower lr)")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # hooks see true gradients
+        hooks.after_backward(step)
+        scaler.step(optimizer)
+        scaler.update()
+        hooks.after_step(step)
+        scheduler.step()
+        window.append(loss_value)
+        if progress:
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+        if (step + 1) % log_every == 0 or step + 1 == total_iterations:
+            mean_loss = sum(window) / len(window)
+            history.append((step + 1, mean_loss))
+            logger.debug("iteration %d/%d  loss %.4f  lr %.3e", step + 1, total_iterations, mean_loss,
+                         optimizer.param_groups[0]["lr"])
+            window = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    bar.close()
+    hooks.finish()
+    model.eval()
+    return TrainResult(total_iterations, seconds, loss_value, history, dict(hooks.summary()))

@@ -1,0 +1,8 @@
+"""NoRA (Nested Low-Rank Adaptation, Li et al., ICCV 2025) on few-shot CLIP with the paper's defaults.
+
+Same flags as ``main.py`` with ``--method nora`` fixed; ``--demo`` runs the CPU pipeline demo.
+"""
+from main import main
+
+if __name__ == "__main__":
+    main(method="nora")
