@@ -347,7 +347,7 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
         if not eval_only:
             save_adapters(model, adapters_path)
             result["files"] = {"adapters": ADAPTER_FILE, "log": "train.log"}
-            if model.lora_zoo_setup.layer_overrides:
+            if any("rank" in o for o in model.lora_zoo_setup.layer_overrides.values()):  # a planned allocation
                 _write_json(out / RANKS_FILE, layer_ranks(model))
                 result["files"]["ranks"] = RANKS_FILE
         if export_path is not None:

@@ -34,6 +34,9 @@ def fused_state_dict(model: nn.Module, reference: Optional[nn.Module] = None) ->
         if not is_adapter_tensor(name):
             state[name.replace(".base_layer.", ".")] = tensor.detach().clone()
     for name, adapter in ((n, m) for n, m in model.named_modules() if isinstance(m, AdapterLinear)):
+        if not adapter.mergeable:
+            raise ValueError(f"{name}: {adapter.method_name} with this config depends on the batch and cannot be "
+                             "folded into a plain open_clip checkpoint")
         if not adapter.merged:
             weight = state[f"{name}.weight"]
             state[f"{name}.weight"] = weight + adapter.delta_weight().to(weight.device, weight.dtype)

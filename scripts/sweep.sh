@@ -3,7 +3,7 @@
 # seeds 1 2 3). Finished runs (result.json present) are skipped, so the sweep can be killed and
 # restarted at any time: a killed run leaves no result.json and its partial files are overwritten.
 #
-#   scripts/sweep.sh --root_path DATA [--methods "lora nora aira"] [--datasets "dtd food101 oxford_pets"]
+#   scripts/sweep.sh --root_path DATA [--methods "lora nora aira" (default: all registered)] [--datasets "dtd food101 oxford_pets"]
 #                    [--shots "1 2 4 8 16"] [--seeds "1 2 3"] [--backbone ViT-B-16] [--output_dir outputs]
 #                    [--jobs N] [--python PY] [--slurm FILE [--slurm_header "#SBATCH --partition=gpu"]]
 #                    [--dry_run] [-- extra main.py args, e.g. --set n_iters=2]
@@ -14,7 +14,7 @@
 set -uo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-methods="lora nora aira loraplus lorafa vera adalora dylora dora pissa"; datasets="dtd food101 oxford_pets"; shots="1 2 4 8 16"; seeds="1 2 3"
+methods=""; datasets="dtd food101 oxford_pets"; shots="1 2 4 8 16"; seeds="1 2 3"
 backbone="ViT-B-16"; output_dir="outputs"; root_path=""; jobs=1; python="${PYTHON:-python}"
 slurm=""; slurm_header=""; dry_run=0; extra=()
 die() { echo "sweep.sh: $*" >&2; exit 2; }
@@ -42,6 +42,10 @@ done
 # runs start in the repository root: make the caller's relative paths absolute
 output_dir="$(realpath -ms "$output_dir")"; root_path="$(realpath -ms "$root_path")"
 [[ "$python" == */* ]] && python="$(realpath -ms "$python")"
+if [[ -z "$methods" ]]; then  # default: every registered method
+  methods="$(cd "$here" && "$python" -c 'import lora_zoo; print(" ".join(lora_zoo.list_methods()))')" \
+    || die "cannot list lora_zoo methods with $python"
+fi
 
 # pending runs, in order; the run folder layout is lora_zoo.experiment.run_dir's
 pending=()

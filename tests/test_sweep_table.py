@@ -154,3 +154,13 @@ def test_default_reported_file_and_plot_skip_message(fixture_results, tmp_path):
         assert (tmp_path / "plots" / "shots_dtd.png").is_file()
     except ImportError:
         assert "matplotlib is not installed" in proc.stderr
+
+
+def test_sweep_defaults_to_every_registered_method(tmp_path):
+    import lora_zoo
+    proc = subprocess.run(["bash", str(SWEEP), "--root_path", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+                           "--datasets", "dtd", "--shots", "4", "--seeds", "1", "--python", sys.executable,
+                           "--dry_run"], cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    planned = [line.split("--method ")[1].split()[0] for line in proc.stdout.splitlines() if "--method" in line]
+    assert planned == lora_zoo.list_methods()
