@@ -98,9 +98,11 @@ class VeraLinear(AdapterLinear):
         return tensors["lora_lambda_b"][:, None] * (up * tensors["lora_lambda_d"][None, :]) @ down
 
     def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        # b is folded into the frozen slice once per step (d_out × r values), so autograd keeps the rank-r
+        # hidden states per token but no d_out-wide copy of the output (bench: "saved for backward")
         down, up = self.projections()
         hidden = (x @ down.t().to(x.dtype)) * self.lora_lambda_d.to(x.dtype)
-        return (hidden @ up.t().to(x.dtype)) * self.lora_lambda_b.to(x.dtype)
+        return hidden @ (self.lora_lambda_b[:, None] * up).t().to(x.dtype)
 
     def _apply(self, fn, recurse=True):
         # a device/dtype move converts each layer's buffer separately; share one converted pair again

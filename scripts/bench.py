@@ -5,8 +5,8 @@ trainable parameters and adapter bytes on disk; the time of one training
 step (forward of both towers, contrastive-logit cross-entropy, backward,
 AdamW step, the method's hooks) as a ratio to the *frozen lower bound* (the
 same split model with no adapters, backward through the activations only)
-and to LoRA at NoRA's inner rank; the peak memory of a training step (CUDA
-max allocated, or on CPU the peak RSS growth sampled during the step); the
+and to LoRA at NoRA's inner rank; the memory of a training step (the bytes
+autograd saves for backward, on every device, and CUDA max allocated on GPU); the
 adapter initialisation time including calibration and SVDs; and the merged
 evaluation throughput (image encoder) as a ratio to the plain, unsplit
 open_clip model. Methods are interleaved within every repetition and the
@@ -25,7 +25,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -39,41 +38,46 @@ from lora_zoo.models import build_clip  # noqa: E402
 FROZEN = "frozen"
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+class SavedActivations:
+    """Bytes autograd saves for backward during a ``with`` block, excluding the model's own weights.
 
+    Counted once per storage, so views and tensors saved twice count once. This is the memory a
+    method adds per token (LoRA keeps its rank-r hidden state; a method that stored a per-token
+    d_out × d_in product or extra full-width activations would show here), and it is exact and
+    device-independent, unlike a CPU RSS reading.
+    """
 
-class PeakMemory:
-    """Peak memory growth inside a ``with`` block: CUDA max allocated, or sampled RSS on CPU."""
+    def __init__(self, model: torch.nn.Module):
+        self.weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        self.storages: dict[int, int] = {}
 
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.weights:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
 
     def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            self.base, self._max, self._stop = _rss_bytes(), _rss_bytes(), threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
         return self
 
-    def _sample(self):
-        while not self._stop.is_set():
-            self._max = max(self._max, _rss_bytes())
-            time.sleep(0.0005)
-
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self._max, _rss_bytes()) - self.base
+        self._hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+
+def cuda_peak_step(step, device) -> int:
+    """CUDA max-allocated growth during one call of ``step``."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 class Variant:
@@ -84,6 +88,7 @@ class Variant:
         self.model = copy.deepcopy(base_model)
         start = time.perf_counter()
         if method is None:  # frozen lower bound: grads reach every activation, no weight gets one
+            self.model.requires_grad_(False)
             self.model.visual.positional_embedding.requires_grad_(True)
             self.model.positional_embedding.requires_grad_(True)
             self.optimizer, self.hooks, self.trainable = None, lz.TrainingHooks(), 0
@@ -136,6 +141,8 @@ def run_benchmark(model_name="ViT-B-16", batch=4, classes=10, image_size=None, d
                   amp=False, methods=None, threads=None, log=print) -> dict:
     """Measure every method; returns ``{"setup": ..., "rows": [...]}`` (one row per variant)."""
     device = torch.device(device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # as the runner does: LoRA's B = 0 start is full of denormals on CPU
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -166,11 +173,14 @@ def run_benchmark(model_name="ViT-B-16", batch=4, classes=10, image_size=None, d
             step_times[variant.name].append(timed(lambda: train_step(variant, images, tokens, labels, device, amp),
                                                   device))
         log(f"repetition {rep + 1}/{reps} done")
-    memory = {}
+    saved, peak = {}, {}
     for variant in variants:
-        with PeakMemory(device) as peak:
+        with SavedActivations(variant.model) as activations:
             train_step(variant, images, tokens, labels, device, amp)
-        memory[variant.name] = peak.peak
+        saved[variant.name] = activations.bytes
+        if device.type == "cuda":
+            peak[variant.name] = cuda_peak_step(lambda: train_step(variant, images, tokens, labels, device, amp),
+                                                device)
     # merged evaluation throughput against the plain (fused-attention) open_clip model
     eval_times = {"plain open_clip": []}
     for variant in variants:
@@ -201,14 +211,14 @@ def run_benchmark(model_name="ViT-B-16", batch=4, classes=10, image_size=None, d
         rows.append({
             "method": variant.name, "trainable": variant.trainable, "adapter_bytes": variant.adapter_bytes(),
             "step_s": step, "step_vs_frozen": step / frozen_step, "step_vs_lora_r_inner": step / lora_step,
-            "peak_mem_bytes": memory[variant.name], "init_s": variant.init_seconds,
+            "saved_activation_bytes": saved[variant.name], "cuda_peak_bytes": peak.get(variant.name),
+            "init_s": variant.init_seconds,
             "eval_images_per_s": batch / merged if merged else None,
             "eval_vs_plain": merged / plain_eval if merged else None,
         })
     setup = {"model": model_name, "batch": batch, "classes": classes, "image_size": size, "device": str(device),
              "amp": amp, "reps": reps, "threads": torch.get_num_threads(), "torch": torch.__version__,
-             "plain_eval_images_per_s": batch / plain_eval,
-             "memory": "CUDA max allocated" if device.type == "cuda" else "peak RSS growth (sampled)"}
+             "plain_eval_images_per_s": batch / plain_eval}
     return {"setup": setup, "rows": rows}
 
 
@@ -216,16 +226,17 @@ def markdown(result: dict) -> str:
     s = result["setup"]
     lines = [f"{s['model']} (random init), batch {s['batch']}, {s['classes']} prompts, {s['image_size']}px, "
              f"{s['device']}{' AMP' if s['amp'] else ''}, {s['threads']} threads, median of {s['reps']}; "
-             f"memory = {s['memory']}; plain open_clip eval {s['plain_eval_images_per_s']:.1f} images/s", "",
-             "| method | trainable | adapter file | step (s) | × frozen | × LoRA r_inner | peak mem (MiB) "
-             "| init (s) | merged eval × plain | eval images/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"plain open_clip eval {s['plain_eval_images_per_s']:.1f} images/s", "",
+             "| method | trainable | adapter file | step (s) | × frozen | × LoRA r_inner | saved for backward (MiB) "
+             "| CUDA peak (MiB) | init (s) | merged eval × plain | eval images/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         ev = f"{r['eval_vs_plain']:.3f}" if r["eval_vs_plain"] else "—"
         ips = f"{r['eval_images_per_s']:.1f}" if r["eval_images_per_s"] else "—"
+        cuda = f"{r['cuda_peak_bytes'] / 2**20:.0f}" if r["cuda_peak_bytes"] is not None else "—"
         lines.append(f"| {r['method']} | {r['trainable']:,} | {r['adapter_bytes'] / 2**20:.2f} MiB | {r['step_s']:.3f} "
                      f"| {r['step_vs_frozen']:.2f} | {r['step_vs_lora_r_inner']:.2f} "
-                     f"| {r['peak_mem_bytes'] / 2**20:.0f} | {r['init_s']:.2f} | {ev} | {ips} |")
+                     f"| {r['saved_activation_bytes'] / 2**20:.1f} | {cuda} | {r['init_s']:.2f} | {ev} | {ips} |")
     return "\n".join(lines)
 
 
