@@ -54,11 +54,13 @@ class DoraLinear(LoraLinear):
 
     def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
         weight = self.base_layer.weight
-        row_norm = (weight.float() + self.scale * (self.lora_B @ self.lora_A)).norm(dim=1).detach()
+        with torch.no_grad():  # the norm is a constant in backward (DoRA §4.3): record nothing for it
+            row_norm = (weight.float() + self.scale * (self.lora_B @ self.lora_A)).norm(dim=1)
         gain = (self.lora_magnitude / row_norm).to(x.dtype)
         without_bias = base_output if self.base_layer.bias is None else base_output - self.base_layer.bias.to(x.dtype)
-        lora = self.scale * ((x @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype))
-        return (gain - 1) * without_bias + gain * lora
+        lora = (x @ self.lora_A.t().to(x.dtype)) @ (self.scale * self.lora_B).t().to(x.dtype)
+        # g ⊙ (xWᵀ + s·x̃AᵀBᵀ) − xWᵀ: autograd keeps one d_out-wide tensor per token (for m's gradient), not two
+        return gain * (without_bias + lora) - without_bias
 
     def original_weight(self) -> torch.Tensor:
         return self._frozen_weight().detach().float()

@@ -5,7 +5,7 @@ trainable parameters and adapter bytes on disk; the time of one training
 step (forward of both towers, contrastive-logit cross-entropy, backward,
 AdamW step, the method's hooks) as a ratio to the *frozen lower bound* (the
 same split model with no adapters, backward through the activations only)
-and to LoRA at NoRA's inner rank; the memory of a training step (the bytes
+and to LoRA at NoRA's inner rank (and dropout); the memory of a training step (the bytes
 autograd saves for backward, on every device, and CUDA max allocated on GPU); the
 adapter initialisation time including calibration and SVDs; and the merged
 evaluation throughput (image encoder) as a ratio to the plain, unsplit
@@ -157,8 +157,8 @@ def run_benchmark(model_name="ViT-B-16", batch=4, classes=10, image_size=None, d
     def calibrate(model):
         return lz.collect_activation_stats(model, image_batches=[images], text_batches=[tokens])
 
-    nora_inner = lz.build_config("nora").inner_rank
-    specs = [(FROZEN, None, {}), (f"lora r={nora_inner}", "lora", {"rank": nora_inner})]
+    nora = lz.build_config("nora")  # the like-for-like LoRA: NoRA's inner rank and dropout
+    specs = [(FROZEN, None, {}), (f"lora r={nora.inner_rank}", "lora", {"rank": nora.inner_rank, "dropout": nora.dropout})]
     specs += [(m, m, {}) for m in (methods or lz.list_methods())]
     steps = 2 + reps + 1
     variants = []

@@ -25,3 +25,13 @@ def texts():
         tokens[row, 1:length - 1] = torch.randint(1, 49000, (length - 2,), generator=g)
         tokens[row, length - 1] = 49407
     return tokens
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """A small synthetic DTD (4 classes; 4 train, 2 val, 4 test images each; 32 px) in the CoOp layout."""
+    from datasets import write_synthetic_dataset
+    root = tmp_path_factory.mktemp("data")
+    write_synthetic_dataset(root, "dtd", num_classes=4, train_per_class=4, val_per_class=2, test_per_class=4,
+                            image_size=32)
+    return root

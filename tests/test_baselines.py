@@ -310,16 +310,6 @@ def test_pissa_adapter_is_the_top_singular_part(alpha):
 BASELINES = ["loraplus", "lorafa", "vera", "adalora", "dylora", "dora", "pissa"]
 
 
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    from datasets import write_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("baselines_data")
-    write_synthetic_dataset(root, dataset="dtd", num_classes=3, train_per_class=2, val_per_class=1,
-                            test_per_class=2, image_size=32)
-    return root
-
-
 def test_every_baseline_is_registered_with_a_config():
     from pathlib import Path
 
@@ -330,10 +320,10 @@ def test_every_baseline_is_registered_with_a_config():
 
 
 @pytest.mark.parametrize("method", BASELINES)
-def test_main_runs_a_few_iterations(method, synthetic_root, tmp_path, capsys):
+def test_main_runs_a_few_iterations(method, data_root, tmp_path, capsys):
     import main
 
-    code = main.run(["--method", method, "--root_path", str(synthetic_root), "--dataset", "dtd", "--shots", "1",
+    code = main.run(["--method", method, "--root_path", str(data_root), "--dataset", "dtd", "--shots", "1",
                      "--seed", "1", "--backbone", "tiny-vit", "--n_iters", "4", "--batch_size", "3",
                      "--eval_batch_size", "16", "--num_workers", "0", "--device", "cpu",
                      "--output_dir", str(tmp_path), "--quiet"])

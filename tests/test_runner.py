@@ -21,15 +21,6 @@ SMALL = ["--backbone", "tiny-vit", "--shots", "2", "--n_iters", "2", "--batch_si
          "--eval_batch_size", "16", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from datasets import write_synthetic_dataset
-    root = tmp_path_factory.mktemp("data")
-    write_synthetic_dataset(root, "dtd", num_classes=4, train_per_class=4, val_per_class=2, test_per_class=4,
-                            image_size=32)
-    return root
-
-
 # one intra-op thread: tiny models gain nothing from more, and OpenMP spinning collapses when cores are shared
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 

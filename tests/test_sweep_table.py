@@ -16,15 +16,6 @@ SWEEP = REPO / "scripts" / "sweep.sh"
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: one thread, no OpenMP spinning on shared cores
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from datasets import write_synthetic_dataset
-    root = tmp_path_factory.mktemp("data")
-    write_synthetic_dataset(root, "dtd", num_classes=4, train_per_class=4, val_per_class=2, test_per_class=4,
-                            image_size=32)
-    return root
-
-
 def sweep_args(data_root, out, *extra):
     return ["bash", str(SWEEP), "--root_path", str(data_root), "--output_dir", str(out), "--backbone", "tiny-vit",
             "--methods", "lora", "--datasets", "dtd", "--shots", "1 2", "--seeds", "1 2", "--python", sys.executable,

@@ -1,0 +1,39 @@
+"""scripts/bench.py --quick: every method measured side by side, with numbers that follow from the setup."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lora_zoo as lz
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_covers_every_method(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--json", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"frozen", "lora r=16", *lz.list_methods()}
+    assert "| nora |" in proc.stdout and "× frozen" in proc.stdout  # the Markdown table
+    frozen, lora16 = rows["frozen"], rows["lora r=16"]
+    assert frozen["step_vs_frozen"] == 1.0 and lora16["step_vs_lora_r_inner"] == 1.0
+    assert frozen["trainable"] == 0 and frozen["adapter_bytes"] == 0
+    # tiny-vit: 2 towers × 2 blocks × q/k/v, all 64 wide
+    assert rows["lora"]["trainable"] == 12 * 2 * (64 + 64)
+    assert lora16["trainable"] == 12 * 16 * (64 + 64)
+    assert rows["nora"]["trainable"] == 12 * 2 * 51 * 16
+    for name, row in rows.items():
+        assert row["step_s"] > 0 and row["step_vs_frozen"] > 0
+        assert row["saved_activation_bytes"] >= frozen["saved_activation_bytes"] > 0
+        if name != "frozen":
+            assert row["adapter_bytes"] > 0 and row["trainable"] > 0
+            assert row["eval_vs_plain"] > 0  # every default config is mergeable
+    # per-token state: NoRA keeps what a rank-r_in LoRA keeps, not a rank-r_out one's (a rank-51 hidden
+    # state would add 12 layers × 35 more values per token); the only extra is each layer's per-step
+    # factors (d_out × 16 and 16 × d_in fp32 values), likewise AIRA's scaled up-projection
+    per_step_factors = 12 * 2 * 64 * 16 * 4
+    assert rows["nora"]["saved_activation_bytes"] <= lora16["saved_activation_bytes"] + per_step_factors
+    assert rows["aira"]["saved_activation_bytes"] <= lora16["saved_activation_bytes"] + per_step_factors
