@@ -151,8 +151,7 @@ def split_attention_module(attn: nn.Module) -> SplitAttention:
 def encoder_blocks(model: nn.Module, encoder: str) -> tuple[str, nn.ModuleList]:
     """(qualified name, residual blocks) of the ``"vision"`` or ``"text"`` transformer of an open_clip model."""
     if encoder == "vision":
-        tower_name, tower = "visual", getattr(model, "visual", None)
-        trunk = getattr(tower, "transformer", None)
+        trunk = getattr(getattr(model, "visual", None), "transformer", None)
         prefix = "visual.transformer"
     elif encoder == "text":
         if hasattr(model, "transformer") and hasattr(model.transformer, "resblocks"):

@@ -17,7 +17,6 @@ Trainable parameters per matrix: ``r · (d_in + d_out) + d_out``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -27,16 +26,11 @@ from .lora import LoraConfig, LoraLinear
 from .registry import register_method
 
 
-@dataclass
-class DoraConfig(LoraConfig):
-    pass
-
-
 @register_method("dora")
 class DoraLinear(LoraLinear):
-    config_class = DoraConfig
+    config_class = LoraConfig
 
-    def __init__(self, base_layer: nn.Linear, config: DoraConfig, stats=None):
+    def __init__(self, base_layer: nn.Linear, config: LoraConfig, stats=None):
         super().__init__(base_layer, config, stats)
         self.lora_magnitude = nn.Parameter(base_layer.weight.detach().float().norm(dim=1))
         # W as it was before merge() overwrote it; None while unmerged

@@ -13,7 +13,6 @@ its evaluation rank. Defaults: r_max = 8 as in the paper's GLUE runs, α = r
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -38,8 +37,6 @@ class DyLoraConfig(LoraConfig):
         if self.eval_rank is not None and not 1 <= self.eval_rank <= self.rank:
             raise ValueError(f"eval_rank must be in [1, rank={self.rank}], got {self.eval_rank}")
 
-    def scale_at(self, rank: int) -> float:
-        return self.alpha / (math.sqrt(rank) if self.rslora else rank)
 
 
 @register_method("dylora")

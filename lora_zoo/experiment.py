@@ -40,7 +40,7 @@ from .export import export_merged
 from .inject import adapter_modules, apply_adapters, build_config, count_trainable, layer_ranks, merge_adapters
 from .models import TINY_CONFIGS, build_clip, list_backbones
 from .targets import check_targets
-from .train import evaluate, train_adapters
+from .train import evaluate, prepare_device, train_adapters
 
 logger = logging.getLogger(__name__)
 RESULT_FILE, ADAPTER_FILE, RANKS_FILE, EVAL_FILE = "result.json", "adapters.safetensors", "ranks.json", "eval.json"
@@ -286,9 +286,7 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
         raise ValueError(f"run already finished: {out / RESULT_FILE} exists (use --overwrite to train it again)")
     _check_writable(out)
     device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        # subnormal floats (tiny LoRA updates from B = 0, Adam moments) make CPU kernels ~100x slower
-        torch.set_flush_denormal(True)
+    prepare_device(device)
     with _RunLog(out / ("eval.log" if eval_only else "train.log")):
         logger.info("run %s | %s on %s", out, cfg.method, device)
         seed_everything(cfg.seed)

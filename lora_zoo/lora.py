@@ -28,9 +28,14 @@ class LoraConfig(AdapterConfig):
         super().__post_init__()
         positive_int("rank", self.rank)
 
+    def scale_at(self, rank: int) -> float:
+        """``α/rank`` (``α/√rank`` with rslora); α = None means α = rank. DyLoRA asks for truncated ranks."""
+        alpha = self.alpha if self.alpha is not None else float(rank)
+        return alpha / (math.sqrt(rank) if self.rslora else rank)
+
     @property
     def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        return self.scale_at(self.rank)
 
 
 def kaiming_rows(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ Trainable parameters per matrix: ``r · d_out``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from torch import nn
 
@@ -16,15 +15,10 @@ from .lora import LoraConfig, LoraLinear
 from .registry import register_method
 
 
-@dataclass
-class LoraFaConfig(LoraConfig):
-    pass
-
-
 @register_method("lorafa")
 class LoraFaLinear(LoraLinear):
-    config_class = LoraFaConfig
+    config_class = LoraConfig
 
-    def __init__(self, base_layer: nn.Linear, config: LoraFaConfig, stats=None):
+    def __init__(self, base_layer: nn.Linear, config: LoraConfig, stats=None):
         super().__init__(base_layer, config, stats)
         self.lora_A.requires_grad_(False)

@@ -12,7 +12,6 @@ no dropout. Trainable parameters per matrix: ``r · (d_in + d_out)``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,10 +28,6 @@ class PissaConfig(LoraConfig):
     rslora: bool = False
     dropout: float = 0.0
 
-    @property
-    def scale(self) -> float:
-        alpha = self.alpha if self.alpha is not None else float(self.rank)
-        return alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
 @register_method("pissa")

@@ -101,6 +101,42 @@ def cycle(loader: Iterable) -> Iterator:
             raise ValueError("training loader is empty")
 
 
+def prepare_device(device: torch.device) -> None:
+    """Process-wide settings for running on ``device``: on CPU, flush subnormal floats to zero
+    (tiny LoRA updates from B = 0 and Adam moments made CPU kernels ~100× slower)."""
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+
+
+def training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, class_tokens: torch.Tensor,
+                  optimizer, hooks, step: int, device: torch.device, amp: bool, scaler=None,
+                  fixed_features: torch.Tensor | None = None) -> float:
+    """One optimizer step with the method's hooks; returns the loss. ``optimizer=None`` only runs
+    backward (the frozen lower bound of ``scripts/bench.py``). A non-finite loss is returned before
+    any backward, so the caller can stop with nothing changed by it."""
+    hooks.before_forward(step)
+    with autocast(device, amp):
+        features = fixed_features if fixed_features is not None else text_features(model, class_tokens)
+        loss = F.cross_entropy(clip_logits(model, images, features), labels) + hooks.regularizer()
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        return loss_value
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None and optimizer is not None:
+        scaler.unscale_(optimizer)  # hooks see true gradients
+    hooks.after_backward(step)
+    if optimizer is not None:
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    hooks.after_step(step)
+    return loss_value
+
+
 def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tensor, *, total_iterations: int,
                    lr: float, device: torch.device, weight_decay: float = 1e-2, betas=(0.9, 0.999),
                    eta_min: float = 1e-6, text_adapted: bool = True, amp: bool = True, progress: bool = True,
@@ -132,23 +168,12 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
     start = time.perf_counter()
     for step in bar:
         images, labels = next(batches)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        hooks.before_forward(step)
-        with autocast(device, amp):
-            features = fixed_features if fixed_features is not None else text_features(model, class_tokens)
-            loss = F.cross_entropy(clip_logits(model, images, features), labels) + hooks.regularizer()
-        loss_value = loss.item()
+        loss_value = training_step(model, images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                                   class_tokens, optimizer, hooks, step, device, amp, scaler, fixed_features)
         if not math.isfinite(loss_value):
             bar.close()
             raise NonFiniteLossError(f"training loss is {loss_value} at iteration {step + 1}/{total_iterations}; "
                                      "stopped, nothing saved as a result (try a lower lr)")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # hooks see true gradients
-        hooks.after_backward(step)
-        scaler.step(optimizer)
-        scaler.update()
-        hooks.after_step(step)
         scheduler.step()
         window.append(loss_value)
         if progress:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -29,11 +28,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lora_zoo as lz  # noqa: E402
 from lora_zoo.models import build_clip  # noqa: E402
+from lora_zoo.train import autocast, prepare_device, training_step  # noqa: E402
 
 FROZEN = "frozen"
 
@@ -83,7 +82,7 @@ def cuda_peak_step(step, device) -> int:
 class Variant:
     """One row: a method (or the frozen bound) with its model, optimizer and hooks."""
 
-    def __init__(self, name, method, options, base_model, calibrate, steps):
+    def __init__(self, name, method, options, base_model, calibrate, steps, amp=False):
         self.name, self.method, self.options = name, method, options
         self.model = copy.deepcopy(base_model)
         start = time.perf_counter()
@@ -100,6 +99,7 @@ class Variant:
             self.hooks = lz.training_hooks(self.model, steps)
         self.init_seconds = time.perf_counter() - start
         self.step_index = 0
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp)  # amp is only ever on with CUDA
 
     def adapter_bytes(self) -> int:
         if self.method is None:
@@ -110,20 +110,10 @@ class Variant:
 
 
 def train_step(variant: Variant, images, tokens, labels, device, amp: bool) -> None:
-    model, hooks, step = variant.model, variant.hooks, variant.step_index
-    model.train()
-    hooks.before_forward(step)
-    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-        image_features = F.normalize(model.encode_image(images), dim=-1)
-        text_features = F.normalize(model.encode_text(tokens), dim=-1)
-        loss = F.cross_entropy(100.0 * image_features @ text_features.t(), labels) + hooks.regularizer()
-    if variant.optimizer is not None:
-        variant.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    hooks.after_backward(step)
-    if variant.optimizer is not None:
-        variant.optimizer.step()
-    hooks.after_step(step)
+    """One step of the runner's own ``training_step`` (same loss, hooks and optimizer handling)."""
+    variant.model.train()
+    training_step(variant.model, images, labels, tokens, variant.optimizer, variant.hooks, variant.step_index,
+                  device, amp, variant.scaler)
     variant.step_index += 1
 
 
@@ -141,8 +131,7 @@ def run_benchmark(model_name="ViT-B-16", batch=4, classes=10, image_size=None, d
                   amp=False, methods=None, threads=None, log=print) -> dict:
     """Measure every method; returns ``{"setup": ..., "rows": [...]}`` (one row per variant)."""
     device = torch.device(device)
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # as the runner does: LoRA's B = 0 start is full of denormals on CPU
+    prepare_device(device)  # as the runner does (flushes CPU denormals)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -164,7 +153,7 @@ def run_benchmark(model_name="ViT-B-16", batch=4, classes=10, image_size=None, d
     variants = []
     for name, method, options in specs:
         log(f"building {name} ...")
-        variants.append(Variant(name, method, options, base, calibrate, steps))
+        variants.append(Variant(name, method, options, base, calibrate, steps, amp and device.type == "cuda"))
     for variant in variants:  # warm-up (allocator, kernels)
         train_step(variant, images, tokens, labels, device, amp)
     step_times = {v.name: [] for v in variants}
@@ -193,7 +182,7 @@ def run_benchmark(model_name="ViT-B-16", batch=4, classes=10, image_size=None, d
     contenders = [("plain open_clip", plain)] + [(v.name, v.model) for v in variants if v.name in eval_times]
 
     def encode(model):
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with torch.no_grad(), autocast(device, amp):
             model.encode_image(images)
 
     for name, model in contenders:

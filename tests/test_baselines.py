@@ -12,7 +12,7 @@ from torch import nn
 
 import lora_zoo as lz
 from conftest import tiny_clip
-from lora_zoo import adalora, dylora, vera
+from lora_zoo import adalora, vera
 
 
 def adapted(method, **options):

@@ -1,6 +1,5 @@
 """Core behaviour: attention split, calibration statistics, NoRA/AIRA maths, rank allocation."""
 import copy
-import math
 
 import pytest
 import torch
