@@ -1,8 +1,4 @@
-"""Core few-shot dataset types: split reading, few-shot sampling, the dataset object.
-
-The split files are the CoOp ones (Zhou et al., "Learning to Prompt for
-Vision-Language Models", IJCV 2022): a JSON object with "train", "val" and
-"test" lists whose entries are ``[path relative to images/, label, class name]``.
+"""Core few-shot dataset types: the image record, few-shot sampling, the dataset object.
 
 Few-shot sampling follows the protocol used by CLIP-LoRA (Zanella & Ben Ayed,
 "Low-Rank Few-Shot Adaptation of Vision-Language Models", CVPRW 2024), which
@@ -12,11 +8,15 @@ the class is short, ``rng.choices(items, k=K)`` (with replacement). One
 ``random.Random(seed)`` draws the validation subset (min(K, 4) per class)
 first and the training subset (K per class) second; the test split is kept
 whole. This reproduces ``random.seed(seed)`` followed by CLIP-LoRA's calls.
+(ImageNet draws differently; ``imagenet.py`` holds its sampler.)
+
+Prompts: ``"a photo of a {}."`` by default, as CLIP-LoRA prompts every dataset;
+``prompts("dataset")`` uses the dataset's own CoOp template ("a photo of a {},
+a type of pet." ...).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -28,7 +28,6 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-SPLIT_NAMES = ("train", "val", "test")
 DEFAULT_TEMPLATE = "a photo of a {}."
 MAX_VAL_SHOTS = 4
 
@@ -44,59 +43,6 @@ class Datum:
     impath: str
     label: int
     classname: str
-
-
-def clean_classname(name: str) -> str:
-    """CoOp class names use underscores for spaces ("american_bulldog")."""
-    return name.replace("_", " ")
-
-
-def read_split(split_path: Path, image_dir: Path) -> Dict[str, List[Datum]]:
-    """Read a CoOp split file into ``{"train"|"val"|"test": [Datum, ...]}``.
-
-    Paths are made absolute under ``image_dir``; class names are cleaned.
-    Malformed content raises a one-line ``DatasetError`` naming the file.
-    """
-    try:
-        with open(split_path, "r", encoding="utf-8") as handle:
-            content = json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"split file is not valid JSON: {split_path} (line {exc.lineno}: {exc.msg})") from None
-    except OSError as exc:
-        raise DatasetError(f"cannot read split file {split_path}: {exc.strerror or exc}") from None
-    if not isinstance(content, dict):
-        raise DatasetError(f"split file {split_path} must hold a JSON object with 'train', 'val' and 'test' lists")
-    splits: Dict[str, List[Datum]] = {}
-    for split in SPLIT_NAMES:
-        entries = content.get(split)
-        if not isinstance(entries, list):
-            raise DatasetError(f"split file {split_path} has no '{split}' list")
-        items = []
-        for index, entry in enumerate(entries):
-            if (not isinstance(entry, (list, tuple)) or len(entry) != 3 or not isinstance(entry[0], str)
-                    or isinstance(entry[1], bool) or not isinstance(entry[1], int) or not isinstance(entry[2], str)):
-                raise DatasetError(
-                    f"split file {split_path}: {split} entry {index} is not "
-                    f"[relative path, integer label, class name]: {entry!r:.80}")
-            relpath, label, classname = entry
-            items.append(Datum(str(image_dir / relpath), label, clean_classname(classname)))
-        splits[split] = items
-    return splits
-
-
-def classnames_from_splits(splits: Dict[str, List[Datum]], source: Path) -> List[str]:
-    """Class names indexed by label, checking labels are 0..C-1 with one name each."""
-    names: Dict[int, str] = {}
-    for split in SPLIT_NAMES:
-        for item in splits[split]:
-            known = names.setdefault(item.label, item.classname)
-            if known != item.classname:
-                raise DatasetError(
-                    f"split file {source}: label {item.label} is named both '{known}' and '{item.classname}'")
-    labels = sorted(names)
-    if labels != list(range(len(labels))):
-        raise DatasetError(f"split file {source}: labels must be 0..{len(labels) - 1}, found {labels[:5]}...")
-    return [names[label] for label in labels]
 
 
 def group_by_label(items: Sequence[Datum]) -> Dict[int, List[Datum]]:
@@ -145,7 +91,10 @@ def check_files_exist(items: Sequence[Datum], what: str) -> None:
 
 @dataclass
 class FewShotDataset:
-    """A dataset after few-shot sampling: ``train_x`` (K/class), ``val`` (min(K,4)/class), full ``test``."""
+    """A dataset after few-shot sampling: ``train_x`` (K/class), ``val`` (min(K,4)/class), full ``test``.
+
+    ``templates`` maps "default" and "dataset" to prompt templates.
+    """
 
     name: str
     dataset_dir: Path
@@ -156,15 +105,23 @@ class FewShotDataset:
     shots: int
     seed: int
     template: str = DEFAULT_TEMPLATE
-    templates: Dict[str, str] = field(default_factory=lambda: {"default": DEFAULT_TEMPLATE})
+    templates: Dict[str, str] = field(default_factory=lambda: {"default": DEFAULT_TEMPLATE, "dataset": DEFAULT_TEMPLATE})
 
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
 
     def prompts(self, template: Optional[str] = None) -> List[str]:
-        """One prompt per class, in label order."""
-        return [(template or self.template).format(name) for name in self.classnames]
+        """One prompt per class, in label order.
+
+        ``template`` is None (``self.template``), a key of ``templates`` ("default", "dataset")
+        or a format string with one ``{}``.
+        """
+        chosen = self.templates.get(template, template) if template else self.template
+        if "{}" not in chosen:
+            raise DatasetError(f"prompt template must contain '{{}}' for the class name, or be one of "
+                               f"{', '.join(self.templates)}; got {chosen!r}")
+        return [chosen.format(name) for name in self.classnames]
 
     def __repr__(self) -> str:
         return (f"FewShotDataset({self.name!r}, classes={self.num_classes}, shots={self.shots}, seed={self.seed}, "
@@ -172,10 +129,14 @@ class FewShotDataset:
                 f"dir={str(self.dataset_dir)!r})")
 
 
-def sample_dataset_splits(splits: Dict[str, List[Datum]], shots: int, seed: int):
-    """CLIP-LoRA order with one RNG: validation (min(K,4)/class) first, then train (K/class)."""
+def check_shots(shots) -> None:
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
         raise DatasetError(f"shots must be an integer >= 1, got {shots!r}")
+
+
+def sample_dataset_splits(splits: Dict[str, List[Datum]], shots: int, seed: int):
+    """CLIP-LoRA order with one RNG: validation (min(K,4)/class) first, then train (K/class)."""
+    check_shots(shots)
     rng = random.Random(seed)
     val = sample_few_shot(splits["val"], min(shots, MAX_VAL_SHOTS), rng, split="val")
     train = sample_few_shot(splits["train"], shots, rng, split="train")

@@ -1,11 +1,17 @@
-"""Registry of the few-shot benchmarks: where each lives on disk and how it is prompted.
+"""Registry of the eleven few-shot CLIP benchmarks and ``imagefolder``: where each lives, how it is read and prompted.
 
-Each dataset is one ``DatasetSpec`` entry. Two folder conventions are accepted:
-CoOp's (``dtd/``, ``food-101/``, ``oxford_pets/``; Zhou et al., IJCV 2022) and
-CLIP-LoRA's (``DTD/``, ``Food101/``, ``OxfordPets/``; Zanella & Ben Ayed,
-CVPRW 2024). Either way the folder holds ``images/`` and the CoOp split file.
-The dataset-specific templates are the single-prompt ones CoOp and CLIP-LoRA
-use for these datasets.
+Each dataset is one ``DatasetSpec``. Folder names follow two conventions:
+CoOp's (Zhou et al., IJCV 2022; e.g. ``caltech-101/``, ``oxford_flowers/``) and
+CLIP-LoRA's (Zanella & Ben Ayed, CVPRW 2024; e.g. ``Caltech101/``,
+``Flower102/``); ``eurosat`` and ``fgvc_aircraft`` use one name in both, and
+ImageNet keeps ``imagenet/`` but moves ``train/``/``val/`` out of ``images/``.
+Split formats: ``json`` (CoOp split file), ``variant_lists`` (FGVC-Aircraft's
+text files), ``class_folders`` (ImageNet, ``imagenet.py``) and ``imagefolder``
+(a split written once next to a researcher's class folders, ``imagefolder.py``).
+``template`` is the dataset's prompt in CoOp's zero-shot CLIP
+(``CUSTOM_TEMPLATES``); CLIP-LoRA prompts every dataset with "a photo of a {}.",
+our default. ``BENCHMARK_DATASETS`` is the eleven in CoOp's table order and
+``display_name`` their column titles.
 """
 
 from __future__ import annotations
@@ -14,24 +20,44 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple, Union
 
-from .base import (DEFAULT_TEMPLATE, DatasetError, FewShotDataset, check_files_exist, classnames_from_splits,
-                   read_split, sample_dataset_splits)
+from .base import DEFAULT_TEMPLATE, DatasetError, FewShotDataset, check_files_exist, check_shots, sample_dataset_splits
+from .imagefolder import prepare_split
+from .imagenet import TRAIN_FOLDER, imagenet_test, read_class_folders, sample_imagenet
+from .splits import Splits, classnames_from_splits, parse_split, read_split, read_variant_lists
 
-IMAGE_FOLDER = "images"
+CONVENTIONS = ("coop", "clip_lora")
+SPLIT_FORMATS = ("json", "variant_lists", "class_folders", "imagefolder")
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """On-disk names and prompt templates of one benchmark."""
+    """On-disk layout, split format and prompt of one dataset."""
 
     name: str
-    folders: Tuple[str, ...]  # accepted dataset folder names, in order of preference
-    split_file: str
-    coop_template: str
+    display_name: str            # column title in result tables
+    folders: Tuple[str, str]     # dataset folder under root_path: (CoOp, CLIP-LoRA); "" is root_path itself
+    image_folders: Tuple[str, str]  # image root inside the dataset folder, per convention; "" is the folder itself
+    split_file: str              # in the dataset folder: JSON split, variants.txt, classnames.txt, ...
+    split_format: str            # one of SPLIT_FORMATS
+    template: str                # the dataset's own prompt template, "{}" for the class name
+
+    def __post_init__(self):
+        if self.split_format not in SPLIT_FORMATS or "{}" not in self.template:
+            raise ValueError(f"bad DatasetSpec {self.name}: format {self.split_format!r}, template {self.template!r}")
 
     @property
     def templates(self) -> Dict[str, str]:
-        return {"default": DEFAULT_TEMPLATE, "coop": self.coop_template}
+        return {"default": DEFAULT_TEMPLATE, "dataset": self.template}
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a dataset was found: its folder, image root, split file and the convention(s) it matches."""
+
+    dataset_dir: Path
+    image_dir: Path
+    split_path: Path
+    convention: str
 
 
 _REGISTRY: Dict[str, DatasetSpec] = {}
@@ -42,14 +68,41 @@ def register(spec: DatasetSpec) -> DatasetSpec:
     return spec
 
 
-register(DatasetSpec("dtd", ("dtd", "DTD"), "split_zhou_DescribableTextures.json", "{} texture."))
-register(DatasetSpec("food101", ("food-101", "Food101"), "split_zhou_Food101.json", "a photo of {}, a type of food."))
-register(DatasetSpec("oxford_pets", ("oxford_pets", "OxfordPets"), "split_zhou_OxfordPets.json",
-                     "a photo of a {}, a type of pet."))
+def _register(name, display_name, coop_folder, clip_lora_folder, image_folder, split_file, template,
+              split_format="json", clip_lora_image_folder=None):
+    image_folders = (image_folder, image_folder if clip_lora_image_folder is None else clip_lora_image_folder)
+    register(DatasetSpec(name, display_name, (coop_folder, clip_lora_folder), image_folders, split_file,
+                         split_format, template))
+
+
+PHOTO = DEFAULT_TEMPLATE
+_register("imagenet", "ImageNet", "imagenet", "imagenet", "images", "classnames.txt", PHOTO, "class_folders",
+          clip_lora_image_folder="")
+_register("caltech101", "Caltech", "caltech-101", "Caltech101", "101_ObjectCategories", "split_zhou_Caltech101.json",
+          PHOTO)
+_register("oxford_pets", "Pets", "oxford_pets", "OxfordPets", "images", "split_zhou_OxfordPets.json",
+          "a photo of a {}, a type of pet.")
+_register("stanford_cars", "Cars", "stanford_cars", "StanfordCars", "", "split_zhou_StanfordCars.json", PHOTO)
+_register("oxford_flowers", "Flowers", "oxford_flowers", "Flower102", "jpg", "split_zhou_OxfordFlowers.json",
+          "a photo of a {}, a type of flower.")
+_register("food101", "Food", "food-101", "Food101", "images", "split_zhou_Food101.json",
+          "a photo of {}, a type of food.")
+_register("fgvc_aircraft", "Aircraft", "fgvc_aircraft", "fgvc_aircraft", "images", "variants.txt",
+          "a photo of a {}, a type of aircraft.", "variant_lists")
+_register("sun397", "SUN", "sun397", "SUN397", "SUN397", "split_zhou_SUN397.json", PHOTO)
+_register("dtd", "DTD", "dtd", "DTD", "images", "split_zhou_DescribableTextures.json", "{} texture.")
+_register("eurosat", "EuroSAT", "eurosat", "eurosat", "2750", "split_zhou_EuroSAT.json",
+          "a centered satellite photo of {}.")
+_register("ucf101", "UCF", "ucf101", "UCF101", "UCF-101-midframes", "split_zhou_UCF101.json",
+          "a photo of a person doing {}.")
+_register("imagefolder", "Own data", "", "", "", "split_imagefolder.json", PHOTO, "imagefolder")
+
+BENCHMARK_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                      "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
 
 
 def list_datasets() -> List[str]:
-    """Names accepted by ``build_dataset``."""
+    """Names accepted by ``build_dataset`` (the eleven benchmarks and ``imagefolder``), sorted."""
     return sorted(_REGISTRY)
 
 
@@ -60,48 +113,88 @@ def get_spec(name: str) -> DatasetSpec:
         raise DatasetError(f"unknown dataset '{name}' (available: {', '.join(list_datasets())})") from None
 
 
+def _layouts(spec: DatasetSpec, root: Path) -> List[Tuple[str, Path, Path]]:
+    """``(convention, dataset folder, image root)`` per distinct layout, CoOp's first."""
+    layouts: Dict[Tuple[Path, Path], List[str]] = {}
+    for convention, folder, image_folder in zip(CONVENTIONS, spec.folders, spec.image_folders):
+        layouts.setdefault((root / folder, root / folder / image_folder), []).append(convention)
+    return [(" and ".join(conventions), dataset_dir, image_dir)
+            for (dataset_dir, image_dir), conventions in layouts.items()]
+
+
+def _marker(spec: DatasetSpec, image_dir: Path) -> Path:
+    """The folder whose presence identifies a layout."""
+    return image_dir / TRAIN_FOLDER if spec.split_format == "class_folders" else image_dir
+
+
 def _expected(spec: DatasetSpec, root: Path) -> str:
-    folders = " or ".join(str(root / folder) for folder in spec.folders)
-    return f"expected {folders} containing {IMAGE_FOLDER}/ and {spec.split_file}"
+    options = []
+    for _, dataset_dir, image_dir in _layouts(spec, root):
+        marker = _marker(spec, image_dir).relative_to(dataset_dir).as_posix()
+        options.append(f"{dataset_dir}/ holding " + (f"{marker}/ and " if marker != "." else "") + spec.split_file)
+    return "expected " + " or ".join(options)
 
 
-def locate_dataset(name: str, root_path: Union[str, Path]) -> Tuple[Path, Path, Path]:
-    """Return ``(dataset_dir, image_dir, split_path)`` or raise a one-line ``DatasetError``.
-
-    The first existing folder among the spec's conventions is used.
-    """
+def locate_dataset(name: str, root_path: Union[str, Path]) -> Location:
+    """Find ``name`` under ``root_path`` (the first layout present, CoOp's first) or raise a one-line error."""
     spec = get_spec(name)
     root = Path(root_path).expanduser()
     if not root.is_dir():
-        raise DatasetError(f"root_path not found: {root} (expected a directory holding {' or '.join(spec.folders)}/)")
-    candidates = [root / folder for folder in spec.folders]
-    dataset_dir = next((path for path in candidates if path.is_dir()), None)
-    if dataset_dir is None:
-        raise DatasetError(f"dataset folder not found: {candidates[0]} ({_expected(spec, root)})")
-    image_dir = dataset_dir / IMAGE_FOLDER
+        raise DatasetError(f"root_path not found: {root} (expected a directory holding "
+                           f"{' or '.join(dict.fromkeys(folder + '/' for folder in spec.folders))})")
+    layouts = _layouts(spec, root)
+    found = next((layout for layout in layouts if _marker(spec, layout[2]).is_dir()), None)
+    if found is None:
+        present = next((layout for layout in layouts if layout[1].is_dir()), None)
+        if present is None:
+            raise DatasetError(f"dataset folder not found: {layouts[0][1]} ({_expected(spec, root)})")
+        raise DatasetError(f"image folder not found: {_marker(spec, present[2])} ({_expected(spec, root)})")
+    convention, dataset_dir, image_dir = found
     split_path = dataset_dir / spec.split_file
-    if not image_dir.is_dir():
-        raise DatasetError(f"image folder not found: {image_dir} ({_expected(spec, root)})")
-    if not split_path.is_file():
-        raise DatasetError(f"split file not found: {split_path} (the CoOp split file; see DATASET.md)")
-    return dataset_dir, image_dir, split_path
+    if spec.split_format == "imagefolder":
+        convention = "imagefolder"
+    elif not split_path.is_file():
+        raise DatasetError(f"split file not found: {split_path} ({_expected(spec, root)}; see DATASET.md)")
+    return Location(dataset_dir, image_dir, split_path, convention)
+
+
+def read_splits(spec: DatasetSpec, location: Location, write_split: bool = True) -> Tuple[Splits, List[str]]:
+    """All train/val/test items and the class names of a dataset with listed splits (not ImageNet).
+
+    ``write_split=False`` keeps ``imagefolder`` from writing its split file.
+    """
+    if spec.split_format == "variant_lists":
+        return read_variant_lists(location.dataset_dir, location.image_dir)
+    if spec.split_format == "imagefolder":
+        split_path, content = prepare_split(location.image_dir, write=write_split)
+        splits = parse_split(content, split_path, location.image_dir)
+    else:
+        splits = read_split(location.split_path, location.image_dir)
+    return splits, classnames_from_splits(splits, location.split_path)
 
 
 def build_dataset(name: str, root_path: Union[str, Path], shots: int, seed: int = 1) -> FewShotDataset:
     """Load ``name`` from ``root_path`` and draw the few-shot train/val subsets for ``seed``.
 
-    Every sampled train/val image and every test image is checked to exist.
+    For ``imagefolder``, ``root_path`` is the folder of class folders. Every
+    sampled train/val image and every test image is checked to exist.
     """
     spec = get_spec(name)
-    dataset_dir, image_dir, split_path = locate_dataset(name, root_path)
-    splits = read_split(split_path, image_dir)
-    for split in ("train", "test"):
-        if not splits[split]:
-            raise DatasetError(f"split file {split_path} has an empty '{split}' list")
-    classnames = classnames_from_splits(splits, split_path)
-    train_x, val = sample_dataset_splits(splits, shots, seed)
-    check_files_exist(train_x + val, f"sampled train/val images listed in {split_path}")
-    check_files_exist(splits["test"], f"test images listed in {split_path}")
+    check_shots(shots)
+    location = locate_dataset(name, root_path)
+    if spec.split_format == "class_folders":
+        wnids, classnames = read_class_folders(location.image_dir, location.split_path)
+        train_x, val = sample_imagenet(location.image_dir, wnids, classnames, shots, seed)
+        test = imagenet_test(location.image_dir, wnids, classnames)
+    else:
+        splits, classnames = read_splits(spec, location)
+        for split in ("train", "test"):
+            if not splits[split]:
+                raise DatasetError(f"split file {location.split_path} has an empty '{split}' list")
+        train_x, val = sample_dataset_splits(splits, shots, seed)
+        test = splits["test"]
+        check_files_exist(train_x + val, f"sampled train/val images listed in {location.split_path}")
+        check_files_exist(test, f"test images listed in {location.split_path}")
     return FewShotDataset(
-        name=name, dataset_dir=dataset_dir, classnames=classnames, train_x=train_x, val=val,
-        test=splits["test"], shots=shots, seed=seed, template=DEFAULT_TEMPLATE, templates=spec.templates)
+        name=name, dataset_dir=location.dataset_dir, classnames=classnames, train_x=train_x, val=val, test=test,
+        shots=shots, seed=seed, template=DEFAULT_TEMPLATE, templates=spec.templates)

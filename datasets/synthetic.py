@@ -1,12 +1,17 @@
-"""Write a small procedural-texture dataset in the exact on-disk layout of a real benchmark.
+"""Write a small procedural-texture dataset in the exact on-disk layout of any registered dataset.
 
-Each class is a (colour, pattern) pair — stripes, checks, dots, waves, rings,
-zigzags, diagonals, grids — so a model can learn it; each image varies in
-phase, scale, orientation, colour and noise. Files and the CoOp-format split
-JSON follow the chosen dataset (``dtd``/``food101``: ``images/<class>/<file>.jpg``;
-``oxford_pets``: flat ``images/Class_Name_12.jpg``) and folder convention
-(``coop`` or ``clip_lora``), so tests and the CPU demo use the same reader as
-real data. Output is deterministic in ``seed``.
+Each class is a (colour, pattern) texture (``textures.py``). Files, folder
+names and split files follow the chosen dataset and folder convention (``coop``
+or ``clip_lora``, see ``registry.py``): CoOp split JSON files, FGVC-Aircraft's
+``variants.txt`` and ``images_variant_*.txt``, ImageNet's ``train/``/``val/``
+wnid folders with ``classnames.txt`` (written in reverse label order, as the
+labels come from the sorted folders), or, for ``imagefolder``, bare class
+folders under ``root`` (its split is written by the reader). File and class
+names imitate the real ones (flat ``Abyssinian_12.jpg``-style Pets files,
+``cars_train/00012.jpg``, ``.JPEG`` for ImageNet, "2012 ..." car names ...), so
+tests and the CPU demo use the same readers as real data. For ImageNet the
+train and val images of a class go to ``train/`` (CLIP-LoRA draws both from
+there) and the test images to ``val/``. Output is deterministic in ``seed``.
 
     python -m datasets.synthetic --root /tmp/data --dataset dtd --convention coop
 """
@@ -16,130 +21,98 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple, Union
+from typing import Dict, List, Union
 
 import numpy as np
 from PIL import Image
 
-from .registry import IMAGE_FOLDER, get_spec, list_datasets
-
-CONVENTIONS = ("coop", "clip_lora")
-
-COLOURS: Dict[str, Tuple[int, int, int]] = {
-    "red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60),
-    "yellow": (230, 200, 40), "purple": (150, 60, 190), "orange": (240, 130, 30),
-}
+from .registry import CONVENTIONS, DatasetSpec, get_spec, list_datasets
+from .splits import VARIANT_CLASS_FILE, variant_list_file
+from .textures import class_list, render_texture
 
 
-def _stripes(x, y, freq, phase):
-    return 0.5 + 0.5 * np.sin(2 * np.pi * (freq * x + phase))
+def stored_classname(dataset: str, colour: str, pattern: str) -> str:
+    """The class name as the dataset's split file (or folder) spells it."""
+    spaced, titled = f"{colour} {pattern}", f"{colour.title()} {pattern.title()}"
+    return {"stanford_cars": f"2012 {titled}", "oxford_flowers": spaced, "fgvc_aircraft": f"{titled.replace(' ', '-')} 100",
+            "sun397": spaced, "eurosat": titled, "ucf101": titled.replace(" ", "_"), "imagenet": spaced,
+            }.get(dataset, f"{colour}_{pattern}")
 
 
-def _checks(x, y, freq, phase):
-    return ((np.floor(freq * x + phase) + np.floor(freq * y + phase)) % 2).astype(np.float32)
+def wnid(label: int) -> str:
+    return f"n{label + 1:08d}"
 
 
-def _dots(x, y, freq, phase):
-    dx = (freq * x + phase) % 1.0 - 0.5
-    dy = (freq * y + phase) % 1.0 - 0.5
-    return (dx ** 2 + dy ** 2 < 0.09).astype(np.float32)
+def relative_path(dataset: str, colour: str, pattern: str, label: int, index: int, serial: int, split: str) -> str:
+    """Path of one image relative to the dataset's image root; ``serial`` counts images over all classes."""
+    key, camel = f"{colour}_{pattern}", f"{colour.title()}{pattern.title()}"
+    if dataset == "imagenet":
+        if split == "test":
+            return f"val/{wnid(label)}/ILSVRC2012_val_{serial + 1:08d}.JPEG"
+        return f"train/{wnid(label)}/{wnid(label)}_{index + 1}.JPEG"
+    flat = {"oxford_pets": f"{key.title()}_{index + 1}.jpg", "oxford_flowers": f"image_{serial + 1:05d}.jpg",
+            "fgvc_aircraft": f"{1000000 + serial:07d}.jpg",
+            "stanford_cars": f"cars_{'test' if split == 'test' else 'train'}/{serial + 1:05d}.jpg"}
+    if dataset in flat:
+        return flat[dataset]
+    nested = {"food101": f"{key}/{100000 + index}.jpg", "caltech101": f"{key}/image_{index + 1:04d}.jpg",
+              "sun397": f"{colour[0]}/{key}/sun_{serial + 1:06d}.jpg", "eurosat": f"{camel}/{camel}_{index + 1}.jpg",
+              "ucf101": f"{colour.title()}_{pattern.title()}/v_{camel}_g{index // 4 + 1:02d}_c{index % 4 + 1:02d}.jpg"}
+    return nested.get(dataset, f"{key}/{key}_{index + 1:04d}.jpg")  # dtd, imagefolder
 
 
-def _waves(x, y, freq, phase):
-    return 0.5 + 0.5 * np.sin(2 * np.pi * (freq * y + 0.15 * np.sin(2 * np.pi * 2 * x) + phase))
+def _write_lines(path: Path, lines: List[str]) -> None:
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
-def _rings(x, y, freq, phase):
-    radius = np.sqrt((x - 0.5) ** 2 + (y - 0.5) ** 2)
-    return 0.5 + 0.5 * np.sin(2 * np.pi * (1.5 * freq * radius + phase))
-
-
-def _zigzag(x, y, freq, phase):
-    tooth = np.abs((2 * freq * x) % 2.0 - 1.0) * 0.25
-    return (((freq * y + tooth + phase) % 1.0) < 0.5).astype(np.float32)
-
-
-def _diagonal(x, y, freq, phase):
-    return (((freq * (x + y) + phase) % 1.0) < 0.4).astype(np.float32)
-
-
-def _grid(x, y, freq, phase):
-    lines_x = ((freq * x + phase) % 1.0) < 0.2
-    lines_y = ((freq * y + phase) % 1.0) < 0.2
-    return (lines_x | lines_y).astype(np.float32)
-
-
-PATTERNS: Dict[str, Callable] = {
-    "stripes": _stripes, "checks": _checks, "dots": _dots, "waves": _waves,
-    "rings": _rings, "zigzag": _zigzag, "diagonal": _diagonal, "grid": _grid,
-}
-
-
-def class_list(num_classes: int) -> List[Tuple[str, str]]:
-    """(colour, pattern) per class; consecutive classes differ in both pattern and colour."""
-    colours, patterns = list(COLOURS), list(PATTERNS)
-    limit = len(colours) * len(patterns)
-    if not 1 <= num_classes <= limit:
-        raise ValueError(f"num_classes must be in 1..{limit}, got {num_classes}")
-    return [(colours[(index % len(patterns) + index // len(patterns)) % len(colours)], patterns[index % len(patterns)])
-            for index in range(num_classes)]
-
-
-def render_texture(colour: str, pattern: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """An ``size``x``size``x3 uint8 image of ``pattern`` in ``colour`` with random variation."""
-    coords = (np.arange(size, dtype=np.float32) + 0.5) / size
-    x, y = np.meshgrid(coords, coords)
-    angle = rng.uniform(-0.3, 0.3)  # small rotation keeps the pattern's identity
-    x, y = np.cos(angle) * x - np.sin(angle) * y, np.sin(angle) * x + np.cos(angle) * y
-    freq = 4.0 * rng.uniform(0.85, 1.15)
-    mask = PATTERNS[pattern](x, y, freq, rng.uniform(0.0, 1.0))
-    foreground = np.clip(np.array(COLOURS[colour], np.float32) / 255 + rng.normal(0, 0.05, 3), 0, 1)
-    background = np.full(3, rng.uniform(0.05, 0.25), np.float32)
-    image = background * (1 - mask[..., None]) + foreground * mask[..., None]
-    image = image + rng.normal(0, 0.04, image.shape)
-    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-
-
-def _relative_path(dataset: str, classname: str, index: int) -> str:
-    if dataset == "oxford_pets":
-        return f"{classname.title()}_{index + 1}.jpg"  # flat, like Abyssinian_12.jpg
-    if dataset == "food101":
-        return f"{classname}/{100000 + index}.jpg"
-    return f"{classname}/{classname}_{index + 1:04d}.jpg"
+def _write_split_files(spec: DatasetSpec, dataset_dir: Path, entries: Dict[str, list], classnames: List[str]) -> None:
+    if spec.split_format == "json":
+        with open(dataset_dir / spec.split_file, "w", encoding="utf-8") as handle:
+            json.dump(entries, handle)
+    elif spec.split_format == "variant_lists":
+        _write_lines(dataset_dir / VARIANT_CLASS_FILE, classnames)
+        for split, items in entries.items():
+            _write_lines(dataset_dir / variant_list_file(split), [f"{Path(path).stem} {name}" for path, _, name in items])
+    elif spec.split_format == "class_folders":
+        _write_lines(dataset_dir / spec.split_file,
+                     [f"{wnid(label)} {name}" for label, name in reversed(list(enumerate(classnames)))])
 
 
 def write_synthetic_dataset(root: Union[str, Path], dataset: str = "dtd", convention: str = "coop",
                             num_classes: int = 6, train_per_class: int = 16, val_per_class: int = 4,
                             test_per_class: int = 10, image_size: int = 64, seed: int = 0) -> Path:
-    """Write images and the split JSON under ``root``; return the dataset folder."""
+    """Write images and split files under ``root`` (the ``--root_path``); return the dataset folder."""
     spec = get_spec(dataset)
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    dataset_dir = Path(root) / spec.folders[CONVENTIONS.index(convention)]
-    image_dir = dataset_dir / IMAGE_FOLDER
-    image_dir.mkdir(parents=True, exist_ok=True)
+    position = CONVENTIONS.index(convention)
+    dataset_dir = Path(root) / spec.folders[position]
+    image_dir = dataset_dir / spec.image_folders[position]
     counts = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
-    splits: Dict[str, list] = {split: [] for split in counts}
+    entries: Dict[str, list] = {split: [] for split in counts}
+    classnames = []
+    serial = 0
     for label, (colour, pattern) in enumerate(class_list(num_classes)):
-        classname = f"{colour}_{pattern}"
+        classname = stored_classname(dataset, colour, pattern)
+        classnames.append(classname)
         index = 0
         for split_index, (split, count) in enumerate(counts.items()):
             for _ in range(count):
                 rng = np.random.default_rng([seed, label, split_index, index])
-                relpath = _relative_path(dataset, classname, index)
+                relpath = relative_path(dataset, colour, pattern, label, index, serial, split)
                 (image_dir / relpath).parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(render_texture(colour, pattern, image_size, rng)).save(
-                    image_dir / relpath, quality=92)
-                splits[split].append([relpath, label, classname])
+                    image_dir / relpath, format="JPEG", quality=92)
+                entries[split].append([relpath, label, classname])
                 index += 1
-    with open(dataset_dir / spec.split_file, "w", encoding="utf-8") as handle:
-        json.dump(splits, handle)
+                serial += 1
+    _write_split_files(spec, dataset_dir, entries, classnames)
     return dataset_dir
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", required=True, help="folder that will hold the dataset folder")
+    parser.add_argument("--root", required=True, help="folder that will hold the dataset folder (the --root_path)")
     parser.add_argument("--dataset", default="dtd", choices=list_datasets())
     parser.add_argument("--convention", default="coop", choices=CONVENTIONS)
     parser.add_argument("--num_classes", type=int, default=6)
