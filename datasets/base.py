@@ -105,7 +105,8 @@ class FewShotDataset:
     shots: int
     seed: int
     template: str = DEFAULT_TEMPLATE
-    templates: Dict[str, str] = field(default_factory=lambda: {"default": DEFAULT_TEMPLATE, "dataset": DEFAULT_TEMPLATE})
+    templates: Dict[str, str] = field(
+        default_factory=lambda: {"default": DEFAULT_TEMPLATE, "dataset": DEFAULT_TEMPLATE})
 
     @property
     def num_classes(self) -> int:

@@ -140,8 +140,9 @@ def locate_dataset(name: str, root_path: Union[str, Path]) -> Location:
     spec = get_spec(name)
     root = Path(root_path).expanduser()
     if not root.is_dir():
-        raise DatasetError(f"root_path not found: {root} (expected a directory holding "
-                           f"{' or '.join(dict.fromkeys(folder + '/' for folder in spec.folders))})")
+        holding = ("one folder of images per class" if spec.split_format == "imagefolder"
+                   else " or ".join(dict.fromkeys(folder + "/" for folder in spec.folders)))
+        raise DatasetError(f"root_path not found: {root} (expected a directory holding {holding})")
     layouts = _layouts(spec, root)
     found = next((layout for layout in layouts if _marker(spec, layout[2]).is_dir()), None)
     if found is None:
@@ -154,7 +155,8 @@ def locate_dataset(name: str, root_path: Union[str, Path]) -> Location:
     if spec.split_format == "imagefolder":
         convention = "imagefolder"
     elif not split_path.is_file():
-        raise DatasetError(f"split file not found: {split_path} ({_expected(spec, root)}; see DATASET.md)")
+        what = "class-name file" if spec.split_format == "class_folders" else "split file"
+        raise DatasetError(f"{what} not found: {split_path} ({_expected(spec, root)}; see DATASET.md)")
     return Location(dataset_dir, image_dir, split_path, convention)
 
 

@@ -34,8 +34,8 @@ from .textures import class_list, render_texture
 def stored_classname(dataset: str, colour: str, pattern: str) -> str:
     """The class name as the dataset's split file (or folder) spells it."""
     spaced, titled = f"{colour} {pattern}", f"{colour.title()} {pattern.title()}"
-    return {"stanford_cars": f"2012 {titled}", "oxford_flowers": spaced, "fgvc_aircraft": f"{titled.replace(' ', '-')} 100",
-            "sun397": spaced, "eurosat": titled, "ucf101": titled.replace(" ", "_"), "imagenet": spaced,
+    return {"stanford_cars": f"2012 {titled}", "oxford_flowers": spaced, "sun397": spaced, "imagenet": spaced,
+            "fgvc_aircraft": f"{titled.replace(' ', '-')} 100", "eurosat": titled, "ucf101": titled.replace(" ", "_"),
             }.get(dataset, f"{colour}_{pattern}")
 
 
@@ -72,7 +72,8 @@ def _write_split_files(spec: DatasetSpec, dataset_dir: Path, entries: Dict[str, 
     elif spec.split_format == "variant_lists":
         _write_lines(dataset_dir / VARIANT_CLASS_FILE, classnames)
         for split, items in entries.items():
-            _write_lines(dataset_dir / variant_list_file(split), [f"{Path(path).stem} {name}" for path, _, name in items])
+            _write_lines(dataset_dir / variant_list_file(split),
+                         [f"{Path(path).stem} {name}" for path, _, name in items])
     elif spec.split_format == "class_folders":
         _write_lines(dataset_dir / spec.split_file,
                      [f"{wnid(label)} {name}" for label, name in reversed(list(enumerate(classnames)))])

@@ -1,8 +1,10 @@
-"""Tests of the ``datasets`` package on synthetic data written in the real on-disk layouts.
+"""Tests of the ``datasets`` core on synthetic data written in the real on-disk layouts.
 
-Covers both folder conventions, the CLIP-LoRA few-shot sampling protocol
-(checked against an independent re-implementation), bad-input messages,
-transforms derived from open_clip, the data loader and ``python -m datasets.check``.
+Covers the CLIP-LoRA sampler on shuffled and short splits (against an
+independent re-implementation), bad-input messages for CoOp split files,
+transforms derived from open_clip, the data loader, the synthetic generator
+and ``python -m datasets.check``. Every benchmark in both conventions:
+``test_datasets_benchmarks.py``; your own folder: ``test_datasets_imagefolder.py``.
 """
 
 import json
@@ -26,16 +28,13 @@ if str(REPO_ROOT) not in sys.path:
 import open_clip  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from datasets import (DatasetError, Datum, FewShotDataset, build_data_loader, build_dataset,  # noqa: E402
-                      build_test_transform, build_train_transform, list_datasets, write_synthetic_dataset)
+from datasets import (DatasetError, build_data_loader, build_dataset, build_test_transform,  # noqa: E402
+                      build_train_transform, write_synthetic_dataset)
 
 SPLIT_FILES = {"dtd": "split_zhou_DescribableTextures.json", "food101": "split_zhou_Food101.json",
                "oxford_pets": "split_zhou_OxfordPets.json"}
-FOLDERS = {("dtd", "coop"): "dtd", ("dtd", "clip_lora"): "DTD", ("food101", "coop"): "food-101",
-           ("food101", "clip_lora"): "Food101", ("oxford_pets", "coop"): "oxford_pets",
-           ("oxford_pets", "clip_lora"): "OxfordPets"}
 SMALL = dict(num_classes=5, train_per_class=6, val_per_class=4, test_per_class=3, image_size=32, seed=0)
-LAYOUTS = [("dtd", "coop"), ("dtd", "clip_lora"), ("food101", "clip_lora"), ("oxford_pets", "coop")]
+LAYOUTS = [("food101", "clip_lora"), ("oxford_pets", "coop")]
 
 
 def write_small(root, dataset="dtd", convention="coop", **overrides):
@@ -74,54 +73,11 @@ def roots(tmp_path_factory):
     return out
 
 
-def test_registry_names():
-    assert list_datasets() == ["dtd", "food101", "oxford_pets"]
-
-
-@pytest.mark.parametrize("dataset,convention", LAYOUTS)
-def test_layouts_load_and_match_json(roots, dataset, convention):
-    root = roots[(dataset, convention)]
-    ds = build_dataset(dataset, root, shots=2, seed=1)
-    assert isinstance(ds, FewShotDataset) and ds.name == dataset
-    assert ds.dataset_dir == root / FOLDERS[(dataset, convention)]
-    splits = read_json(ds.dataset_dir, dataset)
-    names = {}
-    for entry in splits["train"] + splits["val"] + splits["test"]:
-        names[entry[1]] = entry[2].replace("_", " ")
-    assert ds.classnames == [names[label] for label in range(len(names))]
-    assert len(ds.classnames) == 5 and all("_" not in name for name in ds.classnames)
-    expected_test = [Datum(str(ds.dataset_dir / "images" / path), label, name.replace("_", " "))
-                     for path, label, name in splits["test"]]
-    assert ds.test == expected_test and len(ds.test) == 15
-    assert Counter(d.label for d in ds.train_x) == {label: 2 for label in range(5)}
-    assert Counter(d.label for d in ds.val) == {label: 2 for label in range(5)}
-    assert all(Path(d.impath).is_absolute() and Path(d.impath).exists() for d in ds.train_x + ds.val)
-    assert ds.template == "a photo of a {}." and ds.prompts()[0] == f"a photo of a {ds.classnames[0]}."
-    assert ds.prompts(ds.templates["coop"])[1] == ds.templates["coop"].format(ds.classnames[1])
-    with pytest.raises(Exception):
-        ds.train_x[0].label = 3  # Datum is frozen
-
-
 def test_pets_layout_is_flat(roots):
     image_dir = roots[("oxford_pets", "coop")] / "oxford_pets" / "images"
     files = sorted(p.name for p in image_dir.iterdir())
     assert len(files) == 5 * 13 and all(p.is_file() for p in image_dir.iterdir())
     assert "Red_Stripes_1.jpg" in files
-
-
-@pytest.mark.parametrize("shots", [1, 4, 8, 16])
-def test_counts_per_class(roots, shots):
-    ds = build_dataset("dtd", roots[("dtd", "coop")], shots=shots, seed=2)
-    assert Counter(d.label for d in ds.train_x) == {label: shots for label in range(5)}
-    assert Counter(d.label for d in ds.val) == {label: min(shots, 4) for label in range(5)}
-    assert len(ds.test) == 15
-
-
-def test_sampling_deterministic_per_seed(roots):
-    root = roots[("dtd", "coop")]
-    paths = {seed: [d.impath for d in build_dataset("dtd", root, shots=2, seed=seed).train_x] for seed in (1, 2, 3)}
-    assert paths[1] == [d.impath for d in build_dataset("dtd", root, shots=2, seed=1).train_x]
-    assert paths[1] != paths[2] and paths[2] != paths[3] and paths[1] != paths[3]
 
 
 @pytest.mark.parametrize("shots,seed", [(1, 1), (2, 3), (4, 2), (8, 1), (16, 3)])
@@ -162,10 +118,13 @@ def test_short_class_samples_with_replacement_and_warns(tmp_path, caplog):
 def test_bad_inputs(tmp_path):
     with pytest.raises(DatasetError, match=r"root_path not found: .*nowhere"):
         build_dataset("dtd", tmp_path / "nowhere", shots=1, seed=1)
-    with pytest.raises(DatasetError, match=r"unknown dataset 'imagenet' \(available: dtd, food101, oxford_pets\)"):
-        build_dataset("imagenet", tmp_path, shots=1, seed=1)
-    with pytest.raises(DatasetError, match=r"dataset folder not found: .*/dtd \(expected .*/dtd or .*/DTD containing "
-                                           r"images/ and split_zhou_DescribableTextures.json\)"):
+    with pytest.raises(DatasetError, match=r"unknown dataset 'imagenet21k' \(available: caltech101, dtd, eurosat, "
+                                           r"fgvc_aircraft, food101, imagefolder, imagenet, oxford_flowers, "
+                                           r"oxford_pets, stanford_cars, sun397, ucf101\)"):
+        build_dataset("imagenet21k", tmp_path, shots=1, seed=1)
+    with pytest.raises(DatasetError, match=rf"^dataset folder not found: {tmp_path}/dtd \(expected {tmp_path}/dtd/ "
+                                           rf"holding images/ and split_zhou_DescribableTextures.json or "
+                                           rf"{tmp_path}/DTD/ holding images/ and split_zhou_Desc"):
         build_dataset("dtd", tmp_path, shots=1, seed=1)
     dataset_dir = write_small(tmp_path, "dtd", "clip_lora")
     with pytest.raises(DatasetError, match="shots must be an integer >= 1, got 0"):
