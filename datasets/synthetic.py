@@ -124,7 +124,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     path = write_synthetic_dataset(**vars(args))
-    print(f"wrote synthetic {args.dataset} ({args.convention} layout) to {path}")
+    layout = "class folders" if get_spec(args.dataset).split_format == "imagefolder" else f"{args.convention} layout"
+    print(f"wrote synthetic {args.dataset} ({layout}) to {path}")
 
 
 if __name__ == "__main__":
