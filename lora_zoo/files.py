@@ -1,0 +1,43 @@
+"""Writing files so that a reader never sees half of one: every result, checkpoint and cache goes through here.
+
+``atomic_write(path, write)`` lets ``write`` fill a temporary file in the same
+folder, then renames it onto ``path`` (``os.replace`` is atomic on POSIX): a run
+killed mid-write leaves the old file or none, never a truncated one. Files get
+the permissions of a normally created file (``0666`` minus the umask), so
+results are readable by collaborators on a shared filesystem.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path`` (same folder); returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path, data) -> Path:
+    """``data`` as indented JSON, atomically."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
