@@ -3,13 +3,16 @@
     python main.py --method lora --root_path DATA --dataset dtd --shots 4 --seed 1
     python main_nora.py --root_path DATA --dataset food101 --shots 16      # NoRA (Li et al., ICCV 2025)
     python main_aira.py --root_path DATA --dataset oxford_pets --shots 1   # AIRA (Li et al., ICCV 2025)
+    python main.py --method pissa --optimizer loraplus --lr_ratio 16 ...   # any method with the LoRA+ optimizer
     python main_nora.py --demo                                             # no data, no weights, CPU
 
-Configuration precedence: ``ExperimentConfig`` defaults < ``configs/<method>.yaml`` <
-``--config FILE`` (repeatable, in order) < explicit flags (``--lr``, the method's option
-flags such as ``--inner_rank``) < ``--set key=value`` (repeatable; YAML values; dotted keys
-``method_options.<option>`` reach method options). Only this file parses arguments; the
-experiment itself is ``lora_zoo.experiment.run_experiment``.
+Every flag is built from a dataclass field (``lora_zoo.config.ExperimentConfig``,
+``TrainConfig``, the method's options, the optimizer's options), so ``--help``
+shows each setting with its default. Precedence: the dataclass defaults (and the
+method's registered learning rate) < ``--config FILE`` (repeatable, in order) <
+explicit flags < ``--set key=value`` (repeatable; YAML values; ``method_options.<name>``
+and ``optimizer_options.<name>`` reach option groups). Only this file parses
+arguments and turns library errors into one-line messages with command-line hints.
 """
 from __future__ import annotations
 
@@ -23,25 +26,7 @@ from pathlib import Path
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-COMMON_FLAGS = {  # flag: (type, help)
-    "root_path": (str, "folder holding the datasets (see DATASET.md)"),
-    "dataset": (str, "dtd | food101 | oxford_pets"),
-    "shots": (int, "images per class (1, 2, 4, 8, 16)"),
-    "seed": (int, "few-shot sampling and training seed (1, 2, 3)"),
-    "backbone": (str, "open_clip model name (default ViT-B-16) or tiny-vit / tiny-demo"),
-    "pretrained": (str, "open_clip pretrained tag (default openai; 'none' for random init)"),
-    "output_dir": (str, "results root (default outputs)"),
-    "device": (str, "auto | cpu | cuda | cuda:N"),
-    "lr": (float, "learning rate"),
-    "n_iters": (int, "iterations per shot (total = n_iters x shots)"),
-    "batch_size": (int, "training batch size"),
-    "eval_batch_size": (int, "evaluation batch size"),
-    "num_workers": (int, "data loader workers"),
-    "encoders": (str, "comma list: vision,text"),
-    "targets": (str, "comma list of q,k,v,o,fc1,fc2"),
-    "layers": (str, "comma list of block indices, or 'all'"),
-    "template": (str, "prompt template with {} for the class name"),
-}
+ACTIONS = ("config", "overrides", "eval_only", "export_merged", "overwrite", "quiet", "demo", "method")
 
 
 class UsageError(ValueError):
@@ -62,43 +47,60 @@ def yaml_value(text: str):
     return value
 
 
-def _method_config_class(method):
+def _add_fields(group, fields, dest_prefix: str, taken: set, helps=None) -> None:
+    for f in fields:
+        if f.name in taken:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = (helps or {}).get(f.name) or f.metadata.get("help", "")
+        group.add_argument(f"--{f.name}", type=yaml_value, default=argparse.SUPPRESS, metavar="VALUE",
+                           dest=dest_prefix + f.name, help=f"{text} (default {default!r})".strip())
+        taken.add(f.name)
+
+
+def build_parser(method=None, optimizer=None, fixed_method=False) -> argparse.ArgumentParser:
+    """The parser; with ``method``/``optimizer`` known, their options become flags too."""
     import lora_zoo
-    try:
-        return lora_zoo.get_method(method).config_class
-    except ValueError:
-        return None
+    from datasets import list_datasets
+    from lora_zoo.config import EXPERIMENT_KEYS, TRAIN_KEYS, ExperimentConfig, TrainConfig
 
-
-def build_parser(method=None, fixed_method=False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     if not fixed_method:
-        parser.add_argument("--method", default=argparse.SUPPRESS, help="registered lora_zoo method (lora, nora, aira, ...)")
-    parser.add_argument("--config", action="append", default=[], metavar="FILE", help="extra YAML config (repeatable)")
+        parser.add_argument("--method", default=argparse.SUPPRESS,
+                            help="registered method: " + ", ".join(lora_zoo.list_methods()))
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML config, e.g. configs/nora_authors.yaml (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override any config key, e.g. --set lr=1e-3 --set method_options.inner_rank=8")
-    for name, (kind, text) in COMMON_FLAGS.items():
-        parser.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS, help=text)
     parser.add_argument("--eval_only", action="store_true", help="reload the run's adapters and evaluate them")
     parser.add_argument("--export_merged", metavar="PATH", help="also save merged plain open_clip weights to PATH")
     parser.add_argument("--overwrite", action="store_true", help="train again a run that already has result.json")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only on the console")
     parser.add_argument("--demo", action="store_true", help="CPU pipeline demo on synthetic data: NoRA vs LoRA")
-    config_class = _method_config_class(method) if method else None
-    if config_class is not None:
-        group = parser.add_argument_group(f"{method} options (method_options.<name>)")
-        taken = {a.dest for a in parser._actions}
-        for f in dataclasses.fields(config_class):
-            if f.name not in taken:
-                group.add_argument(f"--{f.name}", type=yaml_value, default=argparse.SUPPRESS,
-                                   dest=f"method_options.{f.name}", metavar="VALUE", help=f"default {f.default!r}")
+    taken = set(ACTIONS)
+    experiment_fields = [f for f in dataclasses.fields(ExperimentConfig) if f.name in EXPERIMENT_KEYS]
+    _add_fields(parser.add_argument_group("experiment"), experiment_fields, "", taken,
+                helps={"dataset": "registered dataset: " + ", ".join(list_datasets())})
+    _add_fields(parser.add_argument_group("training loop"),
+                [f for f in dataclasses.fields(TrainConfig) if f.name in TRAIN_KEYS], "", taken)
+    if method is not None:
+        spec = lora_zoo.get_method(method)
+        group = parser.add_argument_group(f"{method} options ({spec.display_name}, {spec.citation}; "
+                                          f"protocol lr {spec.lr:g}; method_options.<name>)")
+        for options_class in spec.option_classes():
+            _add_fields(group, dataclasses.fields(options_class), "method_options.", taken)
+        optimizer = optimizer or spec.optimizer
+    if optimizer is not None:
+        options_class = lora_zoo.get_optimizer(optimizer).options_class
+        if options_class is not None:
+            group = parser.add_argument_group(f"optimizer {optimizer} options (optimizer_options.<name>)")
+            _add_fields(group, dataclasses.fields(options_class), "optimizer_options.", taken)
     return parser
 
 
 def collect_overrides(args: argparse.Namespace) -> dict:
     """Explicit flags first, then ``--set`` pairs in the order given."""
-    overrides = {key: value for key, value in vars(args).items()
-                 if key in COMMON_FLAGS or key.startswith("method_options.")}
+    overrides = {key: value for key, value in vars(args).items() if key not in ACTIONS}
     for pair in args.overrides:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
@@ -107,15 +109,34 @@ def collect_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def config_files(method: str, extra) -> list[Path]:
-    default = CONFIG_DIR / f"{method}.yaml"
-    return ([default] if default.is_file() else []) + [Path(p) for p in extra]
+def _choices(argv, fixed_method):
+    """(method, optimizer) named by flags, ``--set`` or the ``--config`` files, before the full parse."""
+    from lora_zoo.config import read_yaml
 
-
-DEMO = dict(backbone="tiny-demo", dataset="dtd", shots=4, seed=1, n_iters=50, batch_size=32, num_workers=0,
-            eval_batch_size=256, device="cpu")
-DEMO_DATA = dict(num_classes=12, train_per_class=16, val_per_class=4, test_per_class=20, image_size=64)
-DEMO_LR = {"lora": 2e-3, "nora": 2e-3}
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method")
+    pre.add_argument("--optimizer", type=yaml_value)
+    pre.add_argument("--config", action="append", default=[])
+    pre.add_argument("--set", action="append", default=[], dest="overrides")
+    known, _ = pre.parse_known_args(argv)
+    values = {}
+    for path in known.config:
+        try:
+            values.update(read_yaml(path))
+        except ValueError:
+            pass  # reported by the full run
+    for pair in known.overrides:
+        key, _, value = pair.partition("=")
+        values[key.strip()] = yaml_value(value)
+    named = known.method or values.get("method")
+    if fixed_method is not None and named not in (None, fixed_method):
+        raise UsageError(f"this entry point runs {fixed_method}; method {named!r} was asked for "
+                         f"(use main.py --method {named})")
+    import lora_zoo
+    method = fixed_method or named
+    if method is not None and method not in lora_zoo.list_methods():
+        method = None  # the full run reports the unknown name
+    return method, known.optimizer or values.get("optimizer")
 
 
 def run_demo(output_dir, overrides: dict, quiet: bool) -> int:
@@ -123,25 +144,26 @@ def run_demo(output_dir, overrides: dict, quiet: bool) -> int:
     import tempfile
 
     from datasets import write_synthetic_dataset
-    from lora_zoo.experiment import load_config, run_experiment
+    from lora_zoo.experiment import run_experiment
+    from lora_zoo.config import load_config
 
     start = time.perf_counter()
     root = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="lora_zoo_demo_"))
     print("PIPELINE DEMO - synthetic textures, tiny random-init open_clip model (tiny-demo), CPU.\n"
           "It checks that data, adapters, training, merging and evaluation run end to end; "
           "its numbers are NOT paper results.", flush=True)
-    write_synthetic_dataset(root / "data", dataset="dtd", **DEMO_DATA)
-    chance = 100.0 / DEMO_DATA["num_classes"]
+    data = dict(num_classes=12, train_per_class=16, val_per_class=4, test_per_class=20, image_size=64)
+    write_synthetic_dataset(root / "data", dataset="dtd", **data)
     rows = []
     for method in ("lora", "nora"):
-        values = dict(DEMO, root_path=str(root / "data"), output_dir=str(root / "runs"), lr=DEMO_LR[method])
+        values = dict(root_path=str(root / "data"), output_dir=str(root / "runs"), method=method)
         values.update({k: v for k, v in overrides.items() if k != "output_dir"})
-        cfg = load_config(config_files(method, []), dict(values, method=method))
+        cfg = load_config([CONFIG_DIR / "demo.yaml"], values)
         result = run_experiment(cfg, overwrite=True, progress=not quiet and sys.stderr.isatty())
         rows.append((method, result))
-    print(f"\n{DEMO_DATA['num_classes']} classes (chance {chance:.1f}%), {DEMO['shots']} shots, "
+    print(f"\n{data['num_classes']} classes (chance {100.0 / data['num_classes']:.1f}%), {cfg.shots} shots, "
           f"{cfg.total_iterations} iterations, adapters on {','.join(cfg.targets)} of both towers; demo lr "
-          f"{DEMO_LR['lora']:g} for both (a random-init model; configs/*.yaml hold the protocol's lrs)")
+          f"{cfg.train.lr:g} for both (a random-init model; the methods' registered lrs are for pretrained CLIP)")
     print(f"{'method':8} {'params':>9} {'before':>8} {'after':>8}")
     for method, result in rows:
         print(f"{method:8} {result['trainable_params']:9,} {result['zero_shot_accuracy']:7.1f}% {result['accuracy']:7.1f}%")
@@ -157,21 +179,37 @@ def setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
+def hint(err: Exception) -> str:
+    """The library's one-line message, with the command-line way out where there is one."""
+    from lora_zoo.experiment import RunFinishedError
+
+    message = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, RunFinishedError):
+        message += " (use --overwrite to train it again)"
+    return message
+
+
 def run(argv=None, method=None) -> int:
     """Entry point; ``method`` fixes the method (main_nora.py / main_aira.py). Returns the exit code."""
+    from lora_zoo.train import NonFiniteLossError
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre, _ = build_parser(method, fixed_method=method is not None).parse_known_args(argv)
-    chosen = method or getattr(pre, "method", None)
-    args = build_parser(chosen, fixed_method=method is not None).parse_args(argv)
-    setup_logging(args.quiet)
     try:
+        chosen, optimizer = _choices(argv, method)
+        args = build_parser(chosen, optimizer, fixed_method=method is not None).parse_args(argv)
+        setup_logging(args.quiet)
         if args.demo:
-            return run_demo(args.output_dir if "output_dir" in args else None, collect_overrides(args), args.quiet)
-        if chosen is None:
-            raise UsageError("--method is required (one of: " + ", ".join(__import__("lora_zoo").list_methods()) + ")")
-        from lora_zoo.experiment import load_config, run_experiment
-        overrides = dict(collect_overrides(args), method=chosen)
-        cfg = load_config(config_files(chosen, args.config), overrides)
+            return run_demo(getattr(args, "output_dir", None), collect_overrides(args), args.quiet)
+        import lora_zoo
+        from lora_zoo.config import build_config, collect_values
+        from lora_zoo.experiment import run_experiment
+        overrides = collect_overrides(args)
+        if method is not None or "method" in args:
+            overrides["method"] = method or args.method
+        values = collect_values(args.config, overrides)
+        if "method" not in values:
+            raise UsageError("--method is required (one of: " + ", ".join(lora_zoo.list_methods()) + ")")
+        cfg = build_config(values)
         progress = not args.quiet and sys.stderr.isatty()
         result = run_experiment(cfg, eval_only=args.eval_only, export_path=args.export_merged,
                                 overwrite=args.overwrite, progress=progress)
@@ -181,12 +219,8 @@ def run(argv=None, method=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; the run left no result.json", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - every known failure becomes one line
-        from lora_zoo.train import NonFiniteLossError
-        if not isinstance(err, (ValueError, OSError, TypeError, NonFiniteLossError)):
-            raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+    except (ValueError, OSError, TypeError, NonFiniteLossError) as err:  # every known failure becomes one line
+        print(f"error: {hint(err)}", file=sys.stderr)
         return 1
 
 

@@ -7,7 +7,8 @@ buffer: a pruned triplet stays pruned after save/load and at evaluation. The
 loss gets the orthogonality penalty ``γ Σ_layers (||PᵀP − I||²_F + ||QQᵀ − I||²_F)``
 (paper eq. 4–5).
 
-``RankAllocator`` (the training hooks, not part of the layer) does the rest:
+``RankAllocator`` (the method's training schedule, not part of the layer: its
+options are never saved with the adapters) does the rest:
 
 - importance, after every backward: per tensor entry ``I = |θ · ∇θ|``, smoothed
   ``Ī ← β₁ Ī + (1−β₁) I``, uncertainty ``Ū ← β₂ Ū + (1−β₂) |I − Ī|``,
@@ -37,8 +38,9 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from .adapter import AdapterConfig, AdapterLinear, positive_int
+from .adapter import AdapterConfig, AdapterLinear, adapter_modules, positive_int
 from .hooks import TrainingHooks
+from .options import Options, option
 from .registry import register_method
 
 TRIPLET = ("lora_P", "lora_lambda", "lora_Q")
@@ -46,71 +48,39 @@ TRIPLET = ("lora_P", "lora_lambda", "lora_Q")
 
 @dataclass
 class AdaLoraConfig(AdapterConfig):
-    init_rank: int = 3
-    target_rank: int = 2         # average per layer at the end of the schedule
-    alpha: Optional[float] = None  # None: α = init_rank (s = 1)
-    orth_reg: float = 0.1        # γ
-    beta1: float = 0.85
-    beta2: float = 0.85
-    t_init: float = 0.1          # fraction of steps before pruning starts
-    t_final: float = 0.3         # fraction of final steps at the target budget
-    delta_t: int = 10            # steps between reallocations during the schedule
-    dropout: float = 0.0
+    init_rank: int = option(3, "rank r of P diag(lambda) Q before any pruning")
+    alpha: Optional[float] = option(None, "scale s = alpha / init_rank; null = init_rank (s = 1)")
+    dropout: float = option(0.0, "dropout on the adapter input")
 
     def __post_init__(self):
         super().__post_init__()
         positive_int("init_rank", self.init_rank)
-        positive_int("target_rank", self.target_rank)
-        positive_int("delta_t", self.delta_t)
-        if self.target_rank > self.init_rank:
-            raise ValueError(f"target_rank {self.target_rank} exceeds init_rank {self.init_rank}")
-        if not (0 <= self.t_init and 0 <= self.t_final and self.t_init + self.t_final < 1):
-            raise ValueError(f"need t_init, t_final >= 0 and t_init + t_final < 1, got {self.t_init}, {self.t_final}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
 
     @property
     def scale(self) -> float:
         return (self.alpha if self.alpha is not None else self.init_rank) / self.init_rank
 
 
-@register_method("adalora")
-class AdaLoraLinear(AdapterLinear):
-    config_class = AdaLoraConfig
+@dataclass
+class AdaLoraSchedule(Options):
+    """The rank allocator's settings (training only; a checkpoint does not depend on them)."""
 
-    def __init__(self, base_layer: nn.Linear, config: AdaLoraConfig, stats=None):
-        super().__init__(base_layer, config, stats)
-        rank, device = config.init_rank, base_layer.weight.device
-        if rank > min(self.in_features, self.out_features):
-            raise ValueError(f"adalora init_rank {rank} exceeds min(d_in, d_out) of a "
-                             f"{self.out_features}×{self.in_features} layer")
-        self.scale = config.scale
-        self.lora_P = nn.Parameter(0.02 * torch.randn(self.out_features, rank, device=device))
-        self.lora_lambda = nn.Parameter(torch.zeros(rank, device=device))
-        self.lora_Q = nn.Parameter(0.02 * torch.randn(rank, self.in_features, device=device))
-        self.register_buffer("lora_rank_mask", torch.ones(rank, device=device))
+    target_rank: int = option(2, "average rank per layer at the end of the budget schedule")
+    orth_reg: float = option(0.1, "gamma of the orthogonality penalty")
+    beta1: float = option(0.85, "EMA factor of the smoothed sensitivity")
+    beta2: float = option(0.85, "EMA factor of the uncertainty")
+    t_init: float = option(0.1, "fraction of steps before pruning starts")
+    t_final: float = option(0.3, "fraction of final steps at the target budget")
+    delta_t: int = option(10, "steps between reallocations during the schedule")
 
-    @property
-    def rank(self) -> int:
-        """Triplets still in use."""
-        return int(self.lora_rank_mask.sum().item())
-
-    def _delta(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        values = tensors["lora_lambda"] * self.lora_rank_mask
-        return self.scale * (tensors["lora_P"] * values[None, :]) @ tensors["lora_Q"]
-
-    def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
-        values = (self.lora_lambda * self.lora_rank_mask).to(x.dtype)
-        return self.scale * (((x @ self.lora_Q.t().to(x.dtype)) * values) @ self.lora_P.t().to(x.dtype))
-
-    def orthogonality_penalty(self) -> torch.Tensor:
-        eye = torch.eye(self.config.init_rank, device=self.lora_P.device)
-        return ((self.lora_P.t() @ self.lora_P - eye).pow(2).sum()
-                + (self.lora_Q @ self.lora_Q.t() - eye).pow(2).sum())
-
-    @classmethod
-    def training_hooks(cls, model: nn.Module, total_steps: int) -> "RankAllocator":
-        return RankAllocator(model, total_steps)
+    def __post_init__(self):
+        super().__post_init__()
+        positive_int("target_rank", self.target_rank)
+        positive_int("delta_t", self.delta_t)
+        if not (0 <= self.t_init and 0 <= self.t_final and self.t_init + self.t_final < 1):
+            raise ValueError(f"need t_init, t_final >= 0 and t_init + t_final < 1, got {self.t_init}, {self.t_final}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
 
 
 def budget_schedule(step: int, total_steps: int, initial: int, target: int, t_init: float, t_final: float) -> int:
@@ -128,19 +98,25 @@ def budget_schedule(step: int, total_steps: int, initial: int, target: int, t_in
 class RankAllocator(TrainingHooks):
     """AdaLoRA's importance scores, budget schedule and pruning, called from the training loop."""
 
-    def __init__(self, model: nn.Module, total_steps: int):
-        from .inject import adapter_modules
+    options_class = AdaLoraSchedule
 
+    def __init__(self, model: nn.Module, total_steps: int, seed: int = 0, options: AdaLoraSchedule | None = None):
         self.adapters = {n: a for n, a in adapter_modules(model).items() if isinstance(a, AdaLoraLinear)}
         if not self.adapters:
             raise ValueError("model has no adalora adapters")
-        config = next(iter(self.adapters.values())).config
-        self.config, self.total_steps = config, total_steps
+        self.config, self.total_steps = options or AdaLoraSchedule(), total_steps
+        for adapter in self.adapters.values():
+            self.check_options(adapter.config, self.config)
         self.initial_budget = sum(a.config.init_rank for a in self.adapters.values())
-        self.target_budget = config.target_rank * len(self.adapters)
+        self.target_budget = self.config.target_rank * len(self.adapters)
         self.smoothed: dict[tuple[str, str], torch.Tensor] = {}
         self.uncertainty: dict[tuple[str, str], torch.Tensor] = {}
         self.rank_history: list[int] = []  # total rank after each step
+
+    @classmethod
+    def check_options(cls, layer_config: AdaLoraConfig, options: AdaLoraSchedule) -> None:
+        if options.target_rank > layer_config.init_rank:
+            raise ValueError(f"target_rank {options.target_rank} exceeds init_rank {layer_config.init_rank}")
 
     def budget(self, step: int) -> int:
         c = self.config
@@ -212,3 +188,37 @@ class RankAllocator(TrainingHooks):
         ranks = self.final_ranks()
         return {"adalora_final_ranks": ranks, "adalora_total_rank": sum(ranks.values()),
                 "adalora_target_total_rank": self.target_budget}
+
+
+# lr 5e-4: the low end of the paper's learning rates (5e-4 .. 1e-3 for DeBERTa); not tuned on test data
+@register_method("adalora", display_name="AdaLoRA", citation="Zhang et al., ICLR 2023", lr=5e-4,
+                 schedule=RankAllocator)
+class AdaLoraLinear(AdapterLinear):
+    config_class = AdaLoraConfig
+    up_tensors, down_tensors = ("lora_P",), ("lora_Q",)
+
+    def __init__(self, base_layer: nn.Linear, config: AdaLoraConfig, stats=None):
+        super().__init__(base_layer, config, stats)
+        rank, device = config.init_rank, base_layer.weight.device
+        if rank > min(self.in_features, self.out_features):
+            raise ValueError(f"adalora init_rank {rank} exceeds min(d_in, d_out) of a "
+                             f"{self.out_features}×{self.in_features} layer")
+        self.scale = config.scale
+        self.lora_P = nn.Parameter(0.02 * torch.randn(self.out_features, rank, device=device))
+        self.lora_lambda = nn.Parameter(torch.zeros(rank, device=device))
+        self.lora_Q = nn.Parameter(0.02 * torch.randn(rank, self.in_features, device=device))
+        self.register_buffer("lora_rank_mask", torch.ones(rank, device=device))
+
+    @property
+    def rank(self) -> int:
+        """Triplets still in use."""
+        return int(self.lora_rank_mask.sum().item())
+
+    def factors(self, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        values = tensors["lora_lambda"] * self.lora_rank_mask
+        return self.scale * tensors["lora_P"] * values[None, :], tensors["lora_Q"]
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        eye = torch.eye(self.config.init_rank, device=self.lora_P.device)
+        return ((self.lora_P.t() @ self.lora_P - eye).pow(2).sum()
+                + (self.lora_Q @ self.lora_Q.t() - eye).pow(2).sum())

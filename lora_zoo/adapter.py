@@ -3,42 +3,41 @@
 ``AdapterLinear`` wraps an ``nn.Linear`` (kept as ``base_layer``, frozen) and owns
 what all methods share: input dropout on the adapter branch, the ``merged``
 flag, ``merge()``/``unmerge()``, the residual trick (``W_frozen = W - ΔW(θ₀)``)
-and parameter counting. A method subclass only says how ΔW is parameterised
-and initialised (see ``../shared/METHODS.md``, "Notation"):
+and parameter counting (METHODS.md, "Notation"). A method subclass says only how
+its update is parameterised and initialised, once:
 
-- ``_delta(tensors)``: ΔW from a mapping of its trainable tensors by name;
-- ``adapter_output(x, base_output)``: the unmerged adapter term, computed
-  without materialising a d_out × d_in matrix per token.
+- ``factors(tensors)``: ``(up, down)`` with ``ΔW = up @ down`` (``d_out × r`` and
+  ``r × d_in``; the scale and any diagonal folded into ``up``), computed from a
+  mapping of its trainable tensors by name (the current ones, or the θ₀ snapshot).
+  The base class derives ΔW, the unmerged forward ``(x downᵀ) upᵀ`` (never a
+  ``d_out × d_in`` matrix per token) and merging from it. A method whose update
+  is not a product (DoRA) overrides ``_delta`` and ``adapter_output`` instead.
+- ``up_tensors`` / ``down_tensors``: the names of its output-side (B-like) and
+  input-side (A-like) trainable tensors, for optimizer builders such as LoRA+ and
+  LoRA-FA that treat the two sides differently.
 
-The naming rule (loralib's): every tensor an adapter owns is named with the
-prefix ``lora_``. Parameters with that prefix that require grad are trained;
-parameters and *persistent* buffers with that prefix are saved and loaded;
-non-persistent ``lora_`` buffers are derived again from the base weight.
+What trains, is saved and is counted follows the ``lora_`` naming rule (``naming.py``).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-ADAPTER_PREFIX = "lora_"
-
-
-def is_adapter_tensor(name: str) -> bool:
-    """True when a (qualified) parameter/buffer name belongs to an adapter."""
-    return name.rsplit(".", 1)[-1].startswith(ADAPTER_PREFIX)
+from .naming import is_adapter_tensor
+from .options import Options, option
 
 
 @dataclass
-class AdapterConfig:
-    """Options every method has. Subclasses add their own fields with defaults."""
+class AdapterConfig(Options):
+    """Options every method has. Subclasses add their own fields with defaults (``option(default, help)``)."""
 
-    dropout: float = 0.0
+    dropout: float = option(0.0, "dropout probability on the adapter input")
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -46,19 +45,6 @@ class AdapterConfig:
     def needs_calibration(self) -> bool:
         """Whether building the adapter needs ``collect_activation_stats`` output."""
         return False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "AdapterConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; expected some of {', '.join(sorted(known))}"
-            )
-        return cls(**values)
 
 
 def positive_int(name: str, value) -> None:
@@ -73,6 +59,9 @@ class AdapterLinear(nn.Module):
     method_name: str = "?"  # set by @register_method
     #: ``False`` for variants whose update depends on the batch (cannot be folded into W).
     mergeable: bool = True
+    #: trainable tensors on the output side (B-like) and input side (A-like), for optimizer builders
+    up_tensors: tuple[str, ...] = ()
+    down_tensors: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Linear, config: AdapterConfig, stats=None):
         super().__init__()
@@ -92,33 +81,29 @@ class AdapterLinear(nn.Module):
         self.stats = stats
 
     # ---- what a method provides -------------------------------------------------------
-    def _delta(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """ΔW (d_out × d_in) computed from ``tensors`` (trainable tensors by name)."""
+    def factors(self, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(up, down)`` with ``ΔW = up @ down`` for ``tensors`` (trainable tensors by name)."""
         raise NotImplementedError
-
-    def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
-        """The adapter's additive term for input ``x`` (already through dropout)."""
-        raise NotImplementedError
-
-    @classmethod
-    def param_groups(cls, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-        """Optimizer parameter groups (override for per-tensor learning rates, e.g. LoRA+)."""
-        from .inject import trainable_parameters
-        return [{"params": trainable_parameters(model), "lr": lr, "weight_decay": weight_decay}]
-
-    @classmethod
-    def training_hooks(cls, model: nn.Module, total_steps: int):
-        """Step hooks for the training loop (override for rank schedules, regularisers…)."""
-        from .hooks import TrainingHooks
-        return TrainingHooks()
 
     @classmethod
     def plan_layers(cls, linears: Mapping[str, nn.Linear], stats, config) -> dict[str, dict[str, Any]]:
         """Per-layer config overrides decided from a global view (e.g. rank allocation)."""
         return {}
 
+    # ---- derived from the factors (override both for a non-product update) ----------------
+    def _delta(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """ΔW (d_out × d_in) computed from ``tensors``."""
+        up, down = self.factors(tensors)
+        return up @ down
+
+    def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        """The adapter's additive term for input ``x`` (already through dropout)."""
+        up, down = self.factors(self.trainable_tensors())
+        return (x @ down.t().to(x.dtype)) @ up.t().to(x.dtype)
+
     # ---- shared machinery ---------------------------------------------------------------
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's own ``lora_`` parameters (trainable or frozen by an optimizer builder), by name."""
         return {n: p for n, p in self.named_parameters(recurse=False) if is_adapter_tensor(n)}
 
     def delta_weight(self) -> torch.Tensor:
@@ -183,3 +168,8 @@ class AdapterLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method_name}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
+
+
+def adapter_modules(model: nn.Module) -> dict[str, AdapterLinear]:
+    """``{qualified name: adapter}`` of every adapter inside ``model``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLinear)}

@@ -21,13 +21,14 @@ Scale ``s = α / r`` with α defaulting to r (s = 1), per layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Union
+from typing import Literal, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from .adapter import AdapterConfig, AdapterLinear, positive_int
 from .lora import kaiming_rows
+from .options import option
 from .rank_allocation import allocate_ranks, outlier_score
 from .registry import register_method
 from .svd import weighted_svd
@@ -35,26 +36,23 @@ from .svd import weighted_svd
 
 @dataclass
 class AiraConfig(AdapterConfig):
-    rank: int = 8
-    alpha: Optional[float] = None
-    init: str = "owsvd"
-    owsvd_beta: float = 1.0
-    residual: bool = True
-    rank_alloc: bool = True
-    outlier_threshold: float = 5.0
-    rank_min: int = 2
-    rank_max: int = 32
-    rank_budget: Optional[int] = None
-    act_scale: Union[bool, str] = True
-    act_gamma: float = 1.0
+    rank: int = option(8, "rank r (with rank_alloc: the uniform rank whose parameter count is the budget)")
+    alpha: Optional[float] = option(None, "scale s = alpha / r per layer; null = r (s = 1)")
+    init: Literal["owsvd", "lora"] = option("owsvd", "owsvd (outlier-weighted SVD of W diag(s)^beta) | lora")
+    owsvd_beta: float = option(1.0, "beta of the owSVD weighting")
+    residual: bool = option(True, "W <- W - dW(theta_0): the model is unchanged at init")
+    rank_alloc: bool = option(True, "outlier-driven per-layer ranks (water-filling under the budget)")
+    outlier_threshold: float = option(5.0, "M: an entry is an outlier when |W_jk| n_k > M mean(|W| n)")
+    rank_min: int = option(2, "smallest per-layer rank")
+    rank_max: int = option(32, "largest per-layer rank")
+    rank_budget: Optional[int] = option(None, "total sum of (d_in + d_out) r_i; null = that of uniform rank r")
+    act_scale: Union[bool, Literal["batch"]] = option(True, "diag(m) from calibrated output |z| (true) | "
+                                                            "'batch': the authors' per-batch min-max (not mergeable)")
+    act_gamma: float = option(1.0, "gamma: m = (o / mean o)^gamma")
 
     def __post_init__(self):
         super().__post_init__()
         positive_int("rank", self.rank)
-        if self.init not in ("owsvd", "lora"):
-            raise ValueError(f"init must be 'owsvd' or 'lora', got {self.init!r}")
-        if self.act_scale not in (True, False, "batch"):
-            raise ValueError(f"act_scale must be true, false or 'batch', got {self.act_scale!r}")
 
     @property
     def scale(self) -> float:
@@ -72,9 +70,11 @@ def _need_stats(stats, what: str):
     return stats
 
 
-@register_method("aira")
+# lr 5e-4: the authors swept 1e-4 .. 1e-3 for AIRA; inside that range, not tuned on a test split
+@register_method("aira", display_name="AIRA", citation="Li et al., ICCV 2025", lr=5e-4)
 class AiraLinear(AdapterLinear):
     config_class = AiraConfig
+    up_tensors, down_tensors = ("lora_B",), ("lora_A",)
 
     def __init__(self, base_layer: nn.Linear, config: AiraConfig, stats=None):
         super().__init__(base_layer, config, stats)
@@ -113,17 +113,14 @@ class AiraLinear(AdapterLinear):
         ranks = allocate_ranks(scores, costs, budget, config.rank_min, config.rank_max, uniform_rank=config.rank)
         return {n: {"rank": r} for n, r in zip(names, ranks)}
 
-    def _delta(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        delta = self.scale * (tensors["lora_B"] @ tensors["lora_A"])
-        if self.lora_output_scale is not None:
-            delta = self.lora_output_scale[:, None] * delta
-        return delta
-
-    def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
-        up = self.scale * self.lora_B
+    def factors(self, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        up = self.scale * tensors["lora_B"]
         if self.lora_output_scale is not None:  # diag(m) folded into B: no extra per-token work
             up = self.lora_output_scale[:, None] * up
-        out = (x @ self.lora_A.t().to(x.dtype)) @ up.t().to(x.dtype)
+        return up, tensors["lora_A"]
+
+    def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        out = super().adapter_output(x, base_output)
         if self.config.act_scale == "batch":
             magnitude = base_output.detach().abs().reshape(-1, base_output.shape[-1]).mean(0)
             low, high = magnitude.min(), magnitude.max()

@@ -3,21 +3,22 @@
 ``save_adapters(model, "run/adapters.safetensors")`` writes the ``lora_`` tensors
 (trainable ones, the θ₀ snapshots residual methods need, fixed buffers such as
 AIRA's output scale), the calibration statistics the layers were built with,
-and ``run/adapters.json`` (method, options, encoders, targets, layers, the
-per-layer options such as AIRA's rank allocation, package versions). Both
-files are written atomically. Frozen factors derived from W (NoRA's outer
+and ``run/adapters.json`` (the layer method and its config, encoders, targets,
+layers, the per-layer options such as AIRA's rank allocation, the method it was
+trained as, package versions). Only what rebuilds the layers is recorded: the
+optimizer builder (LoRA+, LoRA-FA) and a training schedule's options (AdaLoRA's
+budget) are not, so a checkpoint loads whatever trained it. Both files are
+written atomically. Frozen factors derived from W (NoRA's outer
 SVD, VeRA's seeded matrices) are not stored: they are rebuilt from the base
 model, deterministically.
 
 ``load_adapters(model, path)`` into a model without adapters first injects
-them as saved; into an adapted model it checks that method, options, targets
-and per-layer ranks agree and names the first mismatch otherwise.
+them as saved; into an adapted model it checks that layer method, layer
+options, targets and per-layer ranks agree and names the first mismatch otherwise.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,38 +26,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .adapter import adapter_modules
 from .calibration import LayerStats
-from .adapter import is_adapter_tensor
-from .inject import AdapterSetup, adapter_modules, adapter_state_dict, apply_adapters
+from .files import atomic_write, write_json
+from .inject import AdapterSetup, apply_adapters
+from .naming import adapter_state_dict, is_adapter_tensor
+from .provenance import versions
+from .registry import get_method
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STATS_PREFIX = "stats::"
 
 
 def config_path(path) -> Path:
     return Path(path).with_suffix(".json")
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path`` (same folder), so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _versions() -> dict[str, str]:
-    import open_clip
-
-    from . import __version__
-    return {"lora_zoo": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__}
 
 
 def _setup(model: nn.Module) -> AdapterSetup:
@@ -77,12 +60,12 @@ def save_adapters(model: nn.Module, path) -> Path:
             tokens[name] = adapter.stats.tokens
             for field, value in adapter.stats.tensors().items():
                 tensors[f"{STATS_PREFIX}{name}::{field}"] = value.detach().float().cpu().contiguous()
-    meta = {"format_version": FORMAT_VERSION, "method": setup.method, "config": setup.config,
+    meta = {"format_version": FORMAT_VERSION, "layer": setup.layer, "method": setup.method, "config": setup.config,
             "encoders": list(setup.encoders), "targets": list(setup.targets),
             "layers": list(setup.layers) if setup.layers is not None else None,
-            "layer_overrides": setup.layer_overrides, "stats_tokens": tokens, "versions": _versions()}
+            "layer_overrides": setup.layer_overrides, "stats_tokens": tokens, "versions": versions()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "lora_zoo"}))
-    atomic_write(config_path(path), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json(config_path(path), meta)
     return path
 
 
@@ -95,6 +78,11 @@ def read_adapter_config(path) -> dict[str, Any]:
         meta = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read adapter config {cfg_path}: {err}") from None
+    if meta.get("format_version") == 1:  # lora_zoo 0.1: one config per method, optimizer options included
+        layer = get_method(meta["method"]).layer
+        known = {f for f in get_method(layer).config_class.__dataclass_fields__}
+        meta.update(format_version=FORMAT_VERSION, layer=layer,
+                    config={k: v for k, v in meta["config"].items() if k in known})
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{cfg_path} has format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
     return meta
@@ -110,9 +98,9 @@ def _saved_stats(tensors, meta) -> dict[str, LayerStats]:
 
 def _check_matches(model: nn.Module, meta, stats, path) -> None:
     setup = _setup(model)
-    saved = {"method": meta["method"], "encoders": tuple(meta["encoders"]), "targets": tuple(meta["targets"]),
+    saved = {"method": meta["layer"], "encoders": tuple(meta["encoders"]), "targets": tuple(meta["targets"]),
              "layers": tuple(meta["layers"]) if meta["layers"] is not None else None}
-    have = {"method": setup.method, "encoders": setup.encoders, "targets": setup.targets, "layers": setup.layers}
+    have = {"method": setup.layer, "encoders": setup.encoders, "targets": setup.targets, "layers": setup.layers}
     for key in saved:
         if saved[key] != have[key]:
             raise ValueError(f"checkpoint {path} was saved with {key}={saved[key]}, but the model has {key}={have[key]}")
@@ -138,7 +126,7 @@ def load_adapters(model: nn.Module, path) -> dict:
     tensors = load_file(str(path))
     stats = _saved_stats(tensors, meta)
     if not adapter_modules(model):
-        apply_adapters(model, meta["method"], encoders=meta["encoders"], targets=meta["targets"],
+        apply_adapters(model, meta["layer"], encoders=meta["encoders"], targets=meta["targets"],
                        layers=meta["layers"], stats=stats or None, layer_overrides=meta["layer_overrides"],
                        **meta["config"])
     _check_matches(model, meta, stats, path)

@@ -26,7 +26,8 @@ from .lora import LoraConfig, LoraLinear
 from .registry import register_method
 
 
-@register_method("dora")
+# lr 2e-4: DoRA keeps the LoRA hyperparameters of the setting it is compared in (CLIP-LoRA's)
+@register_method("dora", display_name="DoRA", citation="Liu et al., ICML 2024", lr=2e-4)
 class DoraLinear(LoraLinear):
     config_class = LoraConfig
 

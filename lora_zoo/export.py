@@ -18,8 +18,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .adapter import AdapterLinear, is_adapter_tensor
+from .adapter import AdapterLinear
 from .attention import SplitAttention
+from .files import atomic_write
+from .naming import is_adapter_tensor
 
 
 @torch.no_grad()
@@ -63,8 +65,6 @@ def fused_state_dict(model: nn.Module, reference: Optional[nn.Module] = None) ->
 
 def export_merged(model: nn.Module, path, reference: Optional[nn.Module] = None) -> Path:
     """Write ``fused_state_dict(model)`` with ``torch.save`` (atomically) to ``path``; returns the path."""
-    from .checkpoint import atomic_write
-
     state = {k: v.detach().cpu().contiguous() for k, v in fused_state_dict(model, reference).items()}
     path = Path(path)
     atomic_write(path, lambda tmp: torch.save(state, tmp))

@@ -1,9 +1,9 @@
-"""What a method may add to the one training loop: parameter groups and step hooks.
+"""What a method may add to the one training loop: a schedule object with step hooks.
 
 The loop (``train.py``) calls, for every method:
 
-    groups = param_groups(model, lr, weight_decay)      # optimizer builder (LoRA+ gives B its own lr)
-    hooks = training_hooks(model, total_steps)
+    optimizer = build_optimizer(model, lr, ...)         # the method's optimizer builder (optim.py)
+    hooks = training_hooks(model, total_steps, seed)    # the method's schedule, or no-op hooks
     for step in range(total_steps):
         hooks.before_forward(step)                      # e.g. DyLoRA samples a rank
         loss = task_loss + hooks.regularizer()          # e.g. AdaLoRA's orthogonality penalty
@@ -11,9 +11,12 @@ The loop (``train.py``) calls, for every method:
         optimizer.step(); hooks.after_step(step)        # e.g. AdaLoRA's budget schedule masks λ
     hooks.finish(); hooks.summary()                     # e.g. final ranks, recorded in the results
 
-A method customises these by overriding the classmethods ``param_groups`` and
-``training_hooks`` of its adapter class; the defaults are one parameter group
-and no-op hooks.
+A method registers its schedule class with ``@register_method(..., schedule=Cls)``.
+The class is built as ``Cls(model, total_steps, seed, options)``: ``seed`` is the
+run's seed (a sampler's generator is seeded from it) and ``options`` an instance
+of ``Cls.options_class`` (the schedule's own settings, given with the method's
+options but never saved with the adapters: they do not change what a layer
+computes, so a checkpoint loads whatever schedule trained it).
 """
 from __future__ import annotations
 
@@ -22,9 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .registry import get_method
+
 
 class TrainingHooks:
-    """No-op hooks; subclasses override what they need."""
+    """No-op hooks; subclasses override what they need. ``options_class``: the schedule's settings."""
+
+    options_class: type | None = None
 
     def before_forward(self, step: int) -> None:
         pass
@@ -44,21 +51,18 @@ class TrainingHooks:
     def summary(self) -> dict[str, Any]:
         return {}
 
+    @classmethod
+    def check_options(cls, layer_config, options) -> None:
+        """Raise a one-line ``ValueError`` when ``options`` do not fit the layer config (before training)."""
 
-def _method_class(model: nn.Module):
-    from .registry import get_method
 
+def training_hooks(model: nn.Module, total_steps: int, seed: int = 0) -> TrainingHooks:
+    """The method's schedule for a run of ``total_steps`` optimizer steps (no-op hooks if it has none)."""
     setup = getattr(model, "lora_zoo_setup", None)
     if setup is None:
         raise ValueError("model has no adapters from apply_adapters")
-    return get_method(setup.method)
-
-
-def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict]:
-    """Optimizer parameter groups for the adapted ``model`` (the method decides; default: one group)."""
-    return _method_class(model).param_groups(model, lr, weight_decay)
-
-
-def training_hooks(model: nn.Module, total_steps: int) -> TrainingHooks:
-    """The method's step hooks for a run of ``total_steps`` optimizer steps."""
-    return _method_class(model).training_hooks(model, total_steps)
+    schedule = get_method(setup.method).schedule
+    if schedule is None:
+        return TrainingHooks()
+    options = schedule.options_class(**setup.schedule_options) if schedule.options_class else None
+    return schedule(model, total_steps, seed, options)

@@ -3,8 +3,10 @@
 ``apply_adapters`` splits attention (once, ``attention.split_attention``),
 finds the target linears (``targets.find_target_linears``), freezes the whole
 model, lets the method plan per-layer options from a global view (AIRA's rank
-allocation) and replaces each target by its adapter. What is trained, counted
-and saved is decided by one naming rule (``adapter.is_adapter_tensor``).
+allocation) and replaces each target by its adapter. The method's options are
+split between its layer config (saved with the adapters; rebuilds them) and its
+training schedule's options (AdaLoRA's budget schedule; used by the loop only).
+What is trained, counted and saved is decided by one naming rule (``naming.py``).
 """
 from __future__ import annotations
 
@@ -12,12 +14,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional
 
-import torch
 from torch import nn
 
-from .adapter import AdapterLinear, is_adapter_tensor
+from .adapter import AdapterConfig, AdapterLinear, adapter_modules
 from .attention import split_attention
-from .registry import get_method
+from .registry import MethodSpec, get_method
 from .targets import check_targets, find_target_linears
 
 
@@ -25,42 +26,55 @@ from .targets import check_targets, find_target_linears
 class AdapterSetup:
     """What ``apply_adapters`` did to a model (stored on it as ``model.lora_zoo_setup``)."""
 
-    method: str
-    config: dict[str, Any]
+    method: str                  # as asked (a layer method or a preset such as loraplus)
+    layer: str                   # the layer method the adapters are
+    config: dict[str, Any]       # the layer config: all that is needed to rebuild the adapters
     encoders: tuple[str, ...]
     targets: tuple[str, ...]
     layers: Optional[tuple[int, ...]]
     layer_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    schedule_options: dict[str, Any] = field(default_factory=dict)  # the training schedule's, not saved
 
 
-def build_config(method: str, **cfg):
-    """The method's config dataclass from keyword options (unknown option → one-line error)."""
-    return get_method(method).config_class.from_dict(cfg)
+def method_options(method: str, options: Mapping[str, Any]) -> tuple[MethodSpec, AdapterConfig, Any]:
+    """``(spec, layer config, schedule options)`` for ``method`` from one mapping of its options.
+
+    Every option is type-checked here, so bad options fail before any model is touched.
+    """
+    spec = get_method(method)
+    layer_values, schedule_values = spec.split_options(options)
+    config = spec.config_class.from_dict(layer_values)
+    schedule_options = None
+    if spec.schedule is not None and spec.schedule.options_class is not None:
+        schedule_options = spec.schedule.options_class(**schedule_values)
+        spec.schedule.check_options(config, schedule_options)
+    return spec, config, schedule_options
+
+
+def build_config(method: str, **options) -> AdapterConfig:
+    """The layer config of ``method`` from keyword options (unknown or mistyped option → one-line error)."""
+    return method_options(method, options)[1]
 
 
 def wrap_linear(linear: nn.Linear, method: str, stats=None, **cfg) -> AdapterLinear:
-    """An adapter of ``method`` around any ``nn.Linear`` (frozen), built from keyword options."""
-    cls = get_method(method)
-    return cls(linear, cls.config_class.from_dict(cfg), stats).train(linear.training)
-
-
-def adapter_modules(model: nn.Module) -> dict[str, AdapterLinear]:
-    """``{qualified name: adapter}`` of every adapter inside ``model``."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLinear)}
+    """An adapter of ``method`` around any ``nn.Linear`` (frozen), built from its layer options."""
+    spec = get_method(method)
+    return spec.layer_class(linear, spec.config_class.from_dict(cfg), stats).train(linear.training)
 
 
 def apply_adapters(model: nn.Module, method: str, encoders: Iterable[str] = ("vision", "text"),
                    targets: Iterable[str] = ("q", "k", "v"), layers: Optional[Iterable[int]] = None,
                    stats: Optional[Mapping[str, Any]] = None,
-                   layer_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None, **cfg) -> dict[str, AdapterLinear]:
+                   layer_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None, **options) -> dict[str, AdapterLinear]:
     """Inject ``method`` adapters into an open_clip CLIP model in place; returns ``{layer name: adapter}``.
 
-    ``stats`` are calibration statistics from ``collect_activation_stats`` (needed by methods that use
-    activations). ``layer_overrides`` fixes per-layer options (e.g. ``{"name": {"rank": 4}}``) instead of
-    letting the method plan them; checkpoints use it to rebuild an allocation.
+    ``options`` are the method's options (layer and schedule alike). ``stats`` are calibration
+    statistics from ``collect_activation_stats`` (needed by methods that use activations).
+    ``layer_overrides`` fixes per-layer options (e.g. ``{"name": {"rank": 4}}``) instead of letting the
+    method plan them; checkpoints use it to rebuild an allocation.
     """
-    cls = get_method(method)
-    config = cls.config_class.from_dict(cfg)
+    spec, config, schedule_options = method_options(method, options)
+    cls = spec.layer_class
     encoders, targets = check_targets(encoders, targets)
     layers = tuple(int(i) for i in layers) if layers is not None else None
     if adapter_modules(model):
@@ -81,24 +95,10 @@ def apply_adapters(model: nn.Module, method: str, encoders: Iterable[str] = ("vi
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, adapter)
         adapters[name] = adapter
-    model.lora_zoo_setup = AdapterSetup(method, config.to_dict(), encoders, targets, layers,
-                                        {k: dict(v) for k, v in overrides.items()})
+    model.lora_zoo_setup = AdapterSetup(
+        method, spec.layer, config.to_dict(), encoders, targets, layers, {k: dict(v) for k, v in overrides.items()},
+        dataclasses.asdict(schedule_options) if schedule_options is not None else {})
     return adapters
-
-
-def named_trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Adapter parameters that require grad, by qualified name (the one rule: ``lora_`` prefix)."""
-    return {n: p for n, p in model.named_parameters() if is_adapter_tensor(n) and p.requires_grad}
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The tensors an optimizer should update."""
-    return list(named_trainable_parameters(model).values())
-
-
-def count_trainable(model: nn.Module) -> int:
-    """Number of trainable adapter scalars."""
-    return sum(p.numel() for p in trainable_parameters(model))
 
 
 def merge_adapters(model: nn.Module) -> None:
@@ -116,9 +116,3 @@ def unmerge_adapters(model: nn.Module) -> None:
 def layer_ranks(model: nn.Module) -> dict[str, int]:
     """``{layer name: rank}`` for adapters that have a ``rank`` option (AIRA's allocation, LoRA's uniform one)."""
     return {name: a.config.rank for name, a in adapter_modules(model).items() if hasattr(a.config, "rank")}
-
-
-@torch.no_grad()
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every saved adapter tensor (``lora_`` parameters and persistent buffers), by qualified name."""
-    return {n: t for n, t in model.state_dict().items() if is_adapter_tensor(n)}

@@ -2,27 +2,29 @@
 
 ``ΔW = s · B A`` with ``A ∈ R^{r×d_in}`` Kaiming-uniform(a=√5), ``B ∈ R^{d_out×r}``
 zeros, dropout on the adapter input, ``s = α/r`` or ``α/√r`` with ``rslora``.
-The defaults are the CLIP-LoRA preset: r=2, α=1, rslora=True, dropout 0.25.
+The defaults are the CLIP-LoRA preset: r=2, α=1, rslora=True, dropout 0.25
+(CLIP-LoRA's published code scales by α/√r).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
 from .adapter import AdapterConfig, AdapterLinear, positive_int
+from .options import option
 from .registry import register_method
 
 
 @dataclass
 class LoraConfig(AdapterConfig):
-    rank: int = 2
-    alpha: float = 1.0
-    rslora: bool = True
-    dropout: float = 0.25
+    rank: int = option(2, "rank r of the update B A")
+    alpha: Optional[float] = option(1.0, "scale numerator: s = alpha/r (alpha/sqrt(r) with rslora); null = r")
+    rslora: bool = option(True, "scale by alpha/sqrt(r) instead of alpha/r")
+    dropout: float = option(0.25, "dropout on the adapter input")
 
     def __post_init__(self):
         super().__post_init__()
@@ -45,11 +47,14 @@ def kaiming_rows(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-@register_method("lora")
+# lr 2e-4: CLIP-LoRA's published learning rate (Zanella & Ben Ayed, CVPRW 2024)
+@register_method("lora", display_name="CLIP-LoRA", citation="Hu et al., ICLR 2022; Zanella & Ben Ayed, CVPRW 2024",
+                 lr=2e-4)
 class LoraLinear(AdapterLinear):
-    """Plain low-rank update; subclasses (LoRA-FA, LoRA+, DyLoRA…) reuse its A/B tensors."""
+    """Plain low-rank update; subclasses (PiSSA, DoRA, DyLoRA) reuse its A/B tensors."""
 
     config_class = LoraConfig
+    up_tensors, down_tensors = ("lora_B",), ("lora_A",)
 
     def __init__(self, base_layer: nn.Linear, config: LoraConfig, stats=None):
         super().__init__(base_layer, config, stats)
@@ -58,9 +63,6 @@ class LoraLinear(AdapterLinear):
         self.lora_A = nn.Parameter(kaiming_rows(config.rank, self.in_features, weight))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, device=weight.device))
 
-    def _delta(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.scale * (tensors["lora_B"] @ tensors["lora_A"])
-
-    def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+    def factors(self, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         # the scale is folded into B (r × d_out values) rather than applied to every token's output
-        return (x @ self.lora_A.t().to(x.dtype)) @ (self.scale * self.lora_B).t().to(x.dtype)
+        return self.scale * tensors["lora_B"], tensors["lora_A"]

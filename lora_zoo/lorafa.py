@@ -2,23 +2,33 @@
 Models Fine-tuning", arXiv 2308.03303, 2023).
 
 LoRA with the down-projection A frozen at its random (Kaiming-uniform) init and
-only B (zeros at init) trained: ``ΔW = s · B A``. A is still an adapter tensor
-(``lora_A``), so it is saved and a loaded model reproduces it exactly.
-Trainable parameters per matrix: ``r · d_out``.
+only B (zeros at init) trained. Freezing A does not change what the layer
+computes, so LoRA-FA is an optimizer builder here: ``lorafa`` freezes every
+adapter's input-side tensors (``down_tensors``) — no gradient is computed for
+them, which is LoRA-FA's memory saving — and trains the rest in one AdamW group.
+It combines with any method; the preset ``lorafa`` = LoRA layers (CLIP-LoRA
+preset) + this optimizer, the baseline of the NoRA paper's Table 2. A is still
+an adapter tensor (``lora_A``), saved with the checkpoint, so a loaded model
+reproduces it exactly. Trainable parameters per LoRA matrix: ``r · d_out``.
 """
 from __future__ import annotations
 
-
 from torch import nn
 
-from .lora import LoraConfig, LoraLinear
-from .registry import register_method
+from .adapter import adapter_modules
+from .optim import register_optimizer, single_group
+from .registry import register_preset
 
 
-@register_method("lorafa")
-class LoraFaLinear(LoraLinear):
-    config_class = LoraConfig
+@register_optimizer("lorafa")
+def lorafa_groups(model: nn.Module, lr: float, weight_decay: float, options=None) -> list[dict]:
+    """Freeze every adapter's input-side factors; one group of what still trains."""
+    for adapter in adapter_modules(model).values():
+        for name in adapter.down_tensors:
+            getattr(adapter, name).requires_grad_(False)
+    return single_group(model, lr, weight_decay)
 
-    def __init__(self, base_layer: nn.Linear, config: LoraConfig, stats=None):
-        super().__init__(base_layer, config, stats)
-        self.lora_A.requires_grad_(False)
+
+# lr 2e-4: CLIP-LoRA's learning rate (LoRA-FA keeps LoRA's hyperparameters)
+register_preset("lorafa", layer="lora", optimizer="lorafa", display_name="LoRA-FA",
+                citation="Zhang et al., arXiv 2308.03303, 2023", lr=2e-4)

@@ -18,19 +18,20 @@ from typing import Optional
 from torch import nn
 
 from .lora import LoraConfig, LoraLinear
+from .options import option
 from .registry import register_method
 from .svd import weighted_svd
 
 
 @dataclass
 class PissaConfig(LoraConfig):
-    alpha: Optional[float] = None  # None: α = r, so s = 1 (PiSSA's setting)
-    rslora: bool = False
-    dropout: float = 0.0
+    alpha: Optional[float] = option(None, "scale s = alpha/r; null = r (s = 1, PiSSA's setting)")
+    rslora: bool = option(False, "scale by alpha/sqrt(r) instead of alpha/r")
+    dropout: float = option(0.0, "dropout on the adapter input")
 
 
-
-@register_method("pissa")
+# lr 2e-4: PiSSA uses LoRA's learning rate of the setting it is compared in (here CLIP-LoRA's)
+@register_method("pissa", display_name="PiSSA", citation="Meng, Wang & Zhang, NeurIPS 2024", lr=2e-4)
 class PissaLinear(LoraLinear):
     config_class = PissaConfig
 

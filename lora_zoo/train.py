@@ -5,15 +5,16 @@ the NoRA/AIRA papers (Li et al., ICCV 2025):
 
 - logits = 100 · normalize(image features) @ normalize(class text features)ᵀ
   (the logit scale is fixed, not learned), cross-entropy on the labels;
-- AdamW on the method's parameter groups (``hooks.param_groups``), cosine
-  schedule to ``eta_min`` stepped every iteration; the train loader is cycled
-  until the requested number of iterations;
+- AdamW on the parameter groups of the run's optimizer builder (``optim.py``:
+  the method's by default, e.g. LoRA+'s), cosine schedule to ``eta_min`` stepped
+  every iteration; the train loader is cycled until the requested number of
+  iterations; every loop setting comes from one ``TrainConfig``;
 - class text features are recomputed with gradients every step when the text
   tower is adapted, computed once under ``no_grad`` otherwise;
 - autocast (fp16) + GradScaler on CUDA only, plain fp32 elsewhere;
-- a method's extras run through ``lora_zoo.hooks`` (``before_forward``,
+- a method's schedule runs through ``lora_zoo.hooks`` (``before_forward``,
   ``regularizer``, ``after_backward`` on unscaled gradients, ``after_step``,
-  ``finish``, ``summary``).
+  ``finish``, ``summary``), seeded from the run's seed.
 
 A non-finite loss stops training with ``NonFiniteLossError`` naming the iteration.
 """
@@ -29,7 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hooks import param_groups, training_hooks
+from .config import TrainConfig
+from .hooks import training_hooks
+from .naming import count_trainable
+from .optim import build_optimizer
+from .registry import get_method
 
 LOGIT_SCALE = 100.0
 logger = logging.getLogger(__name__)
@@ -41,6 +46,8 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainResult:
+    trainable_params: int  # counted after the optimizer builder ran (LoRA-FA freezes A)
+    optimizer_groups: list[dict[str, Any]]  # name, tensors, parameters and initial lr of each group
     iterations: int
     seconds: float
     final_loss: float
@@ -137,34 +144,42 @@ def training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     return loss_value
 
 
-def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tensor, *, total_iterations: int,
-                   lr: float, device: torch.device, weight_decay: float = 1e-2, betas=(0.9, 0.999),
-                   eta_min: float = 1e-6, text_adapted: bool = True, amp: bool = True, progress: bool = True,
-                   log_every: int = 0) -> TrainResult:
-    """Train the adapters of ``model`` (from ``apply_adapters``) for ``total_iterations`` steps.
+def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tensor, config: TrainConfig | None = None,
+                   *, iterations: int, device: torch.device, seed: int = 0, text_adapted: bool = True,
+                   progress: bool = True) -> TrainResult:
+    """Train the adapters of ``model`` (from ``apply_adapters``) for ``iterations`` steps with ``config``.
 
-    ``log_every`` iterations (default: about 20 entries per run) the mean loss goes to the log and
-    ``TrainResult.loss_history``. Raises ``NonFiniteLossError`` at the first non-finite loss.
+    ``config.lr = None`` uses the method's registered learning rate. ``seed`` seeds the method's
+    schedule (DyLoRA's rank sampler). Every ``config.log_every`` iterations (default: about 20
+    entries per run) the mean loss goes to the log and ``TrainResult.loss_history``. Raises
+    ``NonFiniteLossError`` at the first non-finite loss.
     """
     from tqdm.auto import tqdm
 
-    if total_iterations < 1:
-        raise ValueError(f"total_iterations must be >= 1, got {total_iterations}")
-    optimizer = torch.optim.AdamW(param_groups(model, lr, weight_decay), lr=lr, betas=tuple(betas),
-                                  weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_iterations, eta_min=eta_min)
+    config = config or TrainConfig()
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    lr = config.lr if config.lr is not None else get_method(model.lora_zoo_setup.method).lr
+    optimizer = build_optimizer(model, lr, config.weight_decay, config.betas, config.optimizer,
+                                **config.optimizer_options)
+    trainable = count_trainable(model)
+    groups = [{"name": g.get("name", "?"), "tensors": len(g["params"]), "parameters": sum(p.numel() for p in g["params"]),
+               "lr": g["lr"]} for g in optimizer.param_groups]
+    logger.info("%d trainable parameters, lr %.3g, %d iterations", trainable, lr, iterations)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=config.eta_min)
+    amp = config.amp
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
-    hooks = training_hooks(model, total_iterations)
+    hooks = training_hooks(model, iterations, seed)
     class_tokens = class_tokens.to(device)
     fixed_features = None
     if not text_adapted:
         with torch.no_grad(), autocast(device, amp):
             fixed_features = text_features(model, class_tokens)
-    log_every = log_every or max(1, total_iterations // 20)
+    log_every = config.log_every or max(1, iterations // 20)
     history, window, loss_value = [], [], float("nan")
     batches = cycle(loader)
     model.train()
-    bar = tqdm(range(total_iterations), desc="train", disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(range(iterations), desc="train", disable=not progress, dynamic_ncols=True, leave=False)
     start = time.perf_counter()
     for step in bar:
         images, labels = next(batches)
@@ -172,16 +187,16 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
                                    class_tokens, optimizer, hooks, step, device, amp, scaler, fixed_features)
         if not math.isfinite(loss_value):
             bar.close()
-            raise NonFiniteLossError(f"training loss is {loss_value} at iteration {step + 1}/{total_iterations}; "
+            raise NonFiniteLossError(f"training loss is {loss_value} at iteration {step + 1}/{iterations}; "
                                      "stopped, nothing saved as a result (try a lower lr)")
         scheduler.step()
         window.append(loss_value)
         if progress:
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
-        if (step + 1) % log_every == 0 or step + 1 == total_iterations:
+        if (step + 1) % log_every == 0 or step + 1 == iterations:
             mean_loss = sum(window) / len(window)
             history.append((step + 1, mean_loss))
-            logger.debug("iteration %d/%d  loss %.4f  lr %.3e", step + 1, total_iterations, mean_loss,
+            logger.debug("iteration %d/%d  loss %.4f  lr %.3e", step + 1, iterations, mean_loss,
                          optimizer.param_groups[0]["lr"])
             window = []
     if device.type == "cuda":
@@ -190,4 +205,4 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
     bar.close()
     hooks.finish()
     model.eval()
-    return TrainResult(total_iterations, seconds, loss_value, history, dict(hooks.summary()))
+    return TrainResult(trainable, groups, iterations, seconds, loss_value, history, dict(hooks.summary()))

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .adapter import AdapterConfig, AdapterLinear, positive_int
+from .options import option
 from .registry import register_method
 
 _SHARED: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
@@ -53,20 +54,23 @@ def shared_projections(seed: int, rank: int, max_out: int, max_in: int, device, 
 
 @dataclass
 class VeraConfig(AdapterConfig):
-    rank: int = 256
-    d_init: float = 0.1
-    projection_seed: int = 0
-    max_in_features: Optional[int] = None   # set by plan_layers (None: this layer's own size)
-    max_out_features: Optional[int] = None
+    rank: int = option(256, "rank r of the shared frozen pair")
+    d_init: float = option(0.1, "initial value of every entry of d")
+    projection_seed: int = option(0, "seed of the shared frozen random pair")
+    max_in_features: Optional[int] = option(None, "set by plan_layers: width of the shared A (null: this layer's)")
+    max_out_features: Optional[int] = option(None, "set by plan_layers: height of the shared B (null: this layer's)")
 
     def __post_init__(self):
         super().__post_init__()
         positive_int("rank", self.rank)
 
 
-@register_method("vera")
+# lr 4e-3: VeRA trains its vectors at learning rates far above LoRA's (order 1e-3 .. 1e-2 in the paper's
+# appendix); our choice in that range, not tuned on test data
+@register_method("vera", display_name="VeRA", citation="Kopiczko, Blankevoort & Asano, ICLR 2024", lr=4e-3)
 class VeraLinear(AdapterLinear):
     config_class = VeraConfig
+    up_tensors, down_tensors = ("lora_lambda_b",), ("lora_lambda_d",)
 
     def __init__(self, base_layer: nn.Linear, config: VeraConfig, stats=None):
         super().__init__(base_layer, config, stats)
@@ -93,16 +97,11 @@ class VeraLinear(AdapterLinear):
         """This layer's slices ``A[:, :d_in]`` and ``B[:d_out]`` of the shared pair."""
         return self.lora_vera_A[:, :self.in_features], self.lora_vera_B[:self.out_features]
 
-    def _delta(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def factors(self, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # b is folded into the frozen up slice and d into the down slice once per step (d_out × r and
+        # r × d_in values), so autograd keeps rank-r hidden states per token, no d_out-wide copy of the output
         down, up = self.projections()
-        return tensors["lora_lambda_b"][:, None] * (up * tensors["lora_lambda_d"][None, :]) @ down
-
-    def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
-        # b is folded into the frozen slice once per step (d_out × r values), so autograd keeps the rank-r
-        # hidden states per token but no d_out-wide copy of the output (bench: "saved for backward")
-        down, up = self.projections()
-        hidden = (x @ down.t().to(x.dtype)) * self.lora_lambda_d.to(x.dtype)
-        return hidden @ (self.lora_lambda_b[:, None] * up).t().to(x.dtype)
+        return tensors["lora_lambda_b"][:, None] * up, tensors["lora_lambda_d"][:, None] * down
 
     def _apply(self, fn, recurse=True):
         # a device/dtype move converts each layer's buffer separately; share one converted pair again

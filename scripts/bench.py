@@ -94,8 +94,8 @@ class Variant:
         else:
             stats = calibrate(self.model) if lz.build_config(method, **options).needs_calibration else None
             lz.apply_adapters(self.model, method, stats=stats, **options)
-            self.trainable = lz.count_trainable(self.model)
-            self.optimizer = torch.optim.AdamW(lz.param_groups(self.model, lr=1e-4, weight_decay=1e-2))
+            self.optimizer = lz.build_optimizer(self.model, lr=1e-4, weight_decay=1e-2)  # the method's builder
+            self.trainable = lz.count_trainable(self.model)  # after the builder (LoRA-FA freezes A)
             self.hooks = lz.training_hooks(self.model, steps)
         self.init_seconds = time.perf_counter() - start
         self.step_index = 0

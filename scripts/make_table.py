@@ -1,11 +1,13 @@
 """Tabulate a results folder in the layout of the NoRA paper's Table 2 (Li et al., ICCV 2025).
 
-Food-101, Oxford Pets, DTD and their Average at 4 and 16 shots, top-1 (%) as
-mean ± std over seeds, printed as Markdown, LaTeX and CSV. The paper's reported
+The datasets found in the results (or ``--datasets``), in the registry's order,
+and their Average at 4 and 16 shots, top-1 (%) as mean ± std over seeds,
+printed as Markdown, LaTeX and CSV. Methods are named by their registered
+display names (``lora_zoo.get_method(name).display_name``). The paper's reported
 rows (``../shared/reported/nora_table2.csv``) are shown beside ours. The std is the
 *sample* standard deviation (ddof=1, numpy ``std(ddof=1)``) over the seeds found;
-with one seed no std is shown. Average = mean over the three datasets of each
-seed's accuracy, over the seeds present for all three (std likewise). A cell
+with one seed no std is shown. Average = mean over the datasets of each
+seed's accuracy, over the seeds present for all of them (std likewise). A cell
 with fewer seeds than ``--seeds`` lists is marked ``(n/3)``; a cell with no run
 is "—": nothing is ever filled in. ``--plot_dir`` also writes an accuracy-vs-shots
 PNG per dataset when matplotlib is installed.
@@ -23,10 +25,32 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = [("food101", "Food"), ("oxford_pets", "Pets"), ("dtd", "DTD")]
-PAPER_NAMES = {"lora": "CLIP-LoRA", "nora": "NoRA", "aira": "AIRA", "loraplus": "LoRA+", "adalora": "AdaLoRA",
-               "dylora": "DyLoRA", "lorafa": "LoRA-FA", "vera": "VeRA", "dora": "DoRA", "pissa": "PiSSA"}
+sys.path.insert(0, str(REPO))
 MISSING = "—"
+
+
+def display_name(method: str) -> str:
+    """The method's registered display name (the name itself for a method this checkout does not have)."""
+    import lora_zoo
+    return lora_zoo.get_method(method).display_name if method in lora_zoo.list_methods() else method
+
+
+def dataset_columns(table, backbone, requested=None, reported_order=()) -> list[tuple[str, str]]:
+    """``[(dataset, column label)]``: ``requested``, else every dataset with results — those of the paper's
+    table first, in its order, then the others in CoOp's benchmark order. Labels are the registry's."""
+    from datasets import BENCHMARK_DATASETS, get_spec, list_datasets
+    present = {key[2] for key in table if key[0] == backbone}
+    order = [d for d in (*reported_order, *BENCHMARK_DATASETS, *list_datasets()) if d in list_datasets()]
+    names = requested or list(dict.fromkeys(d for d in order if d in present)) + sorted(present - set(order))
+    return [(name, get_spec(name).display_name if name in list_datasets() else name) for name in names]
+
+
+def reported_datasets(path: Path) -> list[str]:
+    """The dataset columns of a reported-results CSV, in its order."""
+    if not path.is_file():
+        return []
+    header = next(line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#"))
+    return [c for c in header.split(",") if c not in ("method", "shots", "average")]
 
 
 def load_results(root: Path):
@@ -57,22 +81,22 @@ def cell_text(stat, expected: int) -> str:
     return text + (f" ({n}/{expected})" if n < expected else "")
 
 
-def our_rows(table, backbone, methods, shots_list, seeds):
+def our_rows(table, backbone, methods, shots_list, seeds, columns):
     rows = []
     for method in methods:
         cells = []
         for shots in shots_list:
             per_dataset = [{s: a for s, a in table.get((backbone, method, d, shots), {}).items() if s in seeds}
-                           for d, _ in DATASETS]
+                           for d, _ in columns]
             cells += [cell_text(mean_std(p.values()), len(seeds)) for p in per_dataset]
             common = set.intersection(*(set(p) for p in per_dataset))
             averages = [statistics.fmean(p[s] for p in per_dataset) for s in sorted(common)]
             cells.append(cell_text(mean_std(averages), len(seeds)))
-        rows.append((f"{PAPER_NAMES.get(method, method)} (ours, {method})", cells))
+        rows.append((f"{display_name(method)} (ours, {method})", cells))
     return rows
 
 
-def reported_rows(path: Path, shots_list):
+def reported_rows(path: Path, shots_list, columns):
     if not path.is_file():
         print(f"warning: no reported results at {path}; showing ours only", file=sys.stderr)
         return []
@@ -85,17 +109,17 @@ def reported_rows(path: Path, shots_list):
         cells = []
         for shots in shots_list:
             row = per_shots.get(shots)
-            cells += [row[k] if row and row.get(k) else MISSING for k in ("food101", "oxford_pets", "dtd", "average")]
+            cells += [row[k] if row and row.get(k) else MISSING for k in [d for d, _ in columns] + ["average"]]
         rows.append((f"{method} (paper)", cells))
     return rows
 
 
-def header(shots_list):
-    return ["Method"] + [f"{name} {k}-shot" for k in shots_list for name in [n for _, n in DATASETS] + ["Average"]]
+def header(shots_list, columns):
+    return ["Method"] + [f"{name} {k}-shot" for k in shots_list for name in [n for _, n in columns] + ["Average"]]
 
 
-def render(rows, shots_list, fmt: str) -> str:
-    head = header(shots_list)
+def render(rows, shots_list, columns, fmt: str) -> str:
+    head = header(shots_list, columns)
     if fmt == "md":
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join([name] + cells) + " |" for name, cells in rows]
@@ -103,8 +127,9 @@ def render(rows, shots_list, fmt: str) -> str:
     if fmt == "latex":
         tex = lambda s: s.replace("±", r"$\pm$").replace("—", "--").replace("%", r"\%").replace("_", r"\_")
         lines = [r"\begin{tabular}{l" + "c" * (len(head) - 1) + "}", r"\toprule",
-                 " & ".join(["Method"] + [rf"\multicolumn{{4}}{{c}}{{{k}-shot}}" for k in shots_list]) + r" \\",
-                 " & ".join([""] + [n for _ in shots_list for n in [n for _, n in DATASETS] + ["Average"]]) + r" \\",
+                 " & ".join(["Method"] + [rf"\multicolumn{{{len(columns) + 1}}}{{c}}{{{k}-shot}}" for k in shots_list])
+                 + r" \\",
+                 " & ".join([""] + [n for _ in shots_list for n in [n for _, n in columns] + ["Average"]]) + r" \\",
                  r"\midrule"]
         lines += [" & ".join(tex(c) for c in [name] + cells) + r" \\" for name, cells in rows]
         return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"])
@@ -116,7 +141,7 @@ def render(rows, shots_list, fmt: str) -> str:
     return out.getvalue().rstrip("\n")
 
 
-def plot(table, backbone, methods, seeds, plot_dir: Path) -> None:
+def plot(table, backbone, methods, seeds, plot_dir: Path, columns) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -126,7 +151,7 @@ def plot(table, backbone, methods, seeds, plot_dir: Path) -> None:
               file=sys.stderr)
         return
     plot_dir.mkdir(parents=True, exist_ok=True)
-    for dataset, name in DATASETS:
+    for dataset, name in columns:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for method in methods:
             points = sorted((k, mean_std(a for s, a in runs.items() if s in seeds))
@@ -149,6 +174,7 @@ def main(argv=None) -> int:
     parser.add_argument("results", type=Path, help="results folder (main.py --output_dir)")
     parser.add_argument("--backbone", help="backbone to tabulate (default: the only one found, else ViT-B-16)")
     parser.add_argument("--methods", nargs="+", help="our methods to show, in order (default: all found)")
+    parser.add_argument("--datasets", nargs="+", help="datasets to show, in order (default: every one with results)")
     parser.add_argument("--shots", nargs="+", type=int, default=[4, 16])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--reported", type=Path, default=REPO.parent / "shared" / "reported" / "nora_table2.csv")
@@ -163,14 +189,15 @@ def main(argv=None) -> int:
     backbones = sorted({key[0] for key in table})
     backbone = args.backbone or (backbones[0] if len(backbones) == 1 else "ViT-B-16")
     methods = args.methods or sorted({key[1] for key in table if key[0] == backbone})
-    rows = ([] if args.no_reported else reported_rows(args.reported, args.shots))
-    rows += our_rows(table, backbone, methods, args.shots, set(args.seeds))
+    columns = dataset_columns(table, backbone, args.datasets, [] if args.no_reported else reported_datasets(args.reported))
+    rows = ([] if args.no_reported else reported_rows(args.reported, args.shots, columns))
+    rows += our_rows(table, backbone, methods, args.shots, set(args.seeds), columns)
     print(f"Top-1 accuracy (%), {backbone}; ours: mean ± sample std over seeds {args.seeds}; "
           f"(n/{len(args.seeds)}) = seeds found; {MISSING} = no run\n")
     for fmt in (["md", "latex", "csv"] if args.format == "all" else [args.format]):
-        print(render(rows, args.shots, fmt) + "\n")
+        print(render(rows, args.shots, columns, fmt) + "\n")
     if args.plot_dir:
-        plot(table, backbone, methods, set(args.seeds), args.plot_dir)
+        plot(table, backbone, methods, set(args.seeds), args.plot_dir, columns)
     return 0
 
 

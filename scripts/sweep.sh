@@ -3,7 +3,8 @@
 # seeds 1 2 3). Finished runs (result.json present) are skipped, so the sweep can be killed and
 # restarted at any time: a killed run leaves no result.json and its partial files are overwritten.
 #
-#   scripts/sweep.sh --root_path DATA [--methods "lora nora aira" (default: all registered)] [--datasets "dtd food101 oxford_pets"]
+#   scripts/sweep.sh --root_path DATA [--methods "lora nora aira" (default: all registered)]
+#                    [--datasets "dtd food101" (default: every benchmark dataset found under DATA)]
 #                    [--shots "1 2 4 8 16"] [--seeds "1 2 3"] [--backbone ViT-B-16] [--output_dir outputs]
 #                    [--jobs N] [--python PY] [--slurm FILE [--slurm_header "#SBATCH --partition=gpu"]]
 #                    [--dry_run] [-- extra main.py args, e.g. --set n_iters=2]
@@ -14,7 +15,7 @@
 set -uo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-methods=""; datasets="dtd food101 oxford_pets"; shots="1 2 4 8 16"; seeds="1 2 3"
+methods=""; datasets=""; shots="1 2 4 8 16"; seeds="1 2 3"
 backbone="ViT-B-16"; output_dir="outputs"; root_path=""; jobs=1; python="${PYTHON:-python}"
 slurm=""; slurm_header=""; dry_run=0; extra=()
 die() { echo "sweep.sh: $*" >&2; exit 2; }
@@ -33,7 +34,7 @@ while [[ $# -gt 0 ]]; do
     --slurm_header) slurm_header="$2"; shift 2 ;;
     --dry_run) dry_run=1; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
@@ -45,6 +46,17 @@ output_dir="$(realpath -ms "$output_dir")"; root_path="$(realpath -ms "$root_pat
 if [[ -z "$methods" ]]; then  # default: every registered method
   methods="$(cd "$here" && "$python" -c 'import lora_zoo; print(" ".join(lora_zoo.list_methods()))')" \
     || die "cannot list lora_zoo methods with $python"
+fi
+if [[ -z "$datasets" ]]; then  # default: every benchmark dataset whose folder is under root_path
+  datasets="$(cd "$here" && "$python" -c 'import sys
+from datasets.registry import BENCHMARK_DATASETS, DatasetError, locate_dataset
+def found(name):
+    try:
+        return bool(locate_dataset(name, sys.argv[1]))
+    except DatasetError:
+        return False
+print(" ".join(d for d in BENCHMARK_DATASETS if found(d)))' "$root_path")" || die "cannot list datasets with $python"
+  [[ -n "$datasets" ]] || die "no benchmark dataset found under $root_path (see DATASET.md; --datasets imagefolder for your own)"
 fi
 
 # pending runs, in order; the run folder layout is lora_zoo.experiment.run_dir's

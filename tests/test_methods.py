@@ -47,7 +47,7 @@ CASES = {
                        preserves=True, count=nora_count),
     "aira": dict(options=dict(rank=4, rank_min=1, rank_max=16), preserves=True, count=lora_count),
     "aira_noalloc": dict(method="aira", options=dict(rank=4, rank_alloc=False), preserves=True, count=lora_count),
-    "loraplus": dict(options=dict(rank=4, alpha=8, lr_ratio=16.0), preserves=True, count=lora_count),
+    "loraplus": dict(options=dict(rank=4, alpha=8), preserves=True, count=lora_count),
     "lorafa": dict(options=dict(rank=4, alpha=8), preserves=True, count=lorafa_count),
     "vera": dict(options=dict(rank=16), preserves=True, count=vera_count),
     "adalora": dict(options=dict(init_rank=6, target_rank=4), preserves=True, count=adalora_count),
@@ -67,13 +67,15 @@ def test_every_method_has_a_case():
 
 
 def adapted(case_id, images, texts, seed=0):
-    """(split model before adapters, adapted model, stats) for one case."""
+    """(split model before adapters, adapted model, its optimizer) for one case, built as a run builds it:
+    adapters, then the method's optimizer builder (which may freeze tensors: LoRA-FA's A)."""
     base = tiny_clip(seed=seed)
     lz.split_attention(base)
     stats = lz.collect_activation_stats(base, [images], [texts], targets=("q", "k", "v"))
     model = copy.deepcopy(base)
     lz.apply_adapters(model, case_method(case_id), stats=stats, **CASES[case_id]["options"])
-    return base, model, stats
+    optimizer = lz.build_optimizer(model, lr=1e-2, weight_decay=0.0)
+    return base, model, optimizer
 
 
 def outputs(model, images, texts):
@@ -124,13 +126,13 @@ def test_merge_unmerge(case_id, images, texts):
 
 @pytest.mark.parametrize("case_id", ALL)
 def test_only_adapter_tensors_train(case_id, images, texts):
-    _, model, _ = adapted(case_id, images, texts)
+    _, model, optimizer = adapted(case_id, images, texts)
     named = lz.named_trainable_parameters(model)
     assert named and all(lz.is_adapter_tensor(n) for n in named)
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in named.values()}
     frozen = {n: p.clone() for n, p in model.named_parameters() if n not in named}
     assert all(not p.requires_grad for n, p in model.named_parameters() if n not in named)
     before = {n: p.clone() for n, p in named.items()}
-    optimizer = torch.optim.AdamW(lz.param_groups(model, lr=1e-2, weight_decay=0.0))
     model.train()
     for _ in range(2):  # two steps: zero-initialised factors make their partners' first grads zero
         optimizer.zero_grad()

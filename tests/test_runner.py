@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import lora_zoo as lz
+
 import lora_zoo
-from lora_zoo.experiment import load_config, run_dir, run_experiment
+from lora_zoo.config import load_config
+from lora_zoo.experiment import run_dir, run_experiment
 from lora_zoo.export import fused_state_dict
 from lora_zoo.models import build_clip
 
@@ -137,7 +140,7 @@ def small_config(data_root, out, **overrides):
     values = dict(method="lora", root_path=str(data_root), output_dir=str(out), backbone="tiny-vit", shots=2,
                   n_iters=3, batch_size=4, num_workers=0, eval_batch_size=16)
     values.update(overrides)
-    return load_config([REPO / "configs" / f"{values['method']}.yaml"], values)
+    return load_config([], values)
 
 
 def test_same_seed_same_numbers_other_seed_other_subset(data_root, tmp_path):
@@ -151,13 +154,17 @@ def test_same_seed_same_numbers_other_seed_other_subset(data_root, tmp_path):
 
 
 def test_config_precedence_and_coercion(tmp_path):
-    extra = tmp_path / "extra.yaml"
+    first, extra = tmp_path / "first.yaml", tmp_path / "extra.yaml"
+    first.write_text("method: nora\nbatch_size: 8\nmethod_options: {inner_init: lora}\n")
     extra.write_text("lr: 1e-3\nn_iters: 7\nmethod_options: {inner_rank: 4}\n")
-    cfg = load_config([REPO / "configs" / "nora.yaml", extra], {"n_iters": 9, "method_options.outer_rank": 0.5})
-    assert (cfg.lr, cfg.n_iters, cfg.shots * cfg.n_iters) == (1e-3, 9, cfg.total_iterations)
-    assert cfg.method_options["inner_rank"] == 4 and cfg.method_options["outer_rank"] == 0.5
-    assert cfg.method_options["inner_init"] == "sigma"  # from configs/nora.yaml
+    cfg = load_config([first, extra], {"n_iters": 9, "method_options.outer_rank": 0.5})
+    assert (cfg.train.lr, cfg.train.n_iters, cfg.shots * cfg.train.n_iters) == (1e-3, 9, cfg.total_iterations)
+    assert cfg.train.batch_size == 8 and cfg.train.weight_decay == 1e-2  # a file's value; the dataclass default
+    assert cfg.method_options == {"inner_init": "lora", "inner_rank": 4, "outer_rank": 0.5}
     assert run_dir(cfg) == Path("outputs/ViT-B-16/dtd/16shots/seed1/nora")
+    # lr defaults to the method's registered protocol lr, whatever the method
+    for method in lz.list_methods():
+        assert load_config([], {"method": method}).train.lr == lz.get_method(method).lr
 
 
 def one_line_error(capsys, argv, method=None):
@@ -171,7 +178,7 @@ def one_line_error(capsys, argv, method=None):
 
 @pytest.mark.parametrize("bad, expect", [
     (["--method", "no_such_method"], "unknown adapter method"),
-    (["--method", "lora", "--dataset", "imagenet"], "unknown dataset"),
+    (["--method", "lora", "--dataset", "no_such_dataset"], "unknown dataset"),
     (["--method", "lora", "--backbone", "ViT-Z-99"], "unknown backbone"),
     (["--method", "lora", "--config", "/no/such/config.yaml"], "cannot read config"),
     (["--method", "lora", "--set", "no_such_key=1"], "unknown config key"),

@@ -1,0 +1,192 @@
+"""The configuration of a run: ``TrainConfig`` (the loop), ``ExperimentConfig`` (everything else), YAML.
+
+Each setting has one home, its dataclass field (default and help text):
+
+- ``TrainConfig``: what the training loop uses, passed whole to ``train.train_adapters``
+  (AdamW settings, the optimizer builder and its options, iterations per shot, batch, AMP);
+  ``lr: null`` means the method's registered protocol learning rate;
+- ``ExperimentConfig``: method and its options, data, backbone, targets, evaluation,
+  outputs, with ``train`` holding a ``TrainConfig``;
+- a method's options: its layer config and schedule options (``registry.MethodSpec``);
+- an optimizer builder's options: its ``options_class`` (``optim.py``).
+
+``load_config(yaml_paths, overrides)`` layers YAML files and overrides over the
+defaults. Keys are flat: the name of an ``ExperimentConfig`` or ``TrainConfig``
+field (``lr``, ``shots``), ``method_options.<name>`` and
+``optimizer_options.<name>`` (or those two as mappings). An unknown key, or a
+value of the wrong type, is a one-line error naming it and where it came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import yaml
+
+from .inject import method_options
+from .models import list_backbones
+from .optim import get_optimizer
+from .options import Options, field_names, option
+from .registry import get_method
+from .targets import check_targets
+
+#: keys that hold a mapping of options rather than one value
+OPTION_GROUPS = ("method_options", "optimizer_options")
+
+
+@dataclass
+class TrainConfig(Options):
+    """Settings of the one training loop (METHODS.md, "Experiment protocol")."""
+
+    lr: Optional[float] = option(None, "learning rate (null: the method's registered protocol lr)")
+    n_iters: int = option(500, "iterations per shot: total = n_iters x shots")
+    batch_size: int = option(32, "training batch size")
+    weight_decay: float = option(1e-2, "AdamW weight decay")
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
+    eta_min: float = option(1e-6, "final learning rate of the cosine schedule (stepped every iteration)")
+    optimizer: Optional[str] = option(None, "optimizer builder: adamw, loraplus, lorafa, ... (null: the method's)")
+    optimizer_options: dict = option({}, "options of the optimizer builder, e.g. lr_ratio for loraplus")
+    amp: bool = option(True, "fp16 autocast + GradScaler on CUDA (CPU always runs in fp32)")
+    log_every: int = option(0, "iterations between loss log entries (0: about 20 entries per run)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("n_iters", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if (self.lr is not None and self.lr <= 0) or self.weight_decay < 0 or self.eta_min < 0 or self.log_every < 0:
+            raise ValueError(f"need lr > 0, weight_decay >= 0, eta_min >= 0, log_every >= 0 "
+                             f"(got {self.lr}, {self.weight_decay}, {self.eta_min}, {self.log_every})")
+
+
+@dataclass
+class ExperimentConfig(Options):
+    """Everything that defines one run besides the loop (``train``)."""
+
+    method: str = option("lora", "registered lora_zoo method")
+    dataset: str = option("dtd", "registered few-shot dataset")
+    root_path: str = option("data", "folder holding the datasets (see DATASET.md)")
+    shots: int = option(16, "images per class (1, 2, 4, 8, 16)")
+    seed: int = option(1, "few-shot sampling and training seed (1, 2, 3)")
+    backbone: str = option("ViT-B-16", "open_clip model name, or a tiny-* backbone built in code")
+    pretrained: Optional[str] = option("openai", "open_clip pretrained tag ('none': random init)")
+    method_options: dict = option({}, "the method's options (layer and schedule)")
+    encoders: tuple[str, ...] = option(("vision", "text"), "towers to adapt: vision,text")
+    targets: tuple[str, ...] = option(("q", "k", "v"), "linears to adapt in each block: q,k,v,o,fc1,fc2")
+    layers: Optional[tuple[int, ...]] = option(None, "block indices to adapt (null or 'all': every block)")
+    template: Optional[str] = option(None, "prompt template with {} for the class name (null: 'a photo of a {}.')")
+    num_workers: Optional[int] = option(None, "data loader workers (null: min(8, CPUs))")
+    eval_batch_size: int = option(128, "evaluation batch size")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    output_dir: str = option("outputs", "results root")
+    backbone_seed: int = option(0, "init seed of the random tiny-* backbones (the same for every run seed)")
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop's settings"})
+
+    def __post_init__(self):
+        from datasets.registry import get_spec as dataset_spec  # the repository's few-shot datasets package
+
+        if self.layers in ("all", ""):
+            self.layers = None
+        if self.pretrained in ("", "none", "None"):
+            self.pretrained = None
+        super().__post_init__()
+        for name in ("shots", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.encoders, self.targets = check_targets(self.encoders, self.targets)
+        if self.backbone not in list_backbones():
+            raise ValueError(f"unknown backbone {self.backbone!r}; expected an open_clip model name "
+                             "(open_clip.list_models(), e.g. ViT-B-16) or a tiny-* backbone")
+        dataset_spec(self.dataset)                             # unknown dataset → one line listing names
+        spec = method_options(self.method, self.method_options)[0]  # unknown method / bad option → one line
+        if self.train.lr is None:
+            self.train = dataclasses.replace(self.train, lr=spec.lr)
+        get_optimizer(self.optimizer).options(self.train.optimizer_options)
+        if not (self.device in ("auto", "cpu") or self.device.startswith(("cuda", "mps"))):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def optimizer(self) -> str:
+        """The optimizer builder this run uses (``train.optimizer``, else the method's)."""
+        return self.train.optimizer or get_method(self.method).optimizer
+
+    @property
+    def total_iterations(self) -> int:
+        return self.train.n_iters * self.shots
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(value):
+            if isinstance(value, tuple):
+                return list(value)
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return value
+        return plain(dataclasses.asdict(self))
+
+
+EXPERIMENT_KEYS = [k for k in field_names(ExperimentConfig) if k not in ("train", "method_options")]
+TRAIN_KEYS = [k for k in field_names(TrainConfig) if k != "optimizer_options"]
+
+
+def config_keys() -> list[str]:
+    """Every key a YAML file or ``--set`` accepts (besides ``<group>.<option>``)."""
+    return EXPERIMENT_KEYS + TRAIN_KEYS + list(OPTION_GROUPS)
+
+
+def read_yaml(path) -> dict:
+    """A YAML mapping from ``path``; one-line errors for unreadable or non-mapping files."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ValueError(f"cannot read config {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"config {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a YAML mapping of keys to values")
+    return data
+
+
+def merge_values(values: dict, new: Mapping[str, Any], source: str) -> None:
+    """Layer ``new`` (flat keys) over ``values`` in place; unknown keys are a one-line error."""
+    for key, value in new.items():
+        head, _, rest = str(key).partition(".")
+        if head not in config_keys() or (rest and head not in OPTION_GROUPS):
+            raise ValueError(f"unknown config key {key!r} ({source}); valid keys: {', '.join(config_keys())}, "
+                             "method_options.<option>, optimizer_options.<option>")
+        if head in OPTION_GROUPS:
+            options = values.setdefault(head, {})
+            if rest:
+                options[rest] = value
+            elif isinstance(value, dict):
+                options.update(value)
+            else:
+                raise ValueError(f"{head} must be a mapping ({source}), got {value!r}")
+        else:
+            values[head] = value
+
+
+def build_config(values: Mapping[str, Any]) -> ExperimentConfig:
+    """An ``ExperimentConfig`` from flat ``values`` (as ``merge_values`` collects them)."""
+    values = dict(values)
+    train = {k: values.pop(k) for k in list(values) if k in TRAIN_KEYS}
+    if "optimizer_options" in values:
+        train["optimizer_options"] = values.pop("optimizer_options")
+    return ExperimentConfig(**values, train=TrainConfig(**train))
+
+
+def collect_values(yaml_paths: Iterable = (), overrides: Optional[Mapping[str, Any]] = None) -> dict:
+    """Each YAML file in order, then ``overrides``, as one flat mapping of the keys that were set."""
+    values: dict = {}
+    for path in yaml_paths:
+        merge_values(values, read_yaml(path), str(path))
+    merge_values(values, dict(overrides or {}), "override")
+    return values
+
+
+def load_config(yaml_paths: Iterable = (), overrides: Optional[Mapping[str, Any]] = None) -> ExperimentConfig:
+    """Defaults < each YAML file in order < ``overrides`` (``{"lr": 1e-3, "method_options.rank": 4}``)."""
+    return build_config(collect_values(yaml_paths, overrides))

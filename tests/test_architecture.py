@@ -1,0 +1,216 @@
+"""The shape of the codebase: one home per setting, one file per method, no import cycles, small files.
+
+The end-to-end check copies the repository's code to a temporary folder, adds one
+file defining a throwaway method there and nothing else, and asks every tool
+(registry, ``main.py --help``, the sweep, the table, the benchmark) about it.
+"""
+import ast
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import lora_zoo as lz
+from conftest import tiny_clip
+from lora_zoo.config import TRAIN_KEYS, ExperimentConfig, TrainConfig, merge_values, read_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = ["lora_zoo", "datasets", "scripts", "configs", "main.py", "main_nora.py", "main_aira.py", "pyproject.toml"]
+
+
+# ---- no import cycle, no large file ------------------------------------------------------------
+def package_imports(package: Path) -> dict[str, set[str]]:
+    """``{module: modules of the same package it imports}``, function-local imports included."""
+    graph = {}
+    for path in sorted(package.glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(package.name + "."):
+                deps.add(node.module.split(".")[1])
+        graph[path.stem] = {d for d in deps if d != path.stem and (package / f"{d}.py").is_file()} - {"__init__"}
+    return graph
+
+
+@pytest.mark.parametrize("package", ["lora_zoo", "datasets"])
+def test_no_import_cycle(package):
+    graph = package_imports(REPO / package)
+    assert len(graph) > 5
+    state = {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for dep in sorted(graph[module]):
+            assert state.get(dep) != "open", "import cycle: " + " -> ".join(path + [dep])
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[module] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+
+
+def test_no_file_over_400_lines():
+    files = [p for d in ("lora_zoo", "datasets", "scripts") for p in (REPO / d).glob("*.py")]
+    files += [REPO / "main.py"]
+    long = {str(p.relative_to(REPO)): n for p in files if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
+
+
+# ---- one home for every setting ----------------------------------------------------------------
+def field_defaults(cls) -> dict:
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls)}
+
+
+def test_no_config_file_restates_a_default():
+    """Each YAML in configs/ holds only what differs from the dataclass defaults it overrides
+    (for ``lr``: from the method's registered protocol lr)."""
+    files = sorted((REPO / "configs").glob("*.yaml"))
+    assert files
+    experiment, train = field_defaults(ExperimentConfig), field_defaults(TrainConfig)
+    for path in files:
+        values = {}
+        merge_values(values, read_yaml(path), str(path))
+        spec = lz.get_method(values.get("method", experiment["method"]))
+        option_defaults = {}
+        for options_class in spec.option_classes():
+            option_defaults.update(field_defaults(options_class))
+        for key, value in values.items():
+            if key == "method_options":
+                for name, option in value.items():
+                    assert option != option_defaults[name], f"{path.name}: method_options.{name} is the default"
+            elif key == "lr":
+                assert float(value) != spec.lr, f"{path.name}: lr is {spec.name}'s registered lr"
+            elif key in TRAIN_KEYS:
+                assert value != train[key], f"{path.name}: {key} is the default"
+            elif key != "method":
+                assert value != experiment[key], f"{path.name}: {key} is the default"
+
+
+def test_every_method_has_its_metadata_and_its_options_as_flags():
+    import main
+
+    for method in lz.list_methods():
+        spec = lz.get_method(method)
+        assert spec.display_name and spec.citation and spec.lr > 0 and spec.optimizer in lz.list_optimizers()
+        flags = {a.dest for a in main.build_parser(method)._actions}
+        for options_class in spec.option_classes():
+            for f in dataclasses.fields(options_class):
+                assert f"method_options.{f.name}" in flags, (method, f.name)
+
+
+# ---- what is saved is what rebuilds the layer ---------------------------------------------------
+def train_steps(model, images, texts, steps=3, **optimizer):
+    opt = lz.build_optimizer(model, lr=1e-2, weight_decay=0.0, **optimizer)
+    hooks = lz.training_hooks(model, steps)
+    model.train()
+    for step in range(steps):
+        hooks.before_forward(step)
+        loss = (model.encode_image(images) @ model.encode_text(texts).t()).pow(2).mean() + hooks.regularizer()
+        opt.zero_grad()
+        loss.backward()
+        hooks.after_backward(step)
+        opt.step()
+        hooks.after_step(step)
+    hooks.finish()
+    return model.eval()
+
+
+@pytest.mark.parametrize("trained, loaded", [
+    (("loraplus", {}, {"lr_ratio": 16.0}), ("loraplus", {})),   # evaluated under another lr_ratio: same layer
+    (("loraplus", {}, {"lr_ratio": 16.0}), ("lora", {})),
+    (("adalora", {"target_rank": 2, "delta_t": 1, "t_init": 0.0}, {}), ("adalora", {"target_rank": 1})),
+    (("pissa", {"rank": 2}, {"optimizer": "lorafa"}), ("pissa", {"rank": 2})),
+])
+def test_checkpoint_loads_whatever_optimizer_or_schedule_trained_it(trained, loaded, images, texts, tmp_path):
+    method, options, optimizer = trained
+    model = tiny_clip()
+    lz.apply_adapters(model, method, **options)
+    train_steps(model, images, texts, **optimizer)
+    lz.save_adapters(model, tmp_path / "a.safetensors")
+    assert "lr_ratio" not in json.loads((tmp_path / "a.json").read_text())["config"]
+    with torch.no_grad():
+        expected = model.encode_image(images)
+    other = tiny_clip()
+    lz.apply_adapters(other, loaded[0], **{**{k: v for k, v in options.items() if k == "rank"}, **loaded[1]})
+    lz.load_adapters(other, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(other.encode_image(images), expected)
+
+
+def test_loraplus_optimizer_with_pissa_from_the_command_line(data_root, tmp_path, capsys):
+    import main
+
+    code = main.run(["--method", "pissa", "--optimizer", "loraplus", "--lr_ratio", "4", "--root_path", str(data_root),
+                     "--shots", "1", "--backbone", "tiny-vit", "--n_iters", "2", "--batch_size", "4",
+                     "--num_workers", "0", "--eval_batch_size", "16", "--output_dir", str(tmp_path), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "tiny-vit/dtd/1shots/seed1/pissa/result.json").read_text())
+    assert result["optimizer"] == "loraplus" and result["config"]["train"]["optimizer_options"] == {"lr_ratio": 4}
+    lr = lz.get_method("pissa").lr
+    groups = {g["name"]: g for g in result["optimizer_groups"]}
+    assert groups["up (B)"]["lr"] == pytest.approx(4 * lr) and groups["down (A)"]["lr"] == pytest.approx(lr)
+    assert groups["up (B)"]["parameters"] == 12 * 64 * 2 and groups["down (A)"]["parameters"] == 12 * 2 * 64
+
+
+# ---- a method is one file ----------------------------------------------------------------------
+TOY_METHOD = '''
+"""A throwaway method written by tests/test_architecture.py: LoRA whose update is scaled by ``gain``."""
+from dataclasses import dataclass
+
+from .lora import LoraConfig, LoraLinear
+from .options import option
+from .registry import register_method
+
+
+@dataclass
+class ToyConfig(LoraConfig):
+    toy_gain: float = option(2.0, "a throwaway option")
+
+
+@register_method("toy", display_name="ToyLoRA", citation="nobody, 2026", lr=3e-3)
+class ToyLinear(LoraLinear):
+    config_class = ToyConfig
+
+    def factors(self, tensors):
+        up, down = super().factors(tensors)
+        return self.config.toy_gain * up, down
+'''
+
+
+def test_a_new_method_is_one_file(tmp_path, data_root):
+    copy = tmp_path / "repo"
+    for name in SOURCES:
+        source = REPO / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, copy / name)
+    (copy / "lora_zoo" / "toy.py").write_text(textwrap.dedent(TOY_METHOD))
+
+    def run(*args):
+        proc = subprocess.run([*args], cwd=copy, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    py = sys.executable
+    assert "toy" in run(py, "-c", "import lora_zoo; print(lora_zoo.list_methods())")
+    help_text = run(py, "main.py", "--method", "toy", "--help")
+    assert "--toy_gain" in help_text and "ToyLoRA" in help_text and "0.003" in help_text
+    out = tmp_path / "runs"
+    run("bash", "scripts/sweep.sh", "--root_path", str(data_root), "--methods", "toy", "--shots", "1", "--seeds", "1",
+        "--backbone", "tiny-vit", "--output_dir", str(out), "--python", py, "--",
+        "--n_iters", "2", "--batch_size", "4", "--num_workers", "0", "--eval_batch_size", "16")
+    result = json.loads((out / "tiny-vit/dtd/1shots/seed1/toy/result.json").read_text())
+    assert result["config"]["train"]["lr"] == 3e-3 and result["method_config"]["toy_gain"] == 2.0
+    table = run(py, "scripts/make_table.py", str(out), "--shots", "1", "--seeds", "1", "--no_reported", "--format", "md")
+    assert "| ToyLoRA (ours, toy) |" in table
+    run(py, "scripts/bench.py", "--quick", "--methods", "toy", "--json", str(tmp_path / "bench.json"))
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["frozen", "lora r=16", "toy"] and rows[2]["trainable"] > 0
