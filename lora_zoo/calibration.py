@@ -4,10 +4,13 @@ METHODS.md, "Notation": run the frozen model on calibration inputs (few-shot
 training images for the vision tower, class prompts for the text tower) and
 record, for each target layer, the input channels' mean absolute value
 ``s_j = mean_tokens |x_j|`` and L2 norm ``n_j = ||X_{:,j}||₂`` and the output
-channels' mean absolute value ``o_i = mean_tokens |z_i|``. Text padding tokens
-(those equal to the text tower's ``pad_id``) are excluded. Everything is
-gathered in one forward pass over the batches, with hooks on the target
-linear layers; nothing per-token is kept.
+channels' mean absolute value ``o_i = mean_tokens |z_i|``, plus the mean over
+sequences of the output's L2 norm at the first position (``‖z_0‖₂``: the CLS
+token for vision, the start token for text; the importance the authors' AIRA
+rank allocation uses). Text padding tokens (those equal to the text tower's
+``pad_id``) are excluded unless ``include_padding`` (the authors' NoRA/AIRA
+calibration keeps them). Everything is gathered in one forward pass over the
+batches, with hooks on the target linear layers; nothing per-token is kept.
 """
 from __future__ import annotations
 
@@ -29,19 +32,25 @@ class LayerStats:
     input_l2: torch.Tensor         # n, (d_in,)
     output_abs_mean: torch.Tensor  # o, (d_out,)
     tokens: int
+    first_token_output_l2: Optional[torch.Tensor] = None  # mean over sequences of ‖z_0‖₂, shape ()
 
-    FIELDS = ("input_abs_mean", "input_l2", "output_abs_mean")
+    FIELDS = ("input_abs_mean", "input_l2", "output_abs_mean", "first_token_output_l2")
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f: getattr(self, f) for f in self.FIELDS}
+        """The statistics that are present (checkpoints of older versions lack the first-token one)."""
+        return {f: getattr(self, f) for f in self.FIELDS if getattr(self, f) is not None}
 
 
 class _Accumulator:
     def __init__(self):
         self.abs_in = self.sq_in = self.abs_out = None
         self.tokens = 0
+        self.first_norm_sum, self.sequences = 0.0, 0
 
     def update(self, x: torch.Tensor, z: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
+        if z.dim() == 3:  # (N, L, d_out), batch first: position 0 of every sequence
+            self.first_norm_sum += z[:, 0].detach().float().norm(dim=-1).sum().item()
+            self.sequences += z.shape[0]
         x = x.detach().float().reshape(-1, x.shape[-1])
         z = z.detach().float().reshape(-1, z.shape[-1])
         if valid is not None:
@@ -57,8 +66,10 @@ class _Accumulator:
 
     def result(self) -> LayerStats:
         count = max(self.tokens, 1)
+        first = torch.tensor(self.first_norm_sum / self.sequences) if self.sequences else None
         return LayerStats(input_abs_mean=(self.abs_in / count).cpu(), input_l2=self.sq_in.sqrt().cpu(),
-                          output_abs_mean=(self.abs_out / count).cpu(), tokens=self.tokens)
+                          output_abs_mean=(self.abs_out / count).cpu(), tokens=self.tokens,
+                          first_token_output_l2=first)
 
 
 def _text_pad_id(model: nn.Module) -> Optional[int]:
@@ -79,9 +90,10 @@ def _valid_tokens(tokens: torch.Tensor, pad_id: Optional[int], seq_len: int) -> 
 @torch.no_grad()
 def collect_activation_stats(model: nn.Module, image_batches: Optional[Iterable[torch.Tensor]] = None,
                              text_batches: Optional[Iterable[torch.Tensor]] = None,
-                             targets=("q", "k", "v"), layers=None) -> dict[str, LayerStats]:
+                             targets=("q", "k", "v"), layers=None, include_padding: bool = False) -> dict[str, LayerStats]:
     """Per-layer ``LayerStats`` for the targets of the vision tower (from ``image_batches``) and of the
-    text tower (from ``text_batches`` of token ids). Splits attention first if needed.
+    text tower (from ``text_batches`` of token ids; padding excluded unless ``include_padding``).
+    Splits attention first if needed.
 
     Returns ``{qualified layer name: LayerStats}`` with the names ``apply_adapters`` uses.
     """
@@ -108,7 +120,7 @@ def collect_activation_stats(model: nn.Module, image_batches: Optional[Iterable[
                 state["valid"] = None
                 model.encode_image(images.to(device))
         if text_batches is not None:
-            pad_id = _text_pad_id(model)
+            pad_id = None if include_padding else _text_pad_id(model)
             for tokens in text_batches:
                 tokens = tokens.to(device)
                 seq_len = tokens.shape[1] + (1 if getattr(model, "cls_emb", None) is not None else 0)

@@ -91,7 +91,8 @@ def read_adapter_config(path) -> dict[str, Any]:
 def _saved_stats(tensors, meta) -> dict[str, LayerStats]:
     stats = {}
     for name, tokens in meta["stats_tokens"].items():
-        fields = {f: tensors.pop(f"{STATS_PREFIX}{name}::{f}") for f in LayerStats.FIELDS}
+        fields = {f: tensors.pop(f"{STATS_PREFIX}{name}::{f}") for f in LayerStats.FIELDS
+                  if f"{STATS_PREFIX}{name}::{f}" in tensors}
         stats[name] = LayerStats(tokens=tokens, **fields)
     return stats
 

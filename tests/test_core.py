@@ -89,12 +89,19 @@ def test_calibration_statistics_match_a_manual_computation(images, texts):
     stats = lz.collect_activation_stats(model, [images[:2], images[2:]], [texts], targets=("q", "k", "v"))
     assert len(stats) == 12
     x, z = captured["vision"]
-    x, z = x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])
     got = stats["visual.transformer.resblocks.1.attn.k"]
+    torch.testing.assert_close(got.first_token_output_l2, z[:, 0].norm(dim=-1).mean())  # CLS output norm
+    x, z = x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])
     assert got.tokens == x.shape[0] == 3 * 17
     torch.testing.assert_close(got.input_abs_mean, x.abs().mean(0))
     torch.testing.assert_close(got.input_l2, x.norm(dim=0))
     torch.testing.assert_close(got.output_abs_mean, z.abs().mean(0))
+    # the authors' calibration keeps the padding positions
+    padded = lz.collect_activation_stats(model, None, [texts], include_padding=True)["transformer.resblocks.0.attn.v"]
+    x, z = captured["text"]
+    assert padded.tokens == texts.numel() == 4 * 32
+    torch.testing.assert_close(padded.input_abs_mean, x.reshape(-1, x.shape[-1]).abs().mean(0))
+    torch.testing.assert_close(padded.output_abs_mean, z.reshape(-1, z.shape[-1]).abs().mean(0))
     x, z = captured["text"]
     valid = (texts != 0).reshape(-1)  # padding (token id 0) is excluded
     x, z = x.reshape(-1, x.shape[-1])[valid], z.reshape(-1, z.shape[-1])[valid]
