@@ -19,6 +19,7 @@ value of the wrong type, is a one-line error naming it and where it came from.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
@@ -32,6 +33,7 @@ from .options import Options, field_names, option
 from .registry import get_method
 from .targets import check_targets
 
+RUN_NAME = re.compile(r"[A-Za-z0-9._=,+-]{1,120}")
 #: keys that hold a mapping of options rather than one value
 OPTION_GROUPS = ("method_options", "optimizer_options")
 
@@ -70,6 +72,8 @@ class ExperimentConfig(Options):
     root_path: str = option("data", "folder holding the datasets (see DATASET.md)")
     shots: int = option(16, "images per class (1, 2, 4, 8, 16)")
     seed: int = option(1, "few-shot sampling and training seed (1, 2, 3)")
+    run_name: Optional[str] = option(None, "name of this setting, joined to the run folder (<method>-<run_name>) "
+                                           "so that runs of one method with other options do not collide")
     backbone: str = option("ViT-B-16", "open_clip model name, or a tiny-* backbone built in code")
     pretrained: Optional[str] = option("openai", "open_clip pretrained tag ('none': random init)")
     method_options: dict = option({}, "the method's options (layer and schedule)")
@@ -95,6 +99,11 @@ class ExperimentConfig(Options):
         for name in ("shots", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.run_name is not None and not RUN_NAME.fullmatch(self.run_name):
+            raise ValueError(f"run_name must be 1-120 characters of letters, digits and . _ = , + - "
+                             f"(it becomes part of a folder name), got {self.run_name!r}")
         self.encoders, self.targets = check_targets(self.encoders, self.targets)
         if self.backbone not in list_backbones():
             raise ValueError(f"unknown backbone {self.backbone!r}; expected an open_clip model name "

@@ -19,6 +19,7 @@ The configuration is ``config.py``; what a run records about itself is
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 import tempfile
@@ -48,9 +49,24 @@ class RunFinishedError(ValueError):
 
 
 def run_dir(cfg: ExperimentConfig) -> Path:
-    """``output_dir/<backbone>/<dataset>/<shots>shots/seed<seed>/<method>`` (scripts/sweep.sh uses the same)."""
+    """``output_dir/<backbone>/<dataset>/<shots>shots/seed<seed>/<method>[-<run_name>]`` (the sweep uses it too)."""
+    leaf = cfg.method if cfg.run_name is None else f"{cfg.method}-{cfg.run_name}"
     return (Path(cfg.output_dir) / cfg.backbone.replace("/", "-") / cfg.dataset / f"{cfg.shots}shots"
-            / f"seed{cfg.seed}" / cfg.method)
+            / f"seed{cfg.seed}" / leaf)
+
+
+def read_result(folder: Path) -> dict[str, Any] | None:
+    """The run's ``result.json`` if it is complete (valid JSON with an accuracy), else None."""
+    try:
+        result = json.loads((Path(folder) / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) and isinstance(result.get("accuracy"), (int, float)) else None
+
+
+def is_finished(folder: Path) -> bool:
+    """Whether the run in ``folder`` finished (a truncated or corrupt result.json does not count)."""
+    return read_result(folder) is not None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,7 +108,7 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
     if eval_only:
         if not adapters_path.is_file():
             raise ValueError(f"no adapters to evaluate at {adapters_path}; train this run first")
-    elif (out / RESULT_FILE).exists() and not overwrite:
+    elif is_finished(out) and not overwrite:
         raise RunFinishedError(f"run already finished: {out / RESULT_FILE} exists")
     _check_writable(out)
     device = resolve_device(cfg.device)

@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     parser.add_argument("--datasets", nargs="+", help="datasets to show, in order (default: every one with results)")
     parser.add_argument("--shots", nargs="+", type=int, default=[4, 16])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--reported", type=Path, default=REPO.parent / "shared" / "reported" / "nora_table2.csv")
+    parser.add_argument("--reported", type=Path, default=REPO / "reported" / "nora_table2.csv")
     parser.add_argument("--no_reported", action="store_true", help="do not show the paper's rows")
     parser.add_argument("--format", choices=["md", "latex", "csv", "all"], default="all")
     parser.add_argument("--plot_dir", type=Path, help="write accuracy-vs-shots PNGs here (needs matplotlib)")
