@@ -136,11 +136,9 @@ def test_table_shows_reported_rows_in_every_format(fixture_results, tmp_path):
 
 
 def test_default_reported_file_and_plot_skip_message(fixture_results, tmp_path):
-    if not (REPO.parent / "shared" / "reported" / "nora_table2.csv").is_file():
-        pytest.skip("no ../shared/reported/nora_table2.csv beside this checkout")
     proc = make_table(fixture_results, "--format", "md", "--plot_dir", tmp_path / "plots")
     assert proc.returncode == 0, proc.stderr
-    assert "| NoRA (paper) | 87.1 | 93.1 | 65.2 | 81.8 |" in proc.stdout  # ../shared/reported/nora_table2.csv
+    assert "| NoRA (paper) | 87.1 | 93.1 | 65.2 | 81.8 |" in proc.stdout  # reported/nora_table2.csv, shipped
     try:
         import matplotlib  # noqa: F401
         assert (tmp_path / "plots" / "shots_dtd.png").is_file()
