@@ -19,11 +19,11 @@ delete the split file, so no run silently uses a stale or partial split.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
+
+from lora_zoo.files import write_json
 
 from .base import DatasetError
 from .folders import list_class_folders, list_image_files
@@ -62,16 +62,6 @@ def make_split(image_dir: Path, files_per_class: Dict[str, List[str]]) -> Dict[s
     return split
 
 
-def _write_atomically(path: Path, content: dict) -> None:
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(content, out)
-        os.replace(temporary, path)
-    except OSError as exc:
-        raise DatasetError(f"cannot write split file {path}: {exc.strerror or exc}") from None
-
-
 def _read_existing(split_path: Path) -> Tuple[dict, set]:
     """The split's content and the relative paths it lists."""
     try:
@@ -92,7 +82,10 @@ def prepare_split(image_dir: Path, write: bool = True) -> Tuple[Path, dict]:
     if not split_path.exists():
         content = make_split(image_dir, files_per_class)
         if write:
-            _write_atomically(split_path, content)
+            try:
+                write_json(split_path, content)
+            except OSError as err:
+                raise DatasetError(f"cannot write the split file: {err}") from None
         return split_path, content
     content, listed = _read_existing(split_path)
     on_disk = {f"{classname}/{name}" for classname, names in files_per_class.items() for name in names}

@@ -2,7 +2,9 @@
 
 ``atomic_write(path, write)`` lets ``write`` fill a temporary file in the same
 folder, then renames it onto ``path`` (``os.replace`` is atomic on POSIX): a run
-killed mid-write leaves the old file or none, never a truncated one. Files get
+killed mid-write leaves the old file or none, never a truncated one. A failure
+is one ``OSError`` naming ``path`` (never the temporary file). Used by both
+packages (``lora_zoo`` and ``datasets``). Files get
 the permissions of a normally created file (``0666`` minus the umask), so
 results are readable by collaborators on a shared filesystem.
 """
@@ -24,17 +26,19 @@ def _umask() -> int:
 def atomic_write(path, write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path`` (same folder); returns ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as err:  # name the file the caller asked for, not the temporary one
+        raise OSError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
     return path
 
 
