@@ -1,14 +1,26 @@
 """Building open_clip backbones: the real ones by name, and tiny ones defined here for tests and the demo.
 
-``build_clip("ViT-B-16", "openai")`` is what users run (open_clip downloads or
-reads cached weights). ``pretrained=None`` gives the same architecture with
-random weights (benchmarks, no network). The ``tiny-*`` backbones are small
-open_clip CLIP configs built in code, so the test suite and the CPU demo
-exercise the real open_clip classes with no download at all.
+``build_clip("ViT-B-16", "openai")`` is what users run. ``pretrained`` is an
+open_clip tag (``openai``), a local weights file, or a folder used as the
+download cache (holding the default tag's weights); ``None`` gives random
+weights (benchmarks). A tag is first looked up in the local cache with the hub
+offline (instant); only when it is missing is the network tried, and when the
+hub cannot be reached the build fails at once with one line naming what was
+looked for and the ways out, instead of minutes of retries. OpenAI weights
+loaded from a *file* need the ``-quickgelu`` model name (e.g.
+``ViT-B-16-quickgelu``), as open_clip documents; the tag sets it by itself.
+
+The ``tiny-*`` backbones are small open_clip CLIP configs built in code (random
+init from ``seed``), so the test suite and the CPU demo exercise the real
+open_clip classes with no download at all; a weights file may be given for them too.
 """
 from __future__ import annotations
 
+import logging
+import socket
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import open_clip
@@ -48,17 +60,104 @@ def list_backbones() -> list[str]:
     return sorted(TINY_CONFIGS) + sorted(open_clip.list_models())
 
 
-def build_clip(backbone: str = "ViT-B-16", pretrained: Optional[str] = "openai", device="cpu",
+DEFAULT_TAG = "openai"
+HUB_HOST = "huggingface.co"
+
+
+class WeightsNotFoundError(ValueError):
+    """The requested pretrained weights are neither local nor downloadable; the message is one line."""
+
+
+def resolve_pretrained(backbone: str, pretrained: Optional[str]) -> Optional[str]:
+    """The weights a run of ``backbone`` loads: the tiny backbones' default is random init (None)."""
+    if backbone in TINY_CONFIGS and pretrained in (None, DEFAULT_TAG):
+        return None
+    return pretrained
+
+
+@contextmanager
+def _quiet_logging():
+    """open_clip reports download failures and random init on the root logger; we report them ourselves."""
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+@contextmanager
+def _hub_offline(offline: bool):
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - open_clip installs it
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = offline or before
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _open_clip(backbone: str, pretrained: Optional[str]):
+    """``(model, eval preprocess)`` for an open_clip model name and a tag, file, cache folder or None."""
+    if pretrained is None:
+        with _quiet_logging():
+            model, _, preprocess = open_clip.create_model_and_transforms(backbone, pretrained=None)
+        return model, preprocess
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return open_clip.create_model_and_transforms(backbone, pretrained=str(path))[::2]
+    tag, cache_dir = (DEFAULT_TAG, str(path)) if path.is_dir() else (pretrained, None)
+    if tag not in open_clip.list_pretrained_tags_by_model(backbone):
+        if any(sep in pretrained for sep in "/\\") or path.suffix in (".pt", ".bin", ".safetensors", ".pth"):
+            raise WeightsNotFoundError(f"pretrained weights file not found: {path}")
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(backbone)) or "none"
+        raise WeightsNotFoundError(f"unknown pretrained tag {tag!r} for {backbone}; open_clip knows: {tags} "
+                                   "(or give a weights file or cache folder)")
+    for offline in (True, False):
+        if not offline and not _hub_reachable():
+            break
+        try:
+            with _quiet_logging(), _hub_offline(offline):
+                model, _, preprocess = open_clip.create_model_and_transforms(backbone, pretrained=tag,
+                                                                             cache_dir=cache_dir)
+            return model, preprocess
+        except Exception as err:  # noqa: BLE001 - open_clip wraps hub errors in RuntimeError/FileNotFoundError
+            if not offline:
+                raise WeightsNotFoundError(f"cannot download {backbone} weights '{tag}': "
+                                           f"{' '.join(str(err).split())[:300]}") from None
+    where = cache_dir or "the default open_clip / Hugging Face cache (~/.cache/huggingface)"
+    raise WeightsNotFoundError(
+        f"no {backbone} weights '{tag}' in {where}, and {HUB_HOST} cannot be reached: set pretrained to a local "
+        f"weights file, or to a folder holding a populated cache, or use a tiny-* backbone (random init) for a dry run")
+
+
+def build_clip(backbone: str = "ViT-B-16", pretrained: Optional[str] = DEFAULT_TAG, device="cpu",
                seed: int = 0) -> Backbone:
     """An open_clip CLIP model in eval mode with its eval preprocessing and tokenizer.
 
-    ``tiny-*`` backbones are random-init (from ``seed``); ``pretrained`` is ignored for them.
+    ``tiny-*`` backbones are random-init from ``seed`` unless ``pretrained`` names a weights file.
     """
+    pretrained = resolve_pretrained(backbone, pretrained)
     if backbone in TINY_CONFIGS:
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         model = open_clip.CLIP(**TINY_CONFIGS[backbone])
         torch.random.set_rng_state(generator_state)
+        if pretrained is not None:
+            if not Path(pretrained).expanduser().is_file():
+                raise WeightsNotFoundError(f"pretrained weights file not found: {pretrained}")
+            open_clip.load_checkpoint(model, str(Path(pretrained).expanduser()))
         size = TINY_CONFIGS[backbone]["vision_cfg"]["image_size"]
         preprocess_cfg = merge_preprocess_dict(asdict(PreprocessCfg()), {"size": (size, size)})
         set_model_preprocess_cfg(model, preprocess_cfg)  # as open_clip's factory does for named models
@@ -66,7 +165,7 @@ def build_clip(backbone: str = "ViT-B-16", pretrained: Optional[str] = "openai",
         context = TINY_CONFIGS[backbone]["text_cfg"]["context_length"]
         tokenizer = open_clip.SimpleTokenizer(context_length=context)
     elif backbone in open_clip.list_models():
-        model, _, preprocess = open_clip.create_model_and_transforms(backbone, pretrained=pretrained or None)
+        model, preprocess = _open_clip(backbone, pretrained)
         tokenizer = open_clip.get_tokenizer(backbone)
     else:
         raise ValueError(f"unknown backbone {backbone!r}; expected an open_clip model name (e.g. ViT-B-16) "
