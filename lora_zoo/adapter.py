@@ -46,6 +46,11 @@ class AdapterConfig(Options):
         """Whether building the adapter needs ``collect_activation_stats`` output."""
         return False
 
+    @property
+    def mergeable(self) -> bool:
+        """``False`` for variants whose update depends on the batch (cannot be folded into W)."""
+        return True
+
 
 def positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -57,8 +62,6 @@ class AdapterLinear(nn.Module):
 
     config_class = AdapterConfig
     method_name: str = "?"  # set by @register_method
-    #: ``False`` for variants whose update depends on the batch (cannot be folded into W).
-    mergeable: bool = True
     #: trainable tensors on the output side (B-like) and input side (A-like), for optimizer builders
     up_tensors: tuple[str, ...] = ()
     down_tensors: tuple[str, ...] = ()
@@ -138,6 +141,10 @@ class AdapterLinear(nn.Module):
         if self.has_residual:
             weight = weight + self.initial_delta_weight().float()
         return weight
+
+    @property
+    def mergeable(self) -> bool:
+        return self.config.mergeable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)

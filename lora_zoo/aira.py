@@ -62,6 +62,10 @@ class AiraConfig(AdapterConfig):
     def needs_calibration(self) -> bool:
         return self.init == "owsvd" or self.act_scale is True or self.rank_alloc
 
+    @property
+    def mergeable(self) -> bool:
+        return self.act_scale != "batch"
+
 
 def _need_stats(stats, what: str):
     if stats is None:
@@ -80,7 +84,6 @@ class AiraLinear(AdapterLinear):
         super().__init__(base_layer, config, stats)
         self.rank = config.rank
         self.scale = config.scale
-        self.mergeable = config.act_scale != "batch"
         weight = base_layer.weight
         if config.init == "owsvd":
             col_scale = _need_stats(stats, "init='owsvd'").input_abs_mean

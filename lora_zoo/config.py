@@ -22,12 +22,12 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Literal, Mapping, Optional
 
 import yaml
 
 from .inject import method_options
-from .models import list_backbones
+from .models import list_backbones, resolve_pretrained
 from .optim import get_optimizer
 from .options import Options, field_names, option
 from .registry import get_method
@@ -52,15 +52,18 @@ class TrainConfig(Options):
     optimizer_options: dict = option({}, "options of the optimizer builder, e.g. lr_ratio for loraplus")
     amp: bool = option(True, "fp16 autocast + GradScaler on CUDA (CPU always runs in fp32)")
     log_every: int = option(0, "iterations between loss log entries (0: about 20 entries per run)")
+    checkpoint_every: int = option(500, "iterations between checkpoints a killed run resumes from (0: none)")
 
     def __post_init__(self):
         super().__post_init__()
         for name in ("n_iters", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if (self.lr is not None and self.lr <= 0) or self.weight_decay < 0 or self.eta_min < 0 or self.log_every < 0:
-            raise ValueError(f"need lr > 0, weight_decay >= 0, eta_min >= 0, log_every >= 0 "
-                             f"(got {self.lr}, {self.weight_decay}, {self.eta_min}, {self.log_every})")
+        if (self.lr is not None and self.lr <= 0) or self.weight_decay < 0 or self.eta_min < 0 or self.log_every < 0 \
+                or self.checkpoint_every < 0:
+            raise ValueError(f"need lr > 0, weight_decay >= 0, eta_min >= 0, log_every >= 0, checkpoint_every >= 0 "
+                             f"(got {self.lr}, {self.weight_decay}, {self.eta_min}, {self.log_every}, "
+                             f"{self.checkpoint_every})")
 
 
 @dataclass
@@ -81,7 +84,13 @@ class ExperimentConfig(Options):
     targets: tuple[str, ...] = option(("q", "k", "v"), "linears to adapt in each block: q,k,v,o,fc1,fc2")
     layers: Optional[tuple[int, ...]] = option(None, "block indices to adapt (null or 'all': every block)")
     template: Optional[str] = option(None, "prompt template with {} for the class name (null: 'a photo of a {}.')")
-    num_workers: Optional[int] = option(None, "data loader workers (null: min(8, CPUs))")
+    num_workers: Optional[int] = option(None, "data loader workers (null: 0 on CPU, else min(8, CPUs))")
+    threads: Optional[int] = option(None, "CPU intra-op threads (null: OMP_NUM_THREADS, else the cores shared "
+                                          "with the loader workers)")
+    train_cache_mb: int = option(2048, "memory for the decoded few-shot train images (0: decode at every use)")
+    test_cache_dir: Optional[str] = option(None, "folder for preprocessed test images (uint8 .npy, memory-mapped, "
+                                                 "shared by the runs of a sweep); null: decode every evaluation")
+    log_to: tuple[Literal["tensorboard", "wandb"], ...] = option((), "extra training-curve sinks: tensorboard, wandb (curves.csv is always written)")
     eval_batch_size: int = option(128, "evaluation batch size")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     output_dir: str = option("outputs", "results root")
@@ -96,9 +105,12 @@ class ExperimentConfig(Options):
         if self.pretrained in ("", "none", "None"):
             self.pretrained = None
         super().__post_init__()
-        for name in ("shots", "eval_batch_size"):
+        self.pretrained = resolve_pretrained(self.backbone, self.pretrained)
+        for name in ("shots", "eval_batch_size") + (("threads",) if self.threads is not None else ()):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.train_cache_mb < 0 or (self.num_workers is not None and self.num_workers < 0):
+            raise ValueError(f"train_cache_mb and num_workers must be >= 0, got {self.train_cache_mb}, {self.num_workers}")
         if not 0 <= self.seed < 2 ** 32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.run_name is not None and not RUN_NAME.fullmatch(self.run_name):

@@ -60,6 +60,13 @@ class RankSampler(TrainingHooks):
         for adapter in self.adapters:
             adapter.active_rank = None
 
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "sampled": list(self.sampled)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.sampled = list(state["sampled"])
+
     def summary(self) -> dict:
         counts = torch.bincount(torch.tensor(self.sampled, dtype=torch.long), minlength=self.max_rank + 1)
         return {"dylora_eval_rank": self.adapters[0].eval_rank,

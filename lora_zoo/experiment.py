@@ -1,51 +1,61 @@
 """One few-shot CLIP adaptation experiment, from an ``ExperimentConfig`` to ``result.json``.
 
-Implements the protocol of METHODS.md ("Experiment protocol"; CLIP-LoRA, Zanella &
+Implements the protocol of docs/METHODS.md ("Experiment protocol"; CLIP-LoRA, Zanella &
 Ben Ayed, CVPRW 2024; NoRA and AIRA, Li et al., ICCV 2025): open_clip backbone →
-few-shot split (``datasets``) → zero-shot accuracy with the same prompts →
-calibration statistics when the method needs them (vision: the few-shot train
-images with the test transform; text: the class prompts; only adapted encoders) →
-``apply_adapters`` → the one training loop (``train.py``) → merge → top-1 on the
-full test split → outputs, atomically, under
-``output_dir/<backbone>/<dataset>/<shots>shots/seed<seed>/<method>/``:
-``adapters.safetensors`` + ``adapters.json``, ``ranks.json`` (when the method
-planned per-layer ranks, e.g. AIRA), ``train.log`` and, last, ``result.json``:
-its presence means the run finished.
+few-shot split (``datasets``) → zero-shot accuracy with the same prompts (computed
+once per backbone, weights, dataset, prompts and test split, then read from a small
+cache under ``output_dir/.cache``) → calibration statistics when the method needs
+them → ``apply_adapters`` → the one training loop (``train.py``) → merge → top-1 on
+the full test split. Outputs, atomically, in ``run_dir(cfg)``:
+``adapters.safetensors`` + ``adapters.json``, ``ranks.json`` (a planned per-layer rank
+allocation, e.g. AIRA's), ``curves.csv``, ``train.log`` and, last, ``result.json``:
+a readable ``result.json`` means the run finished.
 
-The configuration is ``config.py``; what a run records about itself is
-``provenance.py``. Errors are plain one-line exceptions; the entry points
-(``main.py``) add command-line hints.
+Nothing is written before the data and the weights are found (a run that fails on
+its inputs leaves no folder). During training a checkpoint is written every
+``checkpoint_every`` iterations; a killed run started again continues from it and
+ends as the uninterrupted run would (``resume.py``). The configuration is
+``config.py``; what a run records about itself is ``provenance.py``. Errors are
+plain one-line exceptions; the entry points (``main.py``) add command-line hints.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import random
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from . import resume as resume_state
+from .adapter import adapter_modules
+from .calibration import collect_activation_stats
 from .checkpoint import load_adapters, save_adapters
 from .config import ExperimentConfig
 from .export import export_merged
 from .files import write_json
-from .adapter import adapter_modules
 from .inject import apply_adapters, layer_ranks, merge_adapters, method_options
-from .models import TINY_CONFIGS, build_clip
+from .metrics import Sinks, check_sinks, write_curves
+from .models import build_clip
 from .provenance import RunLog, environment, peak_memory
 from .train import evaluate, prepare_device, train_adapters
 
 logger = logging.getLogger(__name__)
 RESULT_FILE, ADAPTER_FILE, RANKS_FILE, EVAL_FILE = "result.json", "adapters.safetensors", "ranks.json", "eval.json"
+STATE_FILE = "checkpoint.pt"
+#: config keys that define the adapted model: an evaluation of a saved run must not change them
+MODEL_KEYS = ("pretrained", "backbone_seed", "encoders", "targets", "layers")
+#: config keys an evaluation may set (how it evaluates, not what)
+EVAL_KEYS = ("device", "eval_batch_size", "num_workers", "template", "test_cache_dir", "threads")
 
 
 class RunFinishedError(ValueError):
-    """The run already has its ``result.json``; training it again needs ``overwrite``."""
+    """The run already has a readable ``result.json``; training it again needs ``overwrite``."""
 
 
 def run_dir(cfg: ExperimentConfig) -> Path:
@@ -86,74 +96,173 @@ def seed_everything(seed: int) -> None:
 def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
     except OSError as err:
         raise ValueError(f"results dir is not writable: {folder} ({err.strerror or err})") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"results dir is not writable: {folder}")
+
+
+def _check_export(method: str, method_config, path) -> None:
+    """Refuse an export that would fail after training: a batch-dependent method or an unwritable path."""
+    if not method_config.mergeable:
+        raise ValueError(f"cannot export merged weights: {method} with these options depends on the batch and "
+                         "cannot be folded into plain weights")
+    parent = Path(path).expanduser().resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"export path is not writable: {path} ({err.strerror or err})") from None
+    if not os.access(parent, os.W_OK) or Path(path).is_dir():
+        raise ValueError(f"export path is not writable: {path}")
+
+
+def _saved_run(out: Path, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The finished run an evaluation reloads; a one-line error if it is missing or the request changes it."""
+    saved = read_result(out)
+    if saved is None or not (out / ADAPTER_FILE).is_file():
+        raise ValueError(f"no finished run to evaluate at {out} (train it first)")
+    requested = cfg.to_dict()
+    for key in MODEL_KEYS:
+        if requested[key] != saved["config"].get(key):
+            raise ValueError(f"the run at {out} was trained with {key}={saved['config'].get(key)!r}; evaluating "
+                             f"it with {key}={requested[key]!r} would evaluate another model")
+    layer_config = method_options(cfg.method, cfg.method_options)[1].to_dict()
+    for key in cfg.method_options:
+        if key in layer_config and layer_config[key] != saved["method_config"].get(key):
+            raise ValueError(f"the run at {out} was trained with method_options.{key}="
+                             f"{saved['method_config'].get(key)!r}, not {layer_config[key]!r}")
+    return {**saved["config"], **{k: requested[k] for k in EVAL_KEYS}}
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _weights_identity(pretrained: Optional[str]) -> Any:
+    path = Path(pretrained).expanduser() if pretrained else None
+    if path is not None and path.is_file():
+        return [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns]
+    return pretrained
+
+
+def zero_shot_accuracy(cfg: ExperimentConfig, model, loader, prompts, class_tokens, test_split, device) -> tuple[float, bool]:
+    """``(accuracy, from_cache)``: evaluated once per backbone, weights, prompts and test split, then reused."""
+    key = {"backbone": cfg.backbone, "weights": _weights_identity(cfg.pretrained),
+           "backbone_seed": cfg.backbone_seed if cfg.pretrained is None else None, "dataset": cfg.dataset,
+           "prompts": _digest(prompts), "test": _digest([(d.impath, d.label) for d in test_split]),
+           "device": device.type, "amp": bool(cfg.train.amp and device.type == "cuda")}
+    path = Path(cfg.output_dir) / ".cache" / "zero_shot" / f"{_digest(key)}.json"
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return float(cached["accuracy"]), True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    accuracy = evaluate(model, loader, class_tokens, device, cfg.train.amp)
+    write_json(path, {"key": key, "accuracy": accuracy})
+    return accuracy, False
+
+
+def _calibration(cfg, method_config, model, ds, class_tokens, test_loader_of, train_stream_of):
+    """Calibration statistics for methods that need them (only the adapted towers).
+
+    Standard: the few-shot train images with the test transform and every class prompt, padding
+    excluded. ``calibration="authors"`` (their NoRA/AIRA code): the first augmented training batch
+    and one class prompt chosen by the run's seed, padding included.
+    """
+    if not method_config.needs_calibration:
+        return None
+    authors = getattr(method_config, "calibration", "standard") == "authors"
+    if authors:
+        images = [next(iter(train_stream_of(0)))[0]]
+        index = random.Random(cfg.seed).randrange(len(ds.classnames))
+        texts = [class_tokens[index:index + 1]]
+    else:
+        images, texts = (x for x, _ in test_loader_of(ds.train_x)), [class_tokens]
+    return collect_activation_stats(model, image_batches=images if "vision" in cfg.encoders else None,
+                                    text_batches=texts if "text" in cfg.encoders else None,
+                                    targets=cfg.targets, layers=cfg.layers, include_padding=authors)
 
 
 def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_path=None, overwrite: bool = False,
                    progress: bool = True) -> dict[str, Any]:
     """Train (or with ``eval_only`` reload) and evaluate one run; returns the result dictionary.
 
-    A finished run (``result.json`` present) is not trained again unless ``overwrite``; a run that
-    stops early (error, NaN loss, kill) leaves no ``result.json``, and its partial files are replaced
-    when it runs again.
+    A finished run is not trained again unless ``overwrite`` (``RunFinishedError``); a run that
+    stopped early resumes from its last checkpoint.
     """
     from datasets import build_data_loader, build_dataset, build_test_transform, build_train_transform
+    from datasets.cache import DecodedImages, PreprocessedImages
+    from datasets.loader import TrainStream, default_num_workers
 
     started = time.perf_counter()
     out = run_dir(cfg)
-    adapters_path = out / ADAPTER_FILE
-    if eval_only:
-        if not adapters_path.is_file():
-            raise ValueError(f"no adapters to evaluate at {adapters_path}; train this run first")
-    elif is_finished(out) and not overwrite:
+    saved_config = _saved_run(out, cfg) if eval_only else None
+    if not eval_only and is_finished(out) and not overwrite:
         raise RunFinishedError(f"run already finished: {out / RESULT_FILE} exists")
-    _check_writable(out)
+    spec, method_config, schedule_options = method_options(cfg.method, cfg.method_options)
+    if export_path is not None:
+        _check_export(cfg.method, method_config, export_path)
+    check_sinks(cfg.log_to)
     device = resolve_device(cfg.device)
-    prepare_device(device)
-    with RunLog(out / ("eval.log" if eval_only else "train.log")):
-        logger.info("run %s | %s on %s", out, cfg.method, device)
+    workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(device.type)
+    threads = prepare_device(device, cfg.threads, workers)
+    with RunLog() as log:
         seed_everything(cfg.seed)
         ds = build_dataset(cfg.dataset, cfg.root_path, shots=cfg.shots, seed=cfg.seed)
         backbone = build_clip(cfg.backbone, cfg.pretrained, device, seed=cfg.backbone_seed)
         model = backbone.model
-        class_tokens = backbone.tokenizer(ds.prompts(cfg.template))
+        prompts = ds.prompts(cfg.template)
+        class_tokens = backbone.tokenizer(prompts)
         test_transform = build_test_transform(model)
-        test_loader = build_data_loader(ds.test, test_transform, batch_size=cfg.eval_batch_size,
-                                        num_workers=cfg.num_workers)
-        result: dict[str, Any] = {"method": cfg.method, "dataset": cfg.dataset, "shots": cfg.shots, "seed": cfg.seed,
-                                  "backbone": cfg.backbone, "device": str(device),
-                                  "pretrained": None if cfg.backbone in TINY_CONFIGS else cfg.pretrained}
-        spec, method_config, schedule_options = method_options(cfg.method, cfg.method_options)
-        if eval_only:
-            meta = load_adapters(model, adapters_path)
-            if meta["layer"] != spec.layer:
-                raise ValueError(f"{adapters_path} holds {meta['layer']} adapters, not {spec.layer} ({cfg.method})")
+        if cfg.test_cache_dir is not None:
+            test_loader = PreprocessedImages(ds.test, test_transform, cfg.test_cache_dir, cfg.eval_batch_size)
         else:
-            result["zero_shot_accuracy"] = evaluate(model, test_loader, class_tokens, device, cfg.train.amp)
-            logger.info("zero-shot top-1 %.2f%% on %d test images", result["zero_shot_accuracy"], len(ds.test))
-            stats = None
-            if method_config.needs_calibration:
-                calib = build_data_loader(ds.train_x, test_transform, batch_size=cfg.eval_batch_size,
-                                          num_workers=cfg.num_workers)
-                from .calibration import collect_activation_stats
-                stats = collect_activation_stats(
-                    model, image_batches=(x for x, _ in calib) if "vision" in cfg.encoders else None,
-                    text_batches=[class_tokens] if "text" in cfg.encoders else None,
-                    targets=cfg.targets, layers=cfg.layers)
+            test_loader = build_data_loader(ds.test, test_transform, batch_size=cfg.eval_batch_size, num_workers=workers)
+        _check_writable(out)
+        state_path = out / STATE_FILE
+        if overwrite and state_path.exists():
+            state_path.unlink()
+        state = None if eval_only else resume_state.load(state_path)
+        log.attach(out / ("eval.log" if eval_only else "train.log"), append=state is not None)
+        logger.info("run %s | %s on %s (%d threads, %d loader workers)", out, cfg.method, device, threads, workers)
+        result: dict[str, Any] = {"method": cfg.method, "dataset": cfg.dataset, "shots": cfg.shots, "seed": cfg.seed,
+                                  "run_name": cfg.run_name, "backbone": cfg.backbone, "pretrained": cfg.pretrained,
+                                  "device": str(device), "threads": threads, "num_workers": workers}
+        if eval_only:
+            load_adapters(model, out / ADAPTER_FILE)
+        else:
+            result["zero_shot_accuracy"], result["zero_shot_cached"] = zero_shot_accuracy(
+                cfg, model, test_loader, prompts, class_tokens, ds.test, device)
+            logger.info("zero-shot top-1 %.2f%% on %d test images%s", result["zero_shot_accuracy"], len(ds.test),
+                        " (cached)" if result["zero_shot_cached"] else "")
+            images = DecodedImages(ds.train_x, cfg.train_cache_mb)
+            train_transform = build_train_transform(model)
+
+            def train_stream(start_step):
+                return TrainStream(ds.train_x, train_transform, cfg.train.batch_size, cfg.seed, num_workers=workers,
+                                   start_step=start_step, images=images)
+
+            stats = _calibration(cfg, method_config, model, ds, class_tokens,
+                                 lambda data: build_data_loader(data, test_transform, batch_size=cfg.eval_batch_size,
+                                                                num_workers=workers, images=images), train_stream)
             seed_everything(cfg.seed)
             apply_adapters(model, cfg.method, encoders=cfg.encoders, targets=cfg.targets, layers=cfg.layers,
                            stats=stats, **cfg.method_options)
-            logger.info("%s adapters on %d layers", cfg.method, len(adapter_modules(model)))
-            train_loader = build_data_loader(ds.train_x, build_train_transform(model), batch_size=cfg.train.batch_size,
-                                             shuffle=True, num_workers=cfg.num_workers, seed=cfg.seed)
-            trained = train_adapters(model, train_loader, class_tokens, cfg.train, iterations=cfg.total_iterations,
-                                     device=device, seed=cfg.seed, text_adapted="text" in cfg.encoders,
-                                     progress=progress)
+            logger.info("%s adapters on %d layers; %d of %d train images decoded in memory", cfg.method,
+                        len(adapter_modules(model)), len(images), len(ds.train_x))
+            sinks = Sinks(cfg.log_to, out, out.name, cfg.to_dict())
+            try:
+                trained = train_adapters(
+                    model, train_stream(state["step"] if state else 0), class_tokens, cfg.train,
+                    iterations=cfg.total_iterations, device=device, seed=cfg.seed, text_adapted="text" in cfg.encoders,
+                    progress=progress, resume=state, on_log=sinks.log,
+                    checkpoint=lambda s: (resume_state.save(state_path, s), write_curves(out, s["history"])))
+            finally:
+                sinks.close()
+            write_curves(out, trained.curves)
             result.update(trainable_params=trained.trainable_params, optimizer_groups=trained.optimizer_groups,
-                          iterations=trained.iterations,
+                          iterations=trained.iterations, resumed_from=trained.resumed_from,
                           train_seconds=trained.seconds, iterations_per_second=trained.iterations_per_second,
                           final_loss=trained.final_loss, loss_history=trained.loss_history,
                           hooks_summary=trained.hooks_summary, optimizer=cfg.optimizer,
@@ -169,8 +278,8 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
         result["train_subset_sha1"] = hashlib.sha1(subset.encode()).hexdigest()
         result["train_images"] = len(ds.train_x)
         if not eval_only:
-            save_adapters(model, adapters_path)
-            result["files"] = {"adapters": ADAPTER_FILE, "log": "train.log"}
+            save_adapters(model, out / ADAPTER_FILE)
+            result["files"] = {"adapters": ADAPTER_FILE, "log": "train.log", "curves": "curves.csv"}
             if any("rank" in o for o in model.lora_zoo_setup.layer_overrides.values()):  # a planned allocation
                 write_json(out / RANKS_FILE, layer_ranks(model))
                 result["files"]["ranks"] = RANKS_FILE
@@ -179,7 +288,7 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
             result["exported_merged"] = str(export_merged(model, export_path, reference=plain))
             logger.info("exported merged plain open_clip weights to %s", export_path)
         result.update(peak_memory(device), wall_seconds=time.perf_counter() - started,
-                      config=cfg.to_dict(), **environment())
+                      config=saved_config if eval_only else cfg.to_dict(), **environment())
         zero_shot = result.get("zero_shot_accuracy")
         result["summary"] = (f"{cfg.method} {cfg.dataset} {cfg.shots}-shot seed {cfg.seed} ({cfg.backbone}): "
                              + (f"zero-shot {zero_shot:.2f}% -> " if zero_shot is not None else "eval only: ")
@@ -188,5 +297,7 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
                                 f"({result['iterations_per_second']:.2f} it/s), {result['trainable_params']:,} "
                                 "trainable params" if not eval_only else "") + f" | {out}")
         write_json(out / (EVAL_FILE if eval_only else RESULT_FILE), result)  # last: its presence = finished
+        if state_path.exists() and not eval_only:
+            state_path.unlink()  # the finished run needs no checkpoint
         logger.info(result["summary"])
     return result

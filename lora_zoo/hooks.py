@@ -51,6 +51,13 @@ class TrainingHooks:
     def summary(self) -> dict[str, Any]:
         return {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the schedule exactly (``resume.py``)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
     @classmethod
     def check_options(cls, layer_config, options) -> None:
         """Raise a one-line ``ValueError`` when ``options`` do not fit the layer config (before training)."""

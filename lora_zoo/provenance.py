@@ -6,6 +6,7 @@ optional locks off) and never fails a run: a missing git just records null.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import platform
 import subprocess
@@ -18,6 +19,14 @@ import torch
 import torchvision
 
 from . import __version__
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not available on macOS / Windows
+        return os.cpu_count() or 1
 
 
 def versions() -> dict[str, str]:
@@ -51,12 +60,28 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 
 
 class RunLog:
-    """Attach a log file in the run folder to the ``lora_zoo`` and ``datasets`` loggers for one run."""
+    """The run's log file for the ``lora_zoo`` and ``datasets`` loggers (DEBUG and up).
 
-    def __init__(self, path: Path):
-        self.handler = logging.FileHandler(path, mode="w")
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    Records are held in memory until ``attach(path)``: a run that fails before it has a
+    folder (bad dataset path, missing weights) writes nothing to disk.
+    """
+
+    def __init__(self):
         self.loggers = [logging.getLogger("lora_zoo"), logging.getLogger("datasets")]
+        self.handler: logging.Handler = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+
+    def attach(self, path: Path, append: bool = False) -> None:
+        """Start writing to ``path`` (appending when a run resumes), with what was logged so far."""
+        file_handler = logging.FileHandler(path, mode="a" if append else "w")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        memory = self.handler
+        memory.setTarget(file_handler)
+        memory.flush()
+        for lg in self.loggers:
+            lg.removeHandler(memory)
+            lg.addHandler(file_handler)
+        memory.close()
+        self.handler = file_handler
 
     def __enter__(self):
         self.levels = [lg.level for lg in self.loggers]

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,8 @@ from .hooks import training_hooks
 from .naming import count_trainable
 from .optim import build_optimizer
 from .registry import get_method
+from .provenance import available_cpus
+from .text import encode_text
 
 LOGIT_SCALE = 100.0
 logger = logging.getLogger(__name__)
@@ -53,6 +56,8 @@ class TrainResult:
     final_loss: float
     loss_history: list[tuple[int, float]] = field(default_factory=list)  # (iteration, mean loss since last entry)
     hooks_summary: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, list] = field(default_factory=dict)  # per-iteration "loss" and "lr"
+    resumed_from: int = 0                                   # iterations done before this process (resume)
 
     @property
     def iterations_per_second(self) -> float:
@@ -65,9 +70,16 @@ def autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=enabled)
 
 
-def text_features(model: nn.Module, class_tokens: torch.Tensor) -> torch.Tensor:
-    """L2-normalised text features of the class prompts (one row per class)."""
-    return F.normalize(model.encode_text(class_tokens).float(), dim=-1)
+def text_features(model: nn.Module, class_tokens: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
+    """L2-normalised text features of the class prompts (one row per class): the one place they are computed.
+
+    The tower runs on the shortest exact context (``text.encode_text``). Without gradients the prompts
+    go through in chunks of ``chunk_size`` (ImageNet's 1,000 classes), each on its own shortest context.
+    """
+    if torch.is_grad_enabled() or class_tokens.shape[0] <= chunk_size:
+        return F.normalize(encode_text(model, class_tokens).float(), dim=-1)
+    return torch.cat([F.normalize(encode_text(model, chunk).float(), dim=-1)
+                      for chunk in class_tokens.split(chunk_size)])
 
 
 def clip_logits(model: nn.Module, images: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
@@ -108,11 +120,21 @@ def cycle(loader: Iterable) -> Iterator:
             raise ValueError("training loader is empty")
 
 
-def prepare_device(device: torch.device) -> None:
-    """Process-wide settings for running on ``device``: on CPU, flush subnormal floats to zero
-    (tiny LoRA updates from B = 0 and Adam moments made CPU kernels ~100× slower)."""
+def prepare_device(device: torch.device, threads: int | None = None, workers: int = 0) -> int:
+    """Process-wide settings for running on ``device``; returns the intra-op thread count.
+
+    On CPU: flush subnormal floats to zero (tiny LoRA updates from B = 0 and Adam moments made CPU
+    kernels ~100× slower), and never oversubscribe the cores: ``threads`` if given, else the
+    ``OMP_NUM_THREADS`` the process was started with, else the available cores divided among the
+    main process and its ``workers`` loader processes (each worker runs one thread), at least 1.
+    """
     if device.type == "cpu":
         torch.set_flush_denormal(True)
+        if threads is None and "OMP_NUM_THREADS" not in os.environ:
+            threads = max(1, available_cpus() // (1 + workers))
+        if threads is not None:
+            torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, class_tokens: torch.Tensor,
@@ -146,15 +168,22 @@ def training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
 
 def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tensor, config: TrainConfig | None = None,
                    *, iterations: int, device: torch.device, seed: int = 0, text_adapted: bool = True,
-                   progress: bool = True) -> TrainResult:
+                   progress: bool = True, resume: dict | None = None,
+                   checkpoint: Callable[[dict], Any] | None = None, on_log: Callable[..., Any] | None = None
+                   ) -> TrainResult:
     """Train the adapters of ``model`` (from ``apply_adapters``) for ``iterations`` steps with ``config``.
 
     ``config.lr = None`` uses the method's registered learning rate. ``seed`` seeds the method's
-    schedule (DyLoRA's rank sampler). Every ``config.log_every`` iterations (default: about 20
-    entries per run) the mean loss goes to the log and ``TrainResult.loss_history``. Raises
-    ``NonFiniteLossError`` at the first non-finite loss.
+    schedule (DyLoRA's rank sampler). ``loader`` yields training batches (an endless stream such as
+    ``datasets.loader.TrainStream`` or any loader, cycled). ``resume``: a state from ``resume.capture``
+    to continue from (``loader`` must then start at its step); ``checkpoint(state)`` is called every
+    ``config.checkpoint_every`` iterations. ``on_log(step, loss, lr)`` is called every
+    ``config.log_every`` iterations (default: about 20 entries per run) with the mean loss since the
+    last call. Raises ``NonFiniteLossError`` at the first non-finite loss.
     """
     from tqdm.auto import tqdm
+
+    from . import resume as resume_state
 
     config = config or TrainConfig()
     if iterations < 1:
@@ -165,24 +194,31 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
     trainable = count_trainable(model)
     groups = [{"name": g.get("name", "?"), "tensors": len(g["params"]), "parameters": sum(p.numel() for p in g["params"]),
                "lr": g["lr"]} for g in optimizer.param_groups]
-    logger.info("%d trainable parameters, lr %.3g, %d iterations", trainable, lr, iterations)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=config.eta_min)
     amp = config.amp
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     hooks = training_hooks(model, iterations, seed)
+    history: dict[str, list] = {"loss": [], "lr": []}  # per iteration
+    start = 0
+    if resume is not None:
+        start = resume_state.restore(model, optimizer, scheduler, scaler, hooks, resume)
+        history = {k: list(v) for k, v in resume["history"].items()}
+        logger.info("resuming at iteration %d/%d", start, iterations)
+    logger.info("%d trainable parameters, lr %.3g, %d iterations", trainable, lr, iterations)
     class_tokens = class_tokens.to(device)
     fixed_features = None
     if not text_adapted:
         with torch.no_grad(), autocast(device, amp):
             fixed_features = text_features(model, class_tokens)
     log_every = config.log_every or max(1, iterations // 20)
-    history, window, loss_value = [], [], float("nan")
     batches = cycle(loader)
     model.train()
-    bar = tqdm(range(iterations), desc="train", disable=not progress, dynamic_ncols=True, leave=False)
-    start = time.perf_counter()
+    bar = tqdm(range(start, iterations), desc="train", disable=not progress, dynamic_ncols=True, leave=False,
+               initial=start, total=iterations)
+    started = time.perf_counter()
     for step in bar:
         images, labels = next(batches)
+        lr_now = optimizer.param_groups[0]["lr"]
         loss_value = training_step(model, images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
                                    class_tokens, optimizer, hooks, step, device, amp, scaler, fixed_features)
         if not math.isfinite(loss_value):
@@ -190,19 +226,28 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
             raise NonFiniteLossError(f"training loss is {loss_value} at iteration {step + 1}/{iterations}; "
                                      "stopped, nothing saved as a result (try a lower lr)")
         scheduler.step()
-        window.append(loss_value)
+        history["loss"].append(loss_value)
+        history["lr"].append(lr_now)
         if progress:
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}", refresh=False)
         if (step + 1) % log_every == 0 or step + 1 == iterations:
-            mean_loss = sum(window) / len(window)
-            history.append((step + 1, mean_loss))
-            logger.debug("iteration %d/%d  loss %.4f  lr %.3e", step + 1, iterations, mean_loss,
-                         optimizer.param_groups[0]["lr"])
-            window = []
+            window = history["loss"][-((step % log_every) + 1):]
+            logger.debug("iteration %d/%d  loss %.4f  lr %.3e", step + 1, iterations, sum(window) / len(window), lr_now)
+            if on_log is not None:
+                on_log(step + 1, sum(window) / len(window), lr_now)
+        if checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
+                and step + 1 < iterations:
+            checkpoint(resume_state.capture(model, optimizer, scheduler, scaler, hooks, step + 1, history))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - started
     bar.close()
     hooks.finish()
     model.eval()
-    return TrainResult(trainable, groups, iterations, seconds, loss_value, history, dict(hooks.summary()))
+    losses = history["loss"]
+    entries = [(k, sum(losses[max(0, k - log_every):k]) / len(losses[max(0, k - log_every):k]))
+               for k in range(log_every, iterations + 1, log_every)]
+    if iterations % log_every:
+        entries.append((iterations, sum(losses[-(iterations % log_every):]) / (iterations % log_every)))
+    return TrainResult(trainable, groups, iterations, seconds, losses[-1], entries, dict(hooks.summary()),
+                       history, start)

@@ -212,7 +212,7 @@ def test_unwritable_results_dir(capsys, data_root, tmp_path):
 def test_eval_only_without_adapters(capsys, data_root, tmp_path):
     line = one_line_error(capsys, ["--root_path", str(data_root), "--output_dir", str(tmp_path), "--eval_only"] + SMALL,
                           method="aira")
-    assert "no adapters" in line
+    assert "no finished run to evaluate" in line
 
 
 def test_nan_loss_stops_and_saves_no_result(capsys, data_root, tmp_path):
