@@ -314,6 +314,38 @@ def test_dora_norm_is_constant_in_backward():
     assert not torch.allclose(got[1], reference(detach=False)[1], atol=1e-4)
 
 
+class FixedDropout(nn.Module):
+    """Dropout with a given (pre-scaled) mask in training, the identity in eval."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask if self.training else x
+
+
+def test_dora_dropout_reaches_the_magnitude_term():
+    torch.manual_seed(3)
+    layer = lz.wrap_linear(nn.Linear(10, 6), "dora", rank=2, alpha=2.0, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.5)
+        layer.lora_magnitude.mul_(torch.linspace(0.5, 1.5, 6))
+    x = torch.randn(4, 10)
+    mask = (torch.rand(4, 10) > 0.5).float() / 0.5
+    layer.dropout = FixedDropout(mask)
+    w, bias, a, b = layer.base_layer.weight, layer.base_layer.bias, layer.lora_A.detach(), layer.lora_B.detach()
+    g = layer.lora_magnitude.detach() / (w + layer.scale * b @ a).norm(dim=1)
+    dropped = x * mask
+    # the DoRA authors' (and peft's) formula: x̃ in both adapter terms, the bias once and unscaled
+    expected = x @ w.t() + bias + (g - 1) * (dropped @ w.t()) + g * layer.scale * (dropped @ a.t() @ b.t())
+    layer.train()
+    torch.testing.assert_close(layer(x), expected)
+    assert (layer(x) - (g * (x @ w.t()) + bias + g * layer.scale * (dropped @ a.t() @ b.t()))).abs().max() > 0.1
+    layer.eval()  # no dropout: g ⊙ (xWᵀ + s·xAᵀBᵀ) + bias, the merged layer's output
+    torch.testing.assert_close(layer(x), g * (x @ w.t() + layer.scale * x @ a.t() @ b.t()) + bias)
+
+
 # ---- PiSSA ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("alpha", [None, 1.0])
 def test_pissa_adapter_is_the_top_singular_part(alpha):
