@@ -16,7 +16,8 @@ Orthogonality regulariser added to the loss (``orth_reg_form``):
 - ``"official"`` (default, the official code and peft): ``γ · mean`` over the 2L
   matrices of all L adapted layers of ``||PᵀP − I||_F`` and ``||QQᵀ − I||_F``, un-squared;
 - ``"paper"``: ``γ · Σ_layers (||PᵀP − I||²_F + ||QQᵀ − I||²_F)`` (eq. 4–5 as
-  written), about 190× larger on ViT-B-16 q/k/v at init (24.0 against 0.13 at γ = 0.1).
+  written): on ViT-B-16 q/k/v at init (72 layers, r = 3, γ = 0.1) 24.0 against 0.129,
+  186× larger, with a 367× larger gradient.
 
 Both use the r×r Gram matrices of the initial rank, pruned triplets included.
 
