@@ -430,6 +430,94 @@ def test_pissa_adapter_is_the_top_singular_part(alpha):
     assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
 
 
+# ---- decay toward the initial value (any residual-initialised method) ---------------------------
+def residual_layer(method, **options):
+    torch.manual_seed(5)
+    layer = lz.wrap_linear(nn.Linear(32, 24), method, **options)
+    model = nn.Sequential(layer)
+    model.lora_zoo_setup = lz.inject.AdapterSetup(method, method, layer.config.to_dict(), (), (), None)
+    return model, layer
+
+
+RESIDUAL = {"nora": dict(outer_rank=0.5, inner_rank=4), "pissa": dict(rank=4)}
+
+
+@pytest.mark.parametrize("method", sorted(RESIDUAL))
+def test_decay_to_init_keeps_theta0_with_no_task_gradient(method):
+    lr, wd, steps = 1e-2, 0.1, 50
+    runs = {}
+    for decay_to_init in (False, True):
+        model, layer = residual_layer(method, **RESIDUAL[method])
+        optimizer = lz.build_optimizer(model, lr, wd, decay_to_init=decay_to_init)
+        for _ in range(steps):
+            for p in lz.trainable_parameters(model):
+                p.grad = torch.zeros_like(p)  # zero task gradient: only the decay acts
+            optimizer.step()
+        runs[decay_to_init] = layer
+    for layer in runs.values():
+        assert layer.has_residual
+    plain, anchored = runs[False], runs[True]
+    for name, tensor in plain.trainable_tensors().items():  # AdamW: θ₀ · (1 − lr·wd)^steps
+        torch.testing.assert_close(tensor, getattr(plain, name + "_init") * (1 - lr * wd) ** steps)
+    for name, tensor in anchored.trainable_tensors().items():
+        assert torch.equal(tensor, getattr(anchored, name + "_init"))
+    drift = (plain.delta_weight() - plain.initial_delta_weight()).norm() / plain.original_weight().norm()
+    assert drift > 0.01 and torch.equal(anchored.delta_weight(), anchored.initial_delta_weight())
+
+
+def test_decay_to_init_is_adamw_centred_on_theta0():
+    lr, wd, steps = 1e-2, 0.1, 6
+    model, layer = residual_layer("nora", **RESIDUAL["nora"])
+    optimizer = lz.build_optimizer(model, lr, wd, decay_to_init=True)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert list(groups) == ["adapters, decay toward init"]
+    assert groups["adapters, decay toward init"]["weight_decay"] == 0.0
+    assert groups["adapters, decay toward init"]["decay_to_init"] == wd
+    tensors = layer.trainable_tensors()
+    offsets = {n: torch.zeros_like(t, requires_grad=True) for n, t in tensors.items()}  # φ = θ − θ₀ under plain AdamW
+    reference = torch.optim.AdamW(list(offsets.values()), lr=lr, weight_decay=wd)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        for name, tensor in tensors.items():
+            tensor.grad = torch.randn(tensor.shape, generator=g)
+            offsets[name].grad = tensor.grad.clone()
+        optimizer.step()
+        reference.step()
+    for name, tensor in tensors.items():
+        torch.testing.assert_close(tensor - getattr(layer, name + "_init"), offsets[name].detach(), atol=1e-6, rtol=1e-5)
+        assert offsets[name].abs().max() > 2 * lr  # it moved (each Adam step moves an entry by about lr)
+
+
+@pytest.mark.parametrize("method, options", [("lora", dict(rank=2)), ("nora", dict(outer_rank=0.5, inner_rank=4,
+                                                                                      inner_init="lora", residual=False))])
+def test_decay_to_init_changes_nothing_without_a_residual(method, options):
+    finals = {}
+    for decay_to_init in (False, True):
+        model, layer = residual_layer(method, **options)
+        assert not layer.has_residual
+        optimizer = lz.build_optimizer(model, 1e-2, 0.1, decay_to_init=decay_to_init)
+        assert [(g["name"], g["weight_decay"]) for g in optimizer.param_groups] == [("adapters", 0.1)]
+        assert not optimizer._optimizer_step_pre_hooks
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            for p in lz.trainable_parameters(model):
+                p.grad = torch.randn(p.shape, generator=g)
+            optimizer.step()
+        finals[decay_to_init] = [p.detach().clone() for p in lz.trainable_parameters(model)]
+    assert all(torch.equal(a, b) for a, b in zip(finals[False], finals[True]))
+
+
+def test_train_adapters_passes_decay_to_init(images, texts):
+    from lora_zoo.config import TrainConfig
+    from lora_zoo.train import train_adapters
+
+    model = adapted("pissa", rank=2)
+    loader = [(images, torch.tensor([0, 1, 2]))]
+    result = train_adapters(model, loader, texts[:3], TrainConfig(decay_to_init=True, lr=1e-3), iterations=2,
+                            device=torch.device("cpu"), progress=False)
+    assert [g["name"] for g in result.optimizer_groups] == ["adapters, decay toward init"]
+
+
 # ---- end to end through main.py ---------------------------------------------------------------
 BASELINES = ["loraplus", "lorafa", "vera", "adalora", "dylora", "dora", "pissa"]
 
