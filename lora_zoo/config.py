@@ -46,6 +46,9 @@ class TrainConfig(Options):
     n_iters: int = option(500, "iterations per shot: total = n_iters x shots")
     batch_size: int = option(32, "training batch size")
     weight_decay: float = option(1e-2, "AdamW weight decay")
+    decay_to_init: bool = option(False, "AdamW decay pulls tensors with a theta_0 snapshot (residual-initialised: "
+                                        "NoRA, PiSSA, AIRA) toward theta_0 instead of 0; without it NoRA drifts by "
+                                        "0.02-0.1 ||W|| in 8000 steps at lr 1e-3 with no task gradient (optim.py)")
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
     eta_min: float = option(1e-6, "final learning rate of the cosine schedule (stepped every iteration)")
     optimizer: Optional[str] = option(None, "optimizer builder: adamw, loraplus, lorafa, ... (null: the method's)")

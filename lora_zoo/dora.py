@@ -8,10 +8,16 @@ The adapted weight is split into a magnitude and a direction:
 LoRA (B = 0, so the model is unchanged at init). As in DoRA §4.3 the row norm
 is treated as a constant in backward (detached). The unmerged forward never
 forms a weight per token: with ``g = m / ||W + s·B A||_row`` (one d_out vector
-per step), ``y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias``, written as the base output
-plus ``(g − 1) ⊙ (x Wᵀ) + g ⊙ s·(x̃ Aᵀ) Bᵀ`` with dropout only on the adapter
-input x̃ (as peft does). Merging is not additive: ``merge`` keeps the weight
-it overwrote (a non-persistent buffer) and ``unmerge`` restores it exactly.
+per step) and x̃ the adapter's (dropped-out) input,
+
+    y = x Wᵀ + bias + (g − 1) ⊙ (x̃ Wᵀ) + g ⊙ s·(x̃ Aᵀ) Bᵀ,
+
+the formula of the DoRA authors' code and peft: dropout reaches the magnitude
+term too, and the bias is never scaled by g. In training with dropout this
+costs one extra ``x̃ Wᵀ``; in eval, or without dropout, x̃ = x and ``x Wᵀ`` is
+taken from the base output (minus the bias), so y = g ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + bias.
+Merging is not additive: ``merge`` keeps the weight it overwrote (a
+non-persistent buffer) and ``unmerge`` restores it exactly.
 Defaults: the CLIP-LoRA preset (DoRA is LoRA plus the magnitude vector).
 Trainable parameters per matrix: ``r · (d_in + d_out) + d_out``.
 """
@@ -52,10 +58,13 @@ class DoraLinear(LoraLinear):
         with torch.no_grad():  # the norm is a constant in backward (DoRA §4.3): record nothing for it
             row_norm = (weight.float() + self.scale * (self.lora_B @ self.lora_A)).norm(dim=1)
         gain = (self.lora_magnitude / row_norm).to(x.dtype)
-        without_bias = base_output if self.base_layer.bias is None else base_output - self.base_layer.bias.to(x.dtype)
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            frozen = x @ weight.t().to(x.dtype)  # x̃Wᵀ: x was dropped out, the base output saw the full input
+        else:
+            frozen = base_output if self.base_layer.bias is None else base_output - self.base_layer.bias.to(x.dtype)
         lora = (x @ self.lora_A.t().to(x.dtype)) @ (self.scale * self.lora_B).t().to(x.dtype)
-        # g ⊙ (xWᵀ + s·x̃AᵀBᵀ) − xWᵀ: autograd keeps one d_out-wide tensor per token (for m's gradient), not two
-        return gain * (without_bias + lora) - without_bias
+        # g ⊙ (x̃Wᵀ + s·x̃AᵀBᵀ) − x̃Wᵀ: autograd keeps one d_out-wide tensor per token (for m's gradient), not two
+        return gain * (frozen + lora) - frozen
 
     def original_weight(self) -> torch.Tensor:
         return self._frozen_weight().detach().float()

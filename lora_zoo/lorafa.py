@@ -10,6 +10,11 @@ It combines with any method; the preset ``lorafa`` = LoRA layers (CLIP-LoRA
 preset) + this optimizer, the baseline of the NoRA paper's Table 2. A is still
 an adapter tensor (``lora_A``), saved with the checkpoint, so a loaded model
 reproduces it exactly. Trainable parameters per LoRA matrix: ``r · d_out``.
+
+Known difference to peft: peft's ``create_lorafa_optimizer`` also projects B's
+gradient, ``g_B ← g_B (A Aᵀ + 10⁻⁸ I)⁺ / s²``, before an AdamW step (the "LoRA-FA
+optimizer"); the paper's basic LoRA-FA, implemented here, trains B with plain
+AdamW on its raw gradient. Forward and gradients equal peft's LoRA with A frozen.
 """
 from __future__ import annotations
 

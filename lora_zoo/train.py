@@ -6,7 +6,8 @@ the NoRA/AIRA papers (Li et al., ICCV 2025):
 - logits = 100 · normalize(image features) @ normalize(class text features)ᵀ
   (the logit scale is fixed, not learned), cross-entropy on the labels;
 - AdamW on the parameter groups of the run's optimizer builder (``optim.py``:
-  the method's by default, e.g. LoRA+'s), cosine schedule to ``eta_min`` stepped
+  the method's by default, e.g. LoRA+'s; with ``decay_to_init`` residual-initialised
+  tensors decay toward θ₀ instead of 0), cosine schedule to ``eta_min`` stepped
   every iteration; the train loader is cycled until the requested number of
   iterations; every loop setting comes from one ``TrainConfig``;
 - class text features are recomputed with gradients every step when the text
@@ -190,7 +191,7 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     lr = config.lr if config.lr is not None else get_method(model.lora_zoo_setup.method).lr
     optimizer = build_optimizer(model, lr, config.weight_decay, config.betas, config.optimizer,
-                                **config.optimizer_options)
+                                decay_to_init=config.decay_to_init, **config.optimizer_options)
     trainable = count_trainable(model)
     groups = [{"name": g.get("name", "?"), "tensors": len(g["params"]), "parameters": sum(p.numel() for p in g["params"]),
                "lr": g["lr"]} for g in optimizer.param_groups]

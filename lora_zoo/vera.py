@@ -1,10 +1,12 @@
 """VeRA (Kopiczko, Blankevoort & Asano, "VeRA: Vector-based Random Matrix Adaptation", ICLR 2024).
 
 One pair of frozen random matrices for the whole model, ``A ∈ R^{r×D_in}`` and
-``B ∈ R^{D_out×r}`` (Kaiming-uniform from a seeded generator, A drawn first, as
-peft does), sized for the largest adapted layer; each layer uses the slices
-``A[:, :d_in]`` and ``B[:d_out]`` and trains two vectors, ``d ∈ R^r`` (init 0.1)
-and ``b ∈ R^{d_out}`` (init 0):
+``B ∈ R^{D_out×r}``, sized for the largest adapted layer and drawn as peft's VeRA
+draws them: a CPU generator seeded with ``projection_seed``, A first, then B, each
+Kaiming-uniform with gain √2 over its fan-in (its number of columns), i.e.
+``U(−√(6/fan_in), √(6/fan_in))`` (√6 times wider than ``nn.Linear``'s a=√5 init).
+Each layer uses the slices ``A[:, :d_in]`` and ``B[:d_out]`` and trains two
+vectors, ``d ∈ R^r`` (init 0.1) and ``b ∈ R^{d_out}`` (init 0):
 
     ΔW = diag(b) B diag(d) A      (no extra scale; b = 0, so the model is unchanged at init).
 
@@ -34,8 +36,8 @@ _SHARED: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueD
 
 
 def _kaiming(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
-    """Kaiming-uniform (a=√5, fan_in = cols), i.e. ``nn.Linear``'s init, from ``generator``."""
-    bound = math.sqrt(3.0) * math.sqrt(2.0 / (1 + 5)) / math.sqrt(cols)
+    """Kaiming-uniform with gain √2 over fan_in = cols, ``U(−√(6/cols), √(6/cols))``, from ``generator``."""
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(cols)
     return torch.empty(rows, cols).uniform_(-bound, bound, generator=generator)
 
 

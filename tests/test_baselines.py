@@ -27,8 +27,9 @@ def clip_loss(model, images, texts):
     return (img @ txt.t()).pow(2).mean() + img.pow(2).mean()
 
 
-def run_loop(model, images, texts, steps, lr=1e-2):
-    """The training loop's hook contract (train.py), on the fixture inputs; returns the hooks."""
+def run_loop(model, images, texts, steps, lr=1e-2, watch=None):
+    """The training loop's hook contract (train.py), on the fixture inputs; returns the hooks.
+    ``watch(step)`` is called at the end of every step."""
     optimizer = torch.optim.AdamW(lz.param_groups(model, lr, 0.0))
     hooks = lz.training_hooks(model, steps)
     model.train()
@@ -40,6 +41,8 @@ def run_loop(model, images, texts, steps, lr=1e-2):
         hooks.after_backward(step)
         optimizer.step()
         hooks.after_step(step)
+        if watch is not None:
+            watch(step)
     hooks.finish()
     model.eval()
     return hooks
@@ -133,8 +136,9 @@ def test_vera_matrices_are_shared_and_regenerate_from_the_seed():
     again = list(lz.adapter_modules(adapted("vera", rank=16, projection_seed=7)).values())[0]
     assert again.lora_vera_A is not first.lora_vera_A
     torch.testing.assert_close(again.lora_vera_A, down_values, rtol=0, atol=0)
-    bound = (1 / 64) ** 0.5  # Kaiming-uniform(a=√5) on 64 input columns
-    assert again.lora_vera_A.abs().max() <= bound and again.lora_vera_A.abs().max() > 0.9 * bound
+    for matrix, fan_in in ((again.lora_vera_A, 64), (again.lora_vera_B, 16)):  # A: 64 columns, B: r = 16
+        bound = (6 / fan_in) ** 0.5  # Kaiming-uniform with gain √2, as peft draws them
+        assert 0.95 * bound < matrix.abs().max() <= bound
     other = list(lz.adapter_modules(adapted("vera", rank=16, projection_seed=8)).values())[0]
     assert not torch.equal(other.lora_vera_A, again.lora_vera_A)
 
@@ -170,54 +174,114 @@ def test_adalora_budget_schedule_numbers():
     assert all(a >= b for a, b in zip(values, values[1:]))  # never increases
 
 
-def test_adalora_total_rank_follows_the_schedule(images, texts, tmp_path):
-    steps = 20
-    model = adapted("adalora", init_rank=6, target_rank=3, t_init=0.1, t_final=0.25, delta_t=1)
-    allocator = run_loop(model, images, texts, steps, lr=5e-3)
+def test_adalora_decides_on_the_grid_at_step_t_then_freezes_the_final_pattern(images, texts, tmp_path):
+    steps = 20  # t_i = round(0.1·20) = 2, t_F = 20 − round(0.25·20) = 15
+    model = adapted("adalora", init_rank=6, target_rank=3, t_init=0.1, t_final=0.25, delta_t=2)
     layers = lz.adapter_modules(model)
-    schedule = [allocator.budget(t) for t in range(1, steps + 1)]
-    assert schedule[0] == 72 and schedule[-1] == 36 and len(set(schedule)) > 3
-    assert allocator.rank_history == schedule  # total rank after every step = the cubic budget
+    regrown = {}
+
+    def watch(step):  # largest |λ| among the triplets the last decision pruned
+        regrown[step] = max(a.lora_lambda[a.lora_rank_mask == 0].abs().max().item() if a.rank < 6 else 0.0
+                            for a in layers.values())
+
+    allocator = run_loop(model, images, texts, steps, lr=5e-3, watch=watch)
+    grid = [4, 6, 8, 10, 12, 14]  # t_i < t < t_F and t % delta_t == 0, budget at t (peft's step index)
+    assert allocator.decisions == [(t, allocator.budget(t)) for t in grid] + [(15, 36)]
+    assert [b for _, b in allocator.decisions] == [57, 47, 41, 38, 36, 36, 36]  # int(36 + 36·(1 − (t − 2)/13)³)
+    budget_after = {t: b for t, b in allocator.decisions}
+    expected, current = [], 72
+    for t in range(steps):
+        current = budget_after.get(t, current)
+        expected.append(current)
+    assert allocator.rank_history == expected
+    assert regrown[4] == 0 and regrown[5] > 1e-4  # pruned λ stay trainable between decisions (as in peft)
+    assert all(regrown[t] == 0 for t in range(15, steps))  # frozen pattern: zeroed after every step
     ranks = allocator.summary()["adalora_final_ranks"]
     assert sum(ranks.values()) == 3 * len(layers) and allocator.summary()["adalora_total_rank"] == 36
     assert len(set(ranks.values())) > 1  # the budget is not spread uniformly
     for name, a in layers.items():
         assert ranks[name] == int(a.lora_rank_mask.sum())
         assert torch.all(a.lora_lambda[a.lora_rank_mask == 0] == 0)
-    # the mask is saved: a loaded model evaluates with the same pruned triplets
-    expected = model.encode_image(images).detach()
+    # the mask and the zeroed λ are saved: a loaded model evaluates with the same pruned triplets
+    expected_features = model.encode_image(images).detach()
     lz.save_adapters(model, tmp_path / "ada.safetensors")
     fresh = tiny_clip()
     lz.load_adapters(fresh, tmp_path / "ada.safetensors")
     for name, a in lz.adapter_modules(fresh).items():
         assert torch.equal(a.lora_rank_mask, layers[name].lora_rank_mask)
-    torch.testing.assert_close(fresh.encode_image(images), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fresh.encode_image(images), expected_features, atol=1e-5, rtol=1e-5)
 
 
-def test_adalora_orthogonality_penalty_and_importance():
+def adalora_allocator(layers, total_steps=10, **schedule):
+    model = nn.Sequential(*layers)
+    return adalora.RankAllocator(model, total_steps, options=adalora.AdaLoraSchedule(**schedule))
+
+
+@pytest.mark.parametrize("form, value, p_grad", [
+    ("official", 0.1 * (6 + 0) / 2, 0.1 / 2),  # γ · mean(||3I||_F, 0) over the 2 matrices; d/dP = γ/2 · P
+    ("paper", 0.1 * (36 + 0), 0.1 * 12),       # γ · (||3I||²_F + 0);                     d/dP = 12γ · P
+])
+def test_adalora_orthogonality_regulariser(form, value, p_grad):
     layer = lz.wrap_linear(nn.Linear(12, 10), "adalora", init_rank=4)
+    allocator = adalora_allocator([layer], target_rank=2, orth_reg=0.1, orth_reg_form=form)
     with torch.no_grad():  # orthonormal P columns and Q rows: zero penalty
         layer.lora_P.copy_(torch.linalg.qr(torch.randn(10, 4))[0])
         layer.lora_Q.copy_(torch.linalg.qr(torch.randn(12, 4))[0].t())
-    assert layer.orthogonality_penalty().item() == pytest.approx(0.0, abs=1e-10)
+    assert allocator.regularizer().item() == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
-        layer.lora_P.mul_(2.0)  # PᵀP = 4 I: penalty ||3 I||² = 9 · 4
-    assert layer.orthogonality_penalty().item() == pytest.approx(36.0, rel=1e-5)
-    model = nn.Sequential(layer)
-    model.lora_zoo_setup = lz.inject.AdapterSetup("adalora", "adalora", layer.config.to_dict(), (), (), None,
-                                                  schedule_options={"target_rank": 2})
-    allocator = lz.training_hooks(model, total_steps=10)
-    for p, g in ((layer.lora_P, 1.0), (layer.lora_lambda, 1.0), (layer.lora_Q, 1.0)):
-        p.grad = torch.full_like(p, g)
-    with torch.no_grad():
+        layer.lora_P.mul_(2.0)  # PᵀP = 4I: PᵀP − I = 3I, ||3I||_F = 6 (r = 4)
+    penalty = allocator.regularizer()
+    assert penalty.item() == pytest.approx(value, rel=1e-5)
+    penalty.backward()
+    torch.testing.assert_close(layer.lora_P.grad, p_grad * layer.lora_P.detach(), atol=1e-5, rtol=1e-4)
+    assert adalora_allocator([layer], target_rank=2, orth_reg=0.0).regularizer() == 0.0
+
+
+def test_adalora_importance_uses_the_stepped_weights_and_skips_non_finite_gradients():
+    layer = lz.wrap_linear(nn.Linear(12, 10), "adalora", init_rank=4)
+    allocator = adalora_allocator([layer], total_steps=10, target_rank=2)
+    for p in (layer.lora_P, layer.lora_lambda, layer.lora_Q):
+        p.grad = torch.ones_like(p)
+    with torch.no_grad():  # θ after the optimizer step: after_step sees these values
         layer.lora_lambda.copy_(torch.tensor([1.0, 0.0, 2.0, 0.5]))
-    allocator.after_backward(0)
-    # one step from zero: Ī = 0.15 I, Ū = 0.15 · 0.85 I, s = Ī·Ū
+    allocator.after_step(0)
+    # one update from zero: Ī = 0.15 |θ·g|, Ū = 0.15 · 0.85 |θ·g|, s = Ī·Ū
     s = lambda value: 0.15 * 0.15 * 0.85 * value ** 2
     lam = s(torch.tensor([1.0, 0.0, 2.0, 0.5]))
     p_part = s(layer.lora_P.detach().abs()).mean(dim=0)
     q_part = s(layer.lora_Q.detach().abs()).mean(dim=1)
     torch.testing.assert_close(allocator.triplet_scores("0"), lam + p_part + q_part)
+    before = {k: v.clone() for k, v in allocator.smoothed.items()}
+    layer.lora_Q.grad[0, 0] = float("nan")
+    layer.lora_lambda.grad[1] = float("inf")
+    allocator.after_step(1)  # not a finite step: the averages keep their values
+    assert all(torch.equal(allocator.smoothed[k], v) for k, v in before.items())
+    assert allocator.summary()["adalora_skipped_importance_steps"] == 1
+    torch.testing.assert_close(allocator.triplet_scores("0"), lam + p_part + q_part)
+
+
+def test_adalora_allocation_is_recomputed_each_time_and_prunes_ties():
+    layers = [lz.wrap_linear(nn.Linear(8, 8), "adalora", init_rank=3) for _ in range(2)]
+    allocator = adalora_allocator(layers, target_rank=1)
+
+    def set_scores(first, second):  # s(λ) = Ī·Ū with Ū = 1; P and Q contribute nothing
+        for name, values in (("0", first), ("1", second)):
+            allocator.smoothed[(name, "lora_lambda")] = torch.tensor(values)
+            allocator.uncertainty[(name, "lora_lambda")] = torch.ones(3)
+
+    for layer in layers:
+        layer.lora_lambda.data.fill_(1.0)
+    set_scores([0.5, 0.1, 0.3], [0.2, 0.6, 0.4])
+    allocator.allocate(3, 4)  # threshold: 2nd smallest score 0.2
+    assert [a.lora_rank_mask.tolist() for a in layers] == [[1, 0, 1], [0, 1, 1]]
+    assert [a.lora_lambda.tolist() for a in layers] == [[1, 0, 1], [0, 1, 1]]
+    set_scores([0.1, 0.9, 0.3], [0.8, 0.2, 0.4])  # triplet 0.1 comes back, 0.0 goes
+    allocator.allocate(6, 3)
+    assert [a.lora_rank_mask.tolist() for a in layers] == [[0, 1, 0], [1, 0, 1]]
+    assert allocator.decisions == [(3, 4), (6, 3)] and allocator.total_rank() == 3
+    set_scores([0.5, 0.2, 0.2], [0.2, 0.6, 0.4])  # three tied at the threshold 0.2: all pruned (peft's rule)
+    allocator.allocate(9, 4)
+    assert [a.lora_rank_mask.tolist() for a in layers] == [[1, 0, 0], [0, 1, 1]]
 
 
 # ---- DyLoRA -----------------------------------------------------------------------------------
@@ -313,6 +377,38 @@ def test_dora_norm_is_constant_in_backward():
     assert not torch.allclose(got[1], reference(detach=False)[1], atol=1e-4)
 
 
+class FixedDropout(nn.Module):
+    """Dropout with a given (pre-scaled) mask in training, the identity in eval."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask if self.training else x
+
+
+def test_dora_dropout_reaches_the_magnitude_term():
+    torch.manual_seed(3)
+    layer = lz.wrap_linear(nn.Linear(10, 6), "dora", rank=2, alpha=2.0, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.5)
+        layer.lora_magnitude.mul_(torch.linspace(0.5, 1.5, 6))
+    x = torch.randn(4, 10)
+    mask = (torch.rand(4, 10) > 0.5).float() / 0.5
+    layer.dropout = FixedDropout(mask)
+    w, bias, a, b = layer.base_layer.weight, layer.base_layer.bias, layer.lora_A.detach(), layer.lora_B.detach()
+    g = layer.lora_magnitude.detach() / (w + layer.scale * b @ a).norm(dim=1)
+    dropped = x * mask
+    # the DoRA authors' (and peft's) formula: x̃ in both adapter terms, the bias once and unscaled
+    expected = x @ w.t() + bias + (g - 1) * (dropped @ w.t()) + g * layer.scale * (dropped @ a.t() @ b.t())
+    layer.train()
+    torch.testing.assert_close(layer(x), expected)
+    assert (layer(x) - (g * (x @ w.t()) + bias + g * layer.scale * (dropped @ a.t() @ b.t()))).abs().max() > 0.1
+    layer.eval()  # no dropout: g ⊙ (xWᵀ + s·xAᵀBᵀ) + bias, the merged layer's output
+    torch.testing.assert_close(layer(x), g * (x @ w.t() + layer.scale * x @ a.t() @ b.t()) + bias)
+
+
 # ---- PiSSA ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("alpha", [None, 1.0])
 def test_pissa_adapter_is_the_top_singular_part(alpha):
@@ -332,6 +428,94 @@ def test_pissa_adapter_is_the_top_singular_part(alpha):
     torch.testing.assert_close(layer.lora_B.norm(dim=0), (s[:3] / layer.scale).sqrt(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.lora_A.norm(dim=1), (s[:3] / layer.scale).sqrt(), atol=1e-5, rtol=1e-5)
     assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+
+
+# ---- decay toward the initial value (any residual-initialised method) ---------------------------
+def residual_layer(method, **options):
+    torch.manual_seed(5)
+    layer = lz.wrap_linear(nn.Linear(32, 24), method, **options)
+    model = nn.Sequential(layer)
+    model.lora_zoo_setup = lz.inject.AdapterSetup(method, method, layer.config.to_dict(), (), (), None)
+    return model, layer
+
+
+RESIDUAL = {"nora": dict(outer_rank=0.5, inner_rank=4), "pissa": dict(rank=4)}
+
+
+@pytest.mark.parametrize("method", sorted(RESIDUAL))
+def test_decay_to_init_keeps_theta0_with_no_task_gradient(method):
+    lr, wd, steps = 1e-2, 0.1, 50
+    runs = {}
+    for decay_to_init in (False, True):
+        model, layer = residual_layer(method, **RESIDUAL[method])
+        optimizer = lz.build_optimizer(model, lr, wd, decay_to_init=decay_to_init)
+        for _ in range(steps):
+            for p in lz.trainable_parameters(model):
+                p.grad = torch.zeros_like(p)  # zero task gradient: only the decay acts
+            optimizer.step()
+        runs[decay_to_init] = layer
+    for layer in runs.values():
+        assert layer.has_residual
+    plain, anchored = runs[False], runs[True]
+    for name, tensor in plain.trainable_tensors().items():  # AdamW: θ₀ · (1 − lr·wd)^steps
+        torch.testing.assert_close(tensor, getattr(plain, name + "_init") * (1 - lr * wd) ** steps)
+    for name, tensor in anchored.trainable_tensors().items():
+        assert torch.equal(tensor, getattr(anchored, name + "_init"))
+    drift = (plain.delta_weight() - plain.initial_delta_weight()).norm() / plain.original_weight().norm()
+    assert drift > 0.01 and torch.equal(anchored.delta_weight(), anchored.initial_delta_weight())
+
+
+def test_decay_to_init_is_adamw_centred_on_theta0():
+    lr, wd, steps = 1e-2, 0.1, 6
+    model, layer = residual_layer("nora", **RESIDUAL["nora"])
+    optimizer = lz.build_optimizer(model, lr, wd, decay_to_init=True)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert list(groups) == ["adapters, decay toward init"]
+    assert groups["adapters, decay toward init"]["weight_decay"] == 0.0
+    assert groups["adapters, decay toward init"]["decay_to_init"] == wd
+    tensors = layer.trainable_tensors()
+    offsets = {n: torch.zeros_like(t, requires_grad=True) for n, t in tensors.items()}  # φ = θ − θ₀ under plain AdamW
+    reference = torch.optim.AdamW(list(offsets.values()), lr=lr, weight_decay=wd)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        for name, tensor in tensors.items():
+            tensor.grad = torch.randn(tensor.shape, generator=g)
+            offsets[name].grad = tensor.grad.clone()
+        optimizer.step()
+        reference.step()
+    for name, tensor in tensors.items():
+        torch.testing.assert_close(tensor - getattr(layer, name + "_init"), offsets[name].detach(), atol=1e-6, rtol=1e-5)
+        assert offsets[name].abs().max() > 2 * lr  # it moved (each Adam step moves an entry by about lr)
+
+
+@pytest.mark.parametrize("method, options", [("lora", dict(rank=2)), ("nora", dict(outer_rank=0.5, inner_rank=4,
+                                                                                      inner_init="lora", residual=False))])
+def test_decay_to_init_changes_nothing_without_a_residual(method, options):
+    finals = {}
+    for decay_to_init in (False, True):
+        model, layer = residual_layer(method, **options)
+        assert not layer.has_residual
+        optimizer = lz.build_optimizer(model, 1e-2, 0.1, decay_to_init=decay_to_init)
+        assert [(g["name"], g["weight_decay"]) for g in optimizer.param_groups] == [("adapters", 0.1)]
+        assert not optimizer._optimizer_step_pre_hooks
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            for p in lz.trainable_parameters(model):
+                p.grad = torch.randn(p.shape, generator=g)
+            optimizer.step()
+        finals[decay_to_init] = [p.detach().clone() for p in lz.trainable_parameters(model)]
+    assert all(torch.equal(a, b) for a, b in zip(finals[False], finals[True]))
+
+
+def test_train_adapters_passes_decay_to_init(images, texts):
+    from lora_zoo.config import TrainConfig
+    from lora_zoo.train import train_adapters
+
+    model = adapted("pissa", rank=2)
+    loader = [(images, torch.tensor([0, 1, 2]))]
+    result = train_adapters(model, loader, texts[:3], TrainConfig(decay_to_init=True, lr=1e-3), iterations=2,
+                            device=torch.device("cpu"), progress=False)
+    assert [g["name"] for g in result.optimizer_groups] == ["adapters, decay toward init"]
 
 
 # ---- end to end through main.py ---------------------------------------------------------------
