@@ -37,7 +37,7 @@ def dora_count(adapter):  # LoRA plus the magnitude vector
     return lora_count(adapter) + adapter.out_features
 
 
-# method -> (options, output unchanged at init, per-layer trainable count, needs calibration stats)
+# method -> (options, output unchanged at init, per-layer trainable count; mergeable unless said otherwise)
 CASES = {
     "lora": dict(options=dict(rank=4, alpha=8), preserves=True, count=lora_count),
     "nora": dict(options=dict(outer_rank=0.5, inner_rank=4), preserves=True, count=nora_count),
@@ -47,6 +47,9 @@ CASES = {
                        preserves=True, count=nora_count),
     "aira": dict(options=dict(rank=4, rank_min=1, rank_max=16), preserves=True, count=lora_count),
     "aira_noalloc": dict(method="aira", options=dict(rank=4, rank_alloc=False), preserves=True, count=lora_count),
+    # the authors' code: no residual, per-batch output scaling (not mergeable); a budget the tiny model can spend
+    "aira_authors": dict(method="aira", options=dict(variant="authors", rank_budget=8000.0), preserves=False,
+                         mergeable=False, count=lora_count),
     "loraplus": dict(options=dict(rank=4, alpha=8), preserves=True, count=lora_count),
     "lorafa": dict(options=dict(rank=4, alpha=8), preserves=True, count=lorafa_count),
     "vera": dict(options=dict(rank=16), preserves=True, count=vera_count),
@@ -107,6 +110,10 @@ def test_output_unchanged_at_init(case_id, images, texts):
 def test_merge_unmerge(case_id, images, texts):
     _, model, _ = adapted(case_id, images, texts)
     perturb(model)
+    if not CASES[case_id].get("mergeable", True):
+        with pytest.raises(RuntimeError, match="not mergeable"):
+            lz.merge_adapters(model)
+        return
     unmerged = outputs(model, images, texts)
     weights = {n: a.base_layer.weight.clone() for n, a in lz.adapter_modules(model).items()}
     lz.merge_adapters(model)
