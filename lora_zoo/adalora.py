@@ -143,6 +143,22 @@ class RankAllocator(TrainingHooks):
         self.skipped_steps = 0                      # importance updates skipped for non-finite gradients
         self._total_rank = self.total_rank()
 
+    def state_dict(self) -> dict:
+        """The importance averages and the decision records (the masks live in the adapters' buffers)."""
+        return {"smoothed": {"|".join(k): v.clone() for k, v in self.smoothed.items()},
+                "uncertainty": {"|".join(k): v.clone() for k, v in self.uncertainty.items()},
+                "decisions": list(self.decisions), "rank_history": list(self.rank_history),
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = next(iter(self.adapters.values())).lora_lambda.device
+        self.smoothed = {tuple(k.split("|")): v.to(device) for k, v in state["smoothed"].items()}
+        self.uncertainty = {tuple(k.split("|")): v.to(device) for k, v in state["uncertainty"].items()}
+        self.decisions = [tuple(d) for d in state["decisions"]]
+        self.rank_history = list(state["rank_history"])
+        self.skipped_steps = state["skipped_steps"]
+        self._total_rank = self.total_rank()
+
     @classmethod
     def check_options(cls, layer_config: AdaLoraConfig, options: AdaLoraSchedule) -> None:
         if options.target_rank > layer_config.init_rank:

@@ -7,8 +7,8 @@ The loop (``train.py``) calls, for every method:
     for step in range(total_steps):
         hooks.before_forward(step)                      # e.g. DyLoRA samples a rank
         loss = task_loss + hooks.regularizer()          # e.g. AdaLoRA's orthogonality penalty
-        loss.backward(); hooks.after_backward(step)     # e.g. AdaLoRA's importance scores (grads available)
-        optimizer.step(); hooks.after_step(step)        # e.g. AdaLoRA's budget schedule masks λ
+        loss.backward(); hooks.after_backward(step)     # gradients available, parameters not yet stepped
+        optimizer.step(); hooks.after_step(step)        # e.g. AdaLoRA: importance from θ_{t+1}·g_t, budget at t
     hooks.finish(); hooks.summary()                     # e.g. final ranks, recorded in the results
 
 A method registers its schedule class with ``@register_method(..., schedule=Cls)``.
