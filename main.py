@@ -52,7 +52,7 @@ def _add_fields(group, fields, dest_prefix: str, taken: set, helps=None) -> None
         if f.name in taken:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = (helps or {}).get(f.name) or f.metadata.get("help", "")
+        text = ((helps or {}).get(f.name) or f.metadata.get("help", "")).replace("%", "%%")
         group.add_argument(f"--{f.name}", type=yaml_value, default=argparse.SUPPRESS, metavar="VALUE",
                            dest=dest_prefix + f.name, help=f"{text} (default {default!r})".strip())
         taken.add(f.name)
@@ -180,13 +180,8 @@ def setup_logging(quiet: bool) -> None:
 
 
 def hint(err: Exception) -> str:
-    """The library's one-line message, with the command-line way out where there is one."""
-    from lora_zoo.experiment import RunFinishedError
-
-    message = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, RunFinishedError):
-        message += " (use --overwrite to train it again)"
-    return message
+    """The library's one-line message (command-line hints are added where the error is handled)."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def run(argv=None, method=None) -> int:
@@ -202,7 +197,7 @@ def run(argv=None, method=None) -> int:
             return run_demo(getattr(args, "output_dir", None), collect_overrides(args), args.quiet)
         import lora_zoo
         from lora_zoo.config import build_config, collect_values
-        from lora_zoo.experiment import run_experiment
+        from lora_zoo.experiment import RunFinishedError, run_experiment
         overrides = collect_overrides(args)
         if method is not None or "method" in args:
             overrides["method"] = method or args.method
@@ -211,8 +206,12 @@ def run(argv=None, method=None) -> int:
             raise UsageError("--method is required (one of: " + ", ".join(lora_zoo.list_methods()) + ")")
         cfg = build_config(values)
         progress = not args.quiet and sys.stderr.isatty()
-        result = run_experiment(cfg, eval_only=args.eval_only, export_path=args.export_merged,
-                                overwrite=args.overwrite, progress=progress)
+        try:
+            result = run_experiment(cfg, eval_only=args.eval_only, export_path=args.export_merged,
+                                    overwrite=args.overwrite, progress=progress)
+        except RunFinishedError as done:  # the same command again: nothing to do
+            print(f"nothing to do, {hint(done)} (--overwrite trains it again)", file=sys.stderr)
+            return 0
         if args.quiet:
             print(result["summary"])
         return 0

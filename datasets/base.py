@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -119,15 +120,26 @@ class FewShotDataset:
         or a format string with one ``{}``.
         """
         chosen = self.templates.get(template, template) if template else self.template
-        if "{}" not in chosen:
-            raise DatasetError(f"prompt template must contain '{{}}' for the class name, or be one of "
-                               f"{', '.join(self.templates)}; got {chosen!r}")
+        check_template(chosen, tuple(self.templates))
         return [chosen.format(name) for name in self.classnames]
 
     def __repr__(self) -> str:
         return (f"FewShotDataset({self.name!r}, classes={self.num_classes}, shots={self.shots}, seed={self.seed}, "
                 f"train={len(self.train_x)}, val={len(self.val)}, test={len(self.test)}, "
                 f"dir={str(self.dataset_dir)!r})")
+
+
+def check_template(template: str, names=("default", "dataset")) -> None:
+    """A one-line error unless ``template`` is a template name or a format string with exactly one ``{}``."""
+    if template in names:
+        return
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError:
+        fields = None
+    if fields != [""]:
+        raise DatasetError(f"prompt template must contain exactly one '{{}}' for the class name (and no other "
+                           f"{{...}} fields), or be one of {', '.join(names)}; got {template!r}")
 
 
 def check_shots(shots) -> None:

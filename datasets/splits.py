@@ -87,7 +87,15 @@ def classnames_from_splits(splits: Splits, source: Path) -> List[str]:
                     f"split file {source}: label {item.label} is named both '{known}' and '{item.classname}'")
     labels = sorted(names)
     if labels != list(range(len(labels))):
-        raise DatasetError(f"split file {source}: labels must be 0..{len(labels) - 1}, found {labels[:5]}...")
+        bad = next(label for label in labels if label < 0 or label >= len(labels))
+        missing = sorted(set(range(len(labels))) - set(labels))
+        raise DatasetError(f"split file {source}: label {bad} is out of range: {len(labels)} classes need labels "
+                           f"0..{len(labels) - 1} (missing: {', '.join(map(str, missing[:5]))})")
+    first_label: Dict[str, int] = {}
+    for label in labels:
+        other = first_label.setdefault(names[label], label)
+        if other != label:
+            raise DatasetError(f"split file {source}: class '{names[label]}' has two labels, {other} and {label}")
     return [names[label] for label in labels]
 
 

@@ -86,7 +86,8 @@ class ExperimentConfig(Options):
     encoders: tuple[str, ...] = option(("vision", "text"), "towers to adapt: vision,text")
     targets: tuple[str, ...] = option(("q", "k", "v"), "linears to adapt in each block: q,k,v,o,fc1,fc2")
     layers: Optional[tuple[int, ...]] = option(None, "block indices to adapt (null or 'all': every block)")
-    template: Optional[str] = option(None, "prompt template with {} for the class name (null: 'a photo of a {}.')")
+    template: Optional[str] = option(None, "prompt template with one {} for the class name, or 'dataset' (the "
+                                           "dataset's own CoOp template); null: 'a photo of a {}.'")
     num_workers: Optional[int] = option(None, "data loader workers (null: 0 on CPU, else min(8, CPUs))")
     threads: Optional[int] = option(None, "CPU intra-op threads (null: OMP_NUM_THREADS, else the cores shared "
                                           "with the loader workers)")
@@ -101,7 +102,8 @@ class ExperimentConfig(Options):
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop's settings"})
 
     def __post_init__(self):
-        from datasets.registry import get_spec as dataset_spec  # the repository's few-shot datasets package
+        from datasets.base import check_template  # the repository's few-shot datasets package
+        from datasets.registry import get_spec as dataset_spec
 
         if self.layers in ("all", ""):
             self.layers = None
@@ -124,6 +126,8 @@ class ExperimentConfig(Options):
             raise ValueError(f"unknown backbone {self.backbone!r}; expected an open_clip model name "
                              "(open_clip.list_models(), e.g. ViT-B-16) or a tiny-* backbone")
         dataset_spec(self.dataset)                             # unknown dataset → one line listing names
+        if self.template is not None:
+            check_template(self.template)
         spec = method_options(self.method, self.method_options)[0]  # unknown method / bad option → one line
         if self.train.lr is None:
             self.train = dataclasses.replace(self.train, lr=spec.lr)

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import lora_zoo as lz
-
 import lora_zoo
+import lora_zoo as lz
 from lora_zoo.config import load_config
 from lora_zoo.experiment import run_dir, run_experiment
 from lora_zoo.export import fused_state_dict
