@@ -77,8 +77,8 @@ class NoraConfig(AdapterConfig):
         "paper", "paper: NoRA as the paper describes it; authors: as the authors' code computes it")
     outer_rank: Union[int, float] = option(0.8, "r_out: an int, or a ratio of min(d_in, d_out) (floored)")
     inner_rank: Optional[Union[int, float]] = option(
-        None, "r_in: an int, or a ratio of r_out (floored); null: 16 (authors' up/down_parallel and table B's "
-              "output with kaiming_authors init: 0.5, their r_out // 2; none for full/none structures)")
+        None, "r_in: an int, or a ratio of r_out (floored); null: 16, or 0.5 (r_out // 2) where the authors' table B "
+              "uses that (up/down_parallel; output with kaiming_authors init); unused by the full and none structures")
     alpha: Optional[float] = option(None, "paper: s = alpha / r_in (null: r_in, s = 1); authors: s = alpha / r_out "
                                           "(null: 1)")
     inner_init: Optional[Literal["sigma", "lora", "randn", "kaiming_authors"]] = option(
