@@ -108,8 +108,9 @@ class NoraConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        given = {name for name in VARIANT_DEFAULTS[self.variant] if getattr(self, name) is not None}
         for name, value in VARIANT_DEFAULTS[self.variant].items():
-            if getattr(self, name) is None:
+            if name not in given:
                 setattr(self, name, value)
         if self.variant == "paper":
             for name, value in PAPER_ONLY.items():
@@ -117,27 +118,26 @@ class NoraConfig(AdapterConfig):
                     raise OptionError(f"{name}={getattr(self, name)!r} exists only for variant='authors' "
                                       f"(the paper's NoRA has {name}={value!r})")
         if self.outer_init == "kaiming_authors":
-            self._resolve_kaiming_outer()
-        structure = STRUCTURES[self.inner_structure]
-        self._resolve_inner(structure)
+            self._resolve_kaiming_outer(given)
+        self._resolve_inner(STRUCTURES[self.inner_structure], given)
         _check_rank("outer_rank", self.outer_rank)
 
-    def _resolve_kaiming_outer(self) -> None:
+    def _resolve_kaiming_outer(self, given: set) -> None:
         if self.inner_structure not in ("up_parallel", "none"):
             raise OptionError(f"inner_structure={self.inner_structure!r} with outer_init='kaiming_authors' never "
                               "trains (the frozen zero up factor makes dW and its gradient 0; the authors' table B "
                               "init 1); use up_parallel or none")
-        if self.sigma_side != "none" and self.sigma_side != VARIANT_DEFAULTS["authors"]["sigma_side"]:
-            raise OptionError(f"sigma_side={self.sigma_side!r} has no meaning with outer_init='kaiming_authors' "
-                              "(no SVD); leave it null or 'none'")
-        self.sigma_side = "none"  # nothing to place: no singular values
-        self.act_weighted = False  # and no activation weighting
+        for name, meaningless in (("sigma_side", "none"), ("act_weighted", False)):  # no SVD: nothing to place
+            if name in given and getattr(self, name) != meaningless:
+                raise OptionError(f"{name}={getattr(self, name)!r} has no meaning with outer_init='kaiming_authors' "
+                                  f"(no SVD); leave it null or {meaningless!r}")
+            setattr(self, name, meaningless)
 
-    def _resolve_inner(self, structure) -> None:
+    def _resolve_inner(self, structure, given: set) -> None:
         if structure.name == "none":
-            if self.inner_init not in (None, VARIANT_DEFAULTS["authors"]["inner_init"]):
+            if "inner_init" in given:
                 raise OptionError(f"inner_init={self.inner_init!r} has no meaning with inner_structure='none' "
-                                  "(table A trains the outer factors; no inner tensors)")
+                                  "(table A trains the outer factors; no inner tensors); leave it null")
             self.inner_init = None
         elif self.inner_init not in INNER_INITS[self.variant]:
             raise OptionError(f"inner_init={self.inner_init!r} is not one of variant={self.variant!r}'s: "

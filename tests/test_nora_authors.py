@@ -161,8 +161,6 @@ def test_variant_defaults_resolve_to_explicit_values_that_round_trip():
     assert (paper.inner_rank, paper.alpha, paper.inner_init, paper.residual, paper.act_weighted, paper.sigma_side,
             paper.inner_structure, paper.double_bias, paper.calibration) == (
         16, None, "sigma", True, False, "none", "nested", False, "standard")
-    for config in (authors, paper, lz.build_config("nora", variant="authors", inner_structure="output_full")):
-        assert type(config).from_dict(config.to_dict()) == config
     # the authors' inner ranks: 16 (table C; nested), r_out // 2 (table B's parallel and kaiming output pairs)
     rank = {s: lz.build_config("nora", variant="authors", inner_structure=s, inner_init="kaiming_authors").inner_rank
             for s in ("nested", "output", "down_parallel", "up_parallel", "nested_full", "output_full")}
@@ -172,6 +170,8 @@ def test_variant_defaults_resolve_to_explicit_values_that_round_trip():
     assert (kaiming.sigma_side, kaiming.act_weighted, kaiming.inner_init, kaiming.needs_calibration) == (
         "none", False, None, False)
     assert authors.needs_calibration and not paper.needs_calibration
+    for config in (authors, paper, kaiming, lz.build_config("nora", variant="authors", inner_structure="output_full")):
+        assert type(config).from_dict(config.to_dict()) == config  # what a checkpoint saves rebuilds it
 
 
 @pytest.mark.parametrize("options, message", [
@@ -182,11 +182,12 @@ def test_variant_defaults_resolve_to_explicit_values_that_round_trip():
     (dict(variant="authors", inner_init="sigma"), "is not one of variant='authors''s: randn, kaiming_authors"),
     (dict(variant="authors", outer_init="kaiming_authors"), "inner_structure='nested' with outer_init="
                                                             "'kaiming_authors' never trains"),
-    (dict(variant="authors", outer_init="kaiming_authors", inner_structure="none", sigma_side="split"),
-     "sigma_side='split' has no meaning"),
+    (dict(variant="authors", outer_init="kaiming_authors", inner_structure="none", sigma_side="input"),
+     "sigma_side='input' has no meaning with outer_init='kaiming_authors'"),
+    (dict(variant="authors", outer_init="kaiming_authors", inner_structure="none", act_weighted=True),
+     "act_weighted=True has no meaning"),
     (dict(variant="authors", inner_structure="output_full", inner_rank=8), "inner_rank has no meaning"),
-    (dict(variant="authors", inner_structure="none", inner_init="kaiming_authors"), "inner_init='kaiming_authors' "
-                                                                                    "has no meaning"),
+    (dict(variant="authors", inner_structure="none", inner_init="randn"), "inner_init='randn' has no meaning"),
     (dict(variant="authors", inner_rank=1.5), "inner_rank must be a positive int or a ratio"),
     (dict(variant="authors", inner_structure="sideways"), "inner_structure must be one of"),
     (dict(variant="author"), "variant must be one of 'paper', 'authors'"),
