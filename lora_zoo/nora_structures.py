@@ -45,7 +45,7 @@ OUTER_B, OUTER_A = "lora_outer_B", "lora_outer_A"
 
 
 def sigma_sides(sigma: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, R)`` as vectors with ``L · R = Σ`` (or ones for ``"none"``): where Σ sits in ``U L · … · R Vᵀ``."""
+    """``(L, R)`` as vectors with ``L · R = Σ`` (ones for ``"none"``): where Σ sits in ``U L · … · R Vᵀ``."""
     ones = torch.ones_like(sigma)
     return {"input": (ones, sigma), "output": (sigma, ones), "split": (sigma.sqrt(), sigma.sqrt()),
             "none": (ones, ones)}[side]

@@ -17,11 +17,12 @@ def lora_count(adapter):
     return adapter.config.rank * (adapter.in_features + adapter.out_features)
 
 
-def nora_count(adapter):  # per inner_structure (docs/METHODS.md; the paper's NoRA is "nested", eq. 4)
+def nora_count(adapter):  # per inner_structure (docs/METHODS.md); the paper's NoRA is "nested" (eq. 4)
     d_out, d_in, r, k = adapter.out_features, adapter.in_features, adapter.outer_rank, adapter.inner_rank
-    return {"nested": lambda: 2 * k * r, "output": lambda: 2 * k * d_out, "nested_full": lambda: r * r,
-            "output_full": lambda: d_out * d_out, "down_parallel": lambda: k * (r + d_in),
-            "up_parallel": lambda: k * (d_out + r), "none": lambda: r * (d_in + d_out)}[adapter.config.inner_structure]()
+    counts = {"nested": lambda: 2 * k * r, "output": lambda: 2 * k * d_out, "nested_full": lambda: r * r,
+              "output_full": lambda: d_out * d_out, "down_parallel": lambda: k * (r + d_in),
+              "up_parallel": lambda: k * (d_out + r), "none": lambda: r * (d_in + d_out)}
+    return counts[adapter.config.inner_structure]()
 
 
 def lorafa_count(adapter):  # A frozen: only B (d_out × r) trains

@@ -16,7 +16,6 @@ from torch import nn
 import lora_zoo as lz
 import lora_zoo.nora as nora
 from lora_zoo.calibration import LayerStats
-from lora_zoo.options import OptionError
 
 D_OUT, D_IN = 40, 48
 
