@@ -8,6 +8,15 @@ SVD; AIRA owSVD, METHODS.md). Signs are canonical (the largest-magnitude entry
 of each left singular vector is positive), so the same W gives the same
 factors on any machine up to floating-point noise; checkpoints rely on this.
 
+With ``transposed=True`` it follows the authors' NoRA code instead (lliai/LoRA-Zoo,
+``nora/loralib/lora_lib.py``): the SVD is taken of the transpose
+``diag(s)^β Wᵀ = Û Σ Ĥ`` and read as ``U = Ĥᵀ``, ``V = Û``, keeping the signs
+LAPACK returns. The subspaces are the same, but about half of the column
+signs differ from the direct SVD; with random inner factors that changes ΔW,
+so matching their layers bit for bit needs this convention. Those signs
+depend on the LAPACK build, so a layer that uses them records
+``sign_flips(U)`` (the per-column signs relative to the canonical ones).
+
 On CPU the LAPACK call runs with one intra-op thread: right after other torch
 work, OpenMP workers still spin and contend with LAPACK's own threads; on two
 cores that made a 64×64 SVD 300× slower and a batched 3×768×768 one take 30 s
@@ -21,10 +30,16 @@ from typing import Optional
 import torch
 
 
-def _canonical_signs(u: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sign_flips(u: torch.Tensor) -> torch.Tensor:
+    """Per-column signs (±1, shape (..., 1, r)) that make ``u``'s largest-magnitude entry of each column positive."""
     idx = u.abs().argmax(dim=-2, keepdim=True)
     signs = torch.sign(torch.gather(u, -2, idx))
     signs[signs == 0] = 1
+    return signs
+
+
+def _canonical_signs(u: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    signs = sign_flips(u)
     return u * signs, vt * signs.transpose(-1, -2)
 
 
@@ -49,10 +64,11 @@ def safe_scale(scale: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def weighted_svd(weight: torch.Tensor, rank: int, col_scale: Optional[torch.Tensor] = None,
-                 beta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 beta: float = 1.0, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` factors ``(U_r, S_r, Vt_r)`` of ``weight · diag(col_scale)^β``, right factor un-weighted.
 
     ``weight`` may be batched (..., d_out, d_in). Computed in float32 on ``weight``'s device.
+    ``transposed``: the authors' NoRA convention (decompose the transpose, LAPACK's signs; module docstring).
     """
     w = weight.detach().float()
     scale = None
@@ -60,9 +76,14 @@ def weighted_svd(weight: torch.Tensor, rank: int, col_scale: Optional[torch.Tens
         scale = safe_scale(col_scale.to(w.device), beta)
         w = w * scale
     with _single_threaded(w.device):
-        u, s, vt = torch.linalg.svd(w, full_matrices=False)
+        if transposed:
+            v, s, ut = torch.linalg.svd(w.transpose(-1, -2), full_matrices=False)
+            u, vt = ut.transpose(-1, -2), v.transpose(-1, -2)
+        else:
+            u, s, vt = torch.linalg.svd(w, full_matrices=False)
     u, s, vt = u[..., :, :rank], s[..., :rank], vt[..., :rank, :]
-    u, vt = _canonical_signs(u, vt)
+    if not transposed:
+        u, vt = _canonical_signs(u, vt)
     if scale is not None:
         vt = vt / scale
     return u.contiguous(), s.contiguous(), vt.contiguous()

@@ -17,8 +17,12 @@ def lora_count(adapter):
     return adapter.config.rank * (adapter.in_features + adapter.out_features)
 
 
-def nora_count(adapter):
-    return 2 * adapter.outer_rank * adapter.config.inner_rank
+def nora_count(adapter):  # per inner_structure (docs/METHODS.md); the paper's NoRA is "nested" (eq. 4)
+    d_out, d_in, r, k = adapter.out_features, adapter.in_features, adapter.outer_rank, adapter.inner_rank
+    counts = {"nested": lambda: 2 * k * r, "output": lambda: 2 * k * d_out, "nested_full": lambda: r * r,
+              "output_full": lambda: d_out * d_out, "down_parallel": lambda: k * (r + d_in),
+              "up_parallel": lambda: k * (d_out + r), "none": lambda: r * (d_in + d_out)}
+    return counts[adapter.config.inner_structure]()
 
 
 def lorafa_count(adapter):  # A frozen: only B (d_out × r) trains
@@ -45,6 +49,28 @@ CASES = {
                      count=nora_count),
     "nora_plain": dict(method="nora", options=dict(outer_rank=0.5, inner_rank=4, inner_init="lora", residual=False),
                        preserves=True, count=nora_count),
+    # the authors' variant: every choice of their tables C, B and A (docs/METHODS.md); their model moves at init
+    "nora_authors": dict(method="nora", options=dict(variant="authors"), preserves=False, count=nora_count),
+    "nora_authors_output": dict(method="nora", options=dict(variant="authors", inner_structure="output",
+                                                            sigma_side="split"), preserves=False, count=nora_count),
+    "nora_authors_nested_full": dict(method="nora", options=dict(
+        variant="authors", inner_structure="nested_full", sigma_side="output", outer_rank=16,
+        inner_init="kaiming_authors"), preserves=False, count=nora_count),
+    "nora_authors_output_full": dict(method="nora", options=dict(
+        variant="authors", inner_structure="output_full", sigma_side="none", outer_rank=16,
+        inner_init="kaiming_authors"), preserves=False, count=nora_count),
+    "nora_authors_down_parallel": dict(method="nora", options=dict(
+        variant="authors", inner_structure="down_parallel", outer_rank=16, inner_init="kaiming_authors"),
+        preserves=False, count=nora_count),
+    "nora_authors_up_parallel_kaiming_outer": dict(method="nora", options=dict(
+        variant="authors", inner_structure="up_parallel", outer_init="kaiming_authors", outer_rank=16,
+        inner_init="kaiming_authors"), preserves=False, count=nora_count),
+    "nora_authors_table_a": dict(method="nora", options=dict(variant="authors", inner_structure="none",
+                                                             sigma_side="output", outer_rank=16),
+                                 preserves=False, count=nora_count),
+    "nora_authors_table_a_kaiming_outer": dict(method="nora", options=dict(
+        variant="authors", inner_structure="none", outer_init="kaiming_authors", outer_rank=16),
+        preserves=False, count=nora_count),
     "aira": dict(options=dict(rank=4, rank_min=1, rank_max=16), preserves=True, count=lora_count),
     "aira_noalloc": dict(method="aira", options=dict(rank=4, rank_alloc=False), preserves=True, count=lora_count),
     # the authors' code: no residual, per-batch output scaling (not mergeable); a budget the tiny model can spend
