@@ -257,7 +257,7 @@ def test_prompt_templates(roots):
     assert ds.prompts("dataset")[0] == f"{ds.classnames[0]} texture."
     assert ds.prompts(None) == ds.prompts("default") == [f"a photo of a {c}." for c in ds.classnames]
     assert ds.prompts("itap of a {}.")[1] == f"itap of a {ds.classnames[1]}."
-    with pytest.raises(DatasetError, match=r"prompt template must contain '\{\}'.*default, dataset; got 'datset'"):
+    with pytest.raises(DatasetError, match=r"prompt template must contain exactly one '\{\}'.*default, dataset; got 'datset'"):
         ds.prompts("datset")
 
 
