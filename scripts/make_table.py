@@ -325,11 +325,13 @@ def plot(runs, layout: Layout, backbone: str, datasets: list[str], plot_dir: Pat
     for dataset in datasets:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for ident in identities:
-            points = [(k, statistics.fmean(index[ident, k, dataset].values())) for k in layout.shots
+            points = [(k, mean_std(index[ident, k, dataset].values())) for k in layout.shots
                       if index.get((ident, k, dataset))]
             if points:
-                ax.plot(*zip(*points), marker="o", label=label(ident))
-        ax.set(xscale="log", xlabel="shots per class", ylabel="top-1 (%)", title=f"{dataset_label(dataset)} ({backbone})")
+                ax.errorbar([k for k, _ in points], [stat[0] for _, stat in points], marker="o", capsize=3,
+                            yerr=[stat[1] or 0.0 for _, stat in points], label=label(ident))
+        ax.set(xscale="log", xlabel="shots per class", ylabel="top-1 (%)",
+               title=f"{dataset_label(dataset)} ({backbone})")
         ax.set_xticks([1, 2, 4, 8, 16], labels=["1", "2", "4", "8", "16"])
         ax.legend(fontsize="small")
         fig.tight_layout()
@@ -367,7 +369,8 @@ def tables(runs, args, backbone: str) -> list[tuple[str, list[str], list[str], l
     layout = Layout(args.rows, args.cols, args.best_over, args.shots or sorted({r.shots for r in mine}), set(seeds),
                     methods)
     paper = not args.no_reported and args.cols == "dataset" and args.reported.is_file()
-    datasets = column_datasets(args.datasets, {r.dataset for r in mine}, reported_datasets(args.reported) if paper else [])
+    datasets = column_datasets(args.datasets, {r.dataset for r in mine},
+                               reported_datasets(args.reported) if paper else [])
     notes = []
     if args.best_over:
         notes.append(f"'best {short(args.best_over)} per cell' rows: in each cell the {short(args.best_over)} with the "
@@ -392,7 +395,8 @@ def tables(runs, args, backbone: str) -> list[tuple[str, list[str], list[str], l
     if args.cols == "dataset":
         if args.plot_dir:
             plot(mine, layout, backbone, datasets, args.plot_dir)
-        rows = (reported_rows(args.reported, layout.shots, datasets) if paper else []) + our_rows(mine, layout, datasets)
+        rows = reported_rows(args.reported, layout.shots, datasets) if paper else []
+        rows += our_rows(mine, layout, datasets)
         return [(title(backbone), groups, [dataset_label(d) for d in datasets] + ["Average"], rows)]
     out = []
     for dataset in datasets:
@@ -428,7 +432,7 @@ def main(argv=None) -> int:
     backbones = sorted({r.backbone for r in runs}, key=lambda b: (b != PAPER_BACKBONE, b))
     try:
         args.rows = canonical_key(args.rows, runs, "rows")
-        args.best_over = canonical_key(args.best_over, runs, "best_over")
+        args.best_over = canonical_key(args.best_over, runs, "best_over", refused=("method", *AXES[2:]))
         if args.cols != "dataset":
             args.cols = canonical_key(args.cols, runs, "cols", refused=("shots", "seed", "backbone"))
         roles = [k for k in (args.rows, args.cols, args.best_over) if k]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
 import re
 import shlex
@@ -78,14 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def words(values) -> list[str]:
-    """``["lora nora", "dora,vera"]`` → ``["lora", "nora", "dora", "vera"]``."""
-    return [word for value in values for word in re.split(r"[\s,]+", value) if word]
+def words(values, option: str) -> list[str]:
+    """``["lora nora", "dora,vera"]`` → ``["lora", "nora", "dora", "vera"]``; none is an error."""
+    found = [word for value in values for word in re.split(r"[\s,]+", value) if word]
+    if not found:
+        raise SweepError(f"--{option} needs at least one value")
+    return found
 
 
 def integers(values, option: str) -> list[int]:
     out = []
-    for word in words(values):
+    for word in words(values, option):
         try:
             out.append(int(word))
         except ValueError:
@@ -119,8 +123,6 @@ def value_text(value) -> str:
         text = {True: "true", False: "false", None: "null"}[value]
     elif isinstance(value, (list, tuple)):
         text = "+".join(value_text(v) for v in value)
-    elif isinstance(value, dict):
-        text = "+".join(f"{k}{value_text(v)}" for k, v in value.items())
     else:
         text = str(value)
     return re.sub(r"[^A-Za-z0-9._=,+-]", "-", text)
@@ -198,42 +200,44 @@ def planned_config(argv):
     return build_config(collect_values(args.config, overrides))
 
 
-def default_datasets(root: Path) -> list[str]:
-    """Every benchmark dataset whose folder is under ``root``, in CoOp's order."""
+def located(name: str, root: Path) -> bool:
+    from datasets.registry import DatasetError, locate_dataset
+    try:
+        return bool(locate_dataset(name, root))
+    except DatasetError:
+        return False
+
+
+def axes(args, root: Path) -> tuple[list[str], list[str], list[int], list[int]]:
+    """Methods, datasets, shots and seeds of the request, each checked; ``SweepError`` otherwise."""
+    import lora_zoo
     from datasets.registry import BENCHMARK_DATASETS, DatasetError, locate_dataset
 
-    def found(name):
-        try:
-            return bool(locate_dataset(name, root))
-        except DatasetError:
-            return False
-    names = [name for name in BENCHMARK_DATASETS if found(name)]
-    if not names:
-        raise SweepError(f"no benchmark dataset found under {root} (see DATASET.md; --datasets imagefolder "
-                         "for your own)")
-    return names
-
-
-def plan(args, extra: list[str]) -> list[Run]:
-    """Every run of the sweep, each configuration built and checked; ``SweepError`` on the first bad one."""
-    import lora_zoo
-    from datasets.registry import DatasetError, locate_dataset
-    from lora_zoo.experiment import run_dir
-
-    root = Path(os.path.abspath(args.root_path))
-    if not root.is_dir():
-        raise SweepError(f"--root_path is not a directory: {root}")
-    methods = words(args.methods) if args.methods else lora_zoo.list_methods()
+    methods = words(args.methods, "methods") if args.methods else lora_zoo.list_methods()
     unknown = [m for m in methods if m not in lora_zoo.list_methods()]
     if unknown:
         raise SweepError(f"unknown method {unknown[0]!r} (registered: {', '.join(lora_zoo.list_methods())})")
-    datasets = words(args.datasets) if args.datasets else default_datasets(root)
+    datasets = (words(args.datasets, "datasets") if args.datasets
+                else [name for name in BENCHMARK_DATASETS if located(name, root)])
+    if not datasets:
+        raise SweepError(f"no benchmark dataset found under {root} (see DATASET.md; --datasets imagefolder "
+                         "for your own)")
     for name in datasets:
         try:
             locate_dataset(name, root)
         except DatasetError as err:
             raise SweepError(f"--datasets {name}: {err}") from None
-    shots, seeds = integers(args.shots, "shots"), integers(args.seeds, "seeds")
+    return methods, datasets, integers(args.shots, "shots"), integers(args.seeds, "seeds")
+
+
+def plan(args, extra: list[str]) -> list[Run]:
+    """Every run of the sweep, each configuration built and checked; ``SweepError`` on the first bad one."""
+    from lora_zoo.experiment import run_dir
+
+    root = Path(os.path.abspath(args.root_path))
+    if not root.is_dir():
+        raise SweepError(f"--root_path is not a directory: {root}")
+    methods, datasets, shots, seeds = axes(args, root)
     if args.jobs < 1:
         raise SweepError(f"--jobs must be a positive integer, got {args.jobs}")
     grid = parse_grid(args.grid)
@@ -246,25 +250,21 @@ def plan(args, extra: list[str]) -> list[Run]:
     for path in args.config:
         common += ["--config", os.path.abspath(path)]
     runs, folders = [], {}
-    for dataset in datasets:
-        for k in shots:
-            for seed in seeds:
-                for method in methods:
-                    for point in grid_points(grid):
-                        name = run_name(point)
-                        argv = ["--method", method, "--dataset", dataset, "--shots", str(k), "--seed", str(seed),
-                                *common, *(["--run_name", name] if name else []), *extra]
-                        argv += [arg for key, text in point for arg in ("--set", f"{key}={text}")]
-                        label = f"{method} {dataset} {k}-shot seed {seed}" + (f" [{name}]" if name else "")
-                        try:
-                            cfg = planned_config(argv)
-                        except (ValueError, TypeError, OSError) as err:
-                            raise SweepError(f"{label}: {' '.join(str(err).split())}") from None
-                        folder = run_dir(cfg)
-                        if folder in folders:
-                            raise SweepError(f"{label} and {folders[folder]} would share the run folder {folder}")
-                        folders[folder] = label
-                        runs.append(Run(argv, folder, Path(cfg.output_dir), label))
+    for dataset, k, seed, method, point in itertools.product(datasets, shots, seeds, methods, grid_points(grid)):
+        name = run_name(point)
+        argv = ["--method", method, "--dataset", dataset, "--shots", str(k), "--seed", str(seed), *common,
+                *(["--run_name", name] if name else []), *extra]
+        argv += [arg for key, text in point for arg in ("--set", f"{key}={text}")]  # last: they win
+        label = f"{method} {dataset} {k}-shot seed {seed}" + (f" [{name}]" if name else "")
+        try:
+            cfg = planned_config(argv)
+        except (ValueError, TypeError, OSError) as err:
+            raise SweepError(f"{label}: {' '.join(str(err).split())}") from None
+        folder = run_dir(cfg)
+        if folder in folders:
+            raise SweepError(f"{label} and {folders[folder]} would share the run folder {folder}")
+        folders[folder] = label
+        runs.append(Run(argv, folder, Path(cfg.output_dir), label))
     return runs
 
 
@@ -308,7 +308,7 @@ def run_in_processes(pending: list[Run], jobs: int, log_dir: Path) -> int:
                 slot = min(set(range(jobs)) - set(running))
                 run = queue.pop(0)
                 env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]} if gpus else {}))
-                log = log_dir / ("_".join(run.folder.parts[-5:]) + ".out")
+                log = log_dir / ("_".join(run.folder.relative_to(run.output_dir).parts) + ".out")
                 print(f"sweep: start {run.label} (log {log})", file=sys.stderr, flush=True)
                 with open(log, "w") as handle:
                     running[slot] = (subprocess.Popen([sys.executable, str(MAIN), *run.argv], stdout=handle,
@@ -386,7 +386,7 @@ def main(argv=None) -> int:
 
     pending = [run for run in runs if not is_finished(run.folder)]
     print(f"sweep: {len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to do", file=sys.stderr)
-    log_dir = runs[0].output_dir / "sweep_logs" if runs else None
+    log_dir = runs[0].output_dir / "sweep_logs"
     if args.dry_run:
         for run in pending:
             print(shlex.join([sys.executable, str(MAIN), *run.argv]))

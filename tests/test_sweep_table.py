@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -118,6 +119,7 @@ def test_restart_reruns_only_unfinished_runs(capsys, data_root, grid_sweep, tmp_
     (["--datasets", "dtd,no_such"], RUN_ARGS, "--datasets no_such: unknown dataset 'no_such'"),
     (["--datasets", "food101"], RUN_ARGS, "--datasets food101: dataset folder not found: "),
     (["--shots", "4 x"], RUN_ARGS, "--shots expects integers, got 'x'"),
+    (["--methods", " "], RUN_ARGS, "--methods needs at least one value"),
     (["--seeds", "1.5"], RUN_ARGS, "--seeds expects integers, got '1.5'"),
     (["--jobs", "0"], RUN_ARGS, "--jobs must be a positive integer, got 0"),
     (["--grid", "no_such_key=1,2"], RUN_ARGS, "unknown config key 'no_such_key'"),
@@ -166,12 +168,21 @@ def test_slurm_array_lists_the_pending_runs(capsys, data_root, grid_sweep, tmp_p
     assert len(list(out.rglob("result.json"))) == 5  # nothing ran
 
 
-def test_in_process_interrupt_stops_the_sweep(capsys, data_root, tmp_path, monkeypatch):
-    import main
-    calls = []
-    monkeypatch.setattr(main, "run", lambda argv: calls.append(argv) or 130)  # main.run's code for Ctrl-C / kill
-    assert sweep.main(sweep_args(data_root, tmp_path / "o", "--seeds", "1 2")) == 130
-    assert len(calls) == 1 and "sweep: interrupted; run the same command again" in capsys.readouterr().err
+def test_sweep_sh_from_another_folder_stops_on_kill_and_leaves_no_result(data_root, tmp_path):
+    args = sweep_args(data_root, "results", "--seeds", "1", run_args=RUN_ARGS[2:] + ["--n_iters", "5000"])
+    proc = subprocess.Popen(["bash", str(SWEEP_SH), "--python", sys.executable, *args], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list((tmp_path / "results").rglob("train.log")) and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # the run trains 5000 iterations: it is mid-run
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert "error: interrupted; the run left no result.json" in err and "sweep: interrupted; run the same" in err
+    assert list((tmp_path / "results").rglob("train.log")) and not list(tmp_path.rglob("result.json"))
 
 
 def test_jobs_run_in_processes_with_logs_and_match_the_in_process_run(capsys, data_root, grid_sweep, tmp_path):

@@ -62,10 +62,10 @@ def test_mean_std_missing_runs_and_average_over_present_datasets(capsys, fixture
     assert header == ["Method", "Food 4-shot", "Pets 4-shot", "DTD 4-shot", "Average 4-shot",
                       "Food 16-shot", "Pets 16-shot", "DTD 16-shot", "Average 16-shot"]
     # Average 4-shot: Food and DTD (Pets has no run), seeds both have (1, 2): (70+79)/2 = 74.5, (72+80)/2 = 76
-    assert rows["NoRA (ours, nora)"] == ["71.00 ± 1.41 (2/3)", "—", "80.00 ± 1.00", "75.25 ± 1.06 (2/3) [2/3 datasets]",
-                                         "—", "—", "—", "—"]
-    assert rows["CLIP-LoRA (ours, lora)"] == ["—", "—", "—", "—", "82.00 ± 2.00", "90.00 ± 0.00", "71.00 ± 1.00",
-                                              "81.00 ± 1.00"]
+    assert rows["NoRA (ours, nora)"] == ["71.00 ± 1.41 (2/3)", "—", "80.00 ± 1.00",
+                                         "75.25 ± 1.06 (2/3) [2/3 datasets]", "—", "—", "—", "—"]
+    assert rows["CLIP-LoRA (ours, lora)"] == ["—", "—", "—", "—",
+                                              "82.00 ± 2.00", "90.00 ± 0.00", "71.00 ± 1.00", "81.00 ± 1.00"]
 
 
 def test_reported_rows_in_every_format(capsys, fixture_results, tmp_path):
@@ -200,6 +200,7 @@ def test_option_keys_resolve_to_recorded_values_with_defaults(capsys, lr_grid):
 
 def test_script_runs_from_anywhere(tmp_path, fixture_results):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "make_table.py"), str(fixture_results),
-                           "--format", "md", "--no_reported"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                           "--format", "md", "--no_reported"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| NoRA (ours, nora) | — | 71.00 ± 1.41 (2/3) | 80.00 ± 1.00 |" in proc.stdout
