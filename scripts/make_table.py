@@ -43,7 +43,9 @@ MISSING = "—"
 ABSENT = "n/a"  # the value of an option a method does not have
 PAPER_BACKBONE = "ViT-B-16"
 AXES = ("method", "run_name", "dataset", "shots", "seed", "backbone")
-BOOKKEEPING = ("root_path", "output_dir", "device", "num_workers", "eval_batch_size", "log_every")
+#: settings that do not change a result: never a reason to split rows
+BOOKKEEPING = ("root_path", "output_dir", "device", "num_workers", "threads", "eval_batch_size", "log_every",
+               "log_to", "checkpoint_every", "train_cache_mb", "test_cache_dir")
 
 
 class TableError(ValueError):
