@@ -422,7 +422,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cols", metavar="KEY", default="dataset", help="dataset (default), or KEY: its values as "
                                                                           "columns, one table per dataset")
     parser.add_argument("--best_over", metavar="KEY", help="add the best KEY per cell (selected on the test split)")
-    parser.add_argument("--reported", type=Path, default=REPO / "reported" / "nora_table2.csv")
+    parser.add_argument("--reported", type=Path, default=REPO / "reported" / "nora_table2.csv",
+                        help="paper results CSV shown beside ViT-B-16 results (default: the NoRA paper's Table 2)")
     parser.add_argument("--no_reported", action="store_true", help="do not show the paper's rows")
     parser.add_argument("--format", choices=["md", "latex", "csv", "all"], default="all")
     parser.add_argument("--plot_dir", type=Path, help="write accuracy-vs-shots PNGs here (needs matplotlib)")
