@@ -1,18 +1,29 @@
-"""Tabulate a results folder in the layout of the NoRA paper's Table 2 (Li et al., ICCV 2025).
+"""Tabulate a results folder: the NoRA paper's Table 2 layout (Li et al., ICCV 2025), or any sweep's grid.
 
-The datasets found in the results (or ``--datasets``), in the registry's order,
-and their Average at 4 and 16 shots, top-1 (%) as mean ± std over seeds,
-printed as Markdown, LaTeX and CSV. Methods are named by their registered
-display names (``lora_zoo.get_method(name).display_name``). The paper's reported
-rows (``../shared/reported/nora_table2.csv``) are shown beside ours. The std is the
-*sample* standard deviation (ddof=1, numpy ``std(ddof=1)``) over the seeds found;
-with one seed no std is shown. Average = mean over the datasets of each
-seed's accuracy, over the seeds present for all of them (std likewise). A cell
-with fewer seeds than ``--seeds`` lists is marked ``(n/3)``; a cell with no run
-is "—": nothing is ever filled in. ``--plot_dir`` also writes an accuracy-vs-shots
-PNG per dataset when matplotlib is installed.
+Rows are our runs, one per setting: method, then every option whose value differs
+between that method's runs (read from each result.json's resolved ``config`` and
+``method_config``, spelled as ``main.py --set`` spells it: ``lr``,
+``method_options.inner_rank``), and the run name (``--run_name``, the sweep's grid
+points) where no option tells two settings apart. Runs of different settings are
+never pooled. ``--rows KEY`` leads and orders the rows by one option; ``--cols KEY``
+makes its values the columns (one table per dataset) instead of the datasets;
+``--best_over KEY`` adds, below each group of rows that differ only in KEY, the
+best KEY per cell — chosen on the test split (what a W&B grid reports): an
+optimistic number, labelled so.
 
-    python scripts/make_table.py outputs [--backbone ViT-B-16] [--format md|latex|csv|all] [--plot_dir plots]
+A cell is top-1 (%) mean ± *sample* std (ddof=1) over the seeds found (one seed:
+no std), marked ``(n/N)`` with fewer seeds than ``--seeds``; a cell with no run is
+"—": nothing is ever filled in. Average = for each seed, the mean over the
+datasets present in the row (those with a run), over the seeds all of them have,
+marked ``[k/D datasets]`` when columns are missing. ``--datasets benchmark``: the
+eleven CoOp datasets in CoOp's order. The paper's rows
+(``reported/nora_table2.csv``, ViT-B/16) appear beside ViT-B-16 results only;
+several backbones give one table each. An unreadable result.json is a warning,
+counted in the header. Markdown, LaTeX, CSV; ``--plot_dir`` adds
+accuracy-vs-shots PNGs (matplotlib).
+
+    python scripts/make_table.py outputs [--backbone ViT-B-16] [--rows lr] [--cols method_options.inner_rank]
+                                 [--best_over lr] [--datasets benchmark] [--format md|latex|csv|all] [--plot_dir DIR]
 """
 from __future__ import annotations
 
@@ -22,48 +33,134 @@ import json
 import statistics
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 MISSING = "—"
+ABSENT = "n/a"  # the value of an option a method does not have
+PAPER_BACKBONE = "ViT-B-16"
+AXES = ("method", "run_name", "dataset", "shots", "seed", "backbone")
+#: settings that do not change a result: never a reason to split rows
+BOOKKEEPING = ("root_path", "output_dir", "device", "num_workers", "threads", "eval_batch_size", "log_every",
+               "log_to", "checkpoint_every", "train_cache_mb", "test_cache_dir")
 
 
-def display_name(method: str) -> str:
-    """The method's registered display name (the name itself for a method this checkout does not have)."""
-    import lora_zoo
-    return lora_zoo.get_method(method).display_name if method in lora_zoo.list_methods() else method
+class TableError(ValueError):
+    """A bad request; printed as one line, exit code 2."""
 
 
-def dataset_columns(table, backbone, requested=None, reported_order=()) -> list[tuple[str, str]]:
-    """``[(dataset, column label)]``: ``requested``, else every dataset with results — those of the paper's
-    table first, in its order, then the others in CoOp's benchmark order. Labels are the registry's."""
-    from datasets import BENCHMARK_DATASETS, get_spec, list_datasets
-    present = {key[2] for key in table if key[0] == backbone}
-    order = [d for d in (*reported_order, *BENCHMARK_DATASETS, *list_datasets()) if d in list_datasets()]
-    names = requested or list(dict.fromkeys(d for d in order if d in present)) + sorted(present - set(order))
-    return [(name, get_spec(name).display_name if name in list_datasets() else name) for name in names]
+@dataclass(frozen=True)
+class Run:
+    """One finished run: where it sits in the table and its setting (``((key, value), ...)``, sorted)."""
+
+    backbone: str
+    method: str
+    dataset: str
+    shots: int
+    seed: int
+    accuracy: float
+    run_name: str | None
+    setting: tuple
+
+    def value(self, key: str):
+        return getattr(self, key) if key in AXES else dict(self.setting).get(key, ABSENT)
 
 
-def reported_datasets(path: Path) -> list[str]:
-    """The dataset columns of a reported-results CSV, in its order."""
-    if not path.is_file():
-        return []
-    header = next(line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#"))
-    return [c for c in header.split(",") if c not in ("method", "shots", "average")]
+def frozen(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, frozen(v)) for k, v in value.items()))
+    return value
 
 
-def load_results(root: Path):
-    """``{(backbone, method, dataset, shots): {seed: accuracy}}`` from every result.json under ``root``."""
-    table = defaultdict(dict)
+def setting_of(result: dict) -> tuple:
+    """The options that define a run, flat: config and train fields, ``method_options.*`` (resolved, with
+    defaults, from ``method_config``), ``optimizer_options.*`` and the optimizer it trained with."""
+    config = result.get("config") if isinstance(result.get("config"), dict) else {}
+    train = config.get("train") or {}
+    flat = {k: v for k, v in {**config, **train}.items()
+            if k not in (*AXES, *BOOKKEEPING, "train", "method_options", "optimizer_options")}
+    flat.update({f"optimizer_options.{k}": v for k, v in (train.get("optimizer_options") or {}).items()})
+    options = {**(config.get("method_options") or {}), **(result.get("method_config") or {})}
+    flat.update({f"method_options.{k}": v for k, v in options.items()})
+    if result.get("optimizer"):
+        flat["optimizer"] = result["optimizer"]
+    return tuple(sorted((k, frozen(v)) for k, v in flat.items()))
+
+
+def load_results(root: Path) -> tuple[list[Run], int]:
+    """Every readable result.json under ``root``, and how many could not be read (each warned about)."""
+    runs, unreadable = [], 0
     for path in sorted(root.rglob("result.json")):
         try:
             r = json.loads(path.read_text())
-            key = (r["backbone"], r["method"], r["dataset"], int(r["shots"]))
-            table[key][int(r["seed"])] = float(r["accuracy"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            runs.append(Run(str(r["backbone"]), str(r["method"]), str(r["dataset"]), int(r["shots"]), int(r["seed"]),
+                            float(r["accuracy"]), (r.get("config") or {}).get("run_name"), setting_of(r)))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             print(f"warning: skipping unreadable {path}: {err}", file=sys.stderr)
-    return table
+            unreadable += 1
+    return runs, unreadable
+
+
+def canonical_key(key: str | None, runs, role: str, refused=("dataset", "shots", "seed", "backbone")):
+    """``key`` as the settings spell it (``config.train.lr`` → ``lr``); ``TableError`` if no run can have it."""
+    from lora_zoo.config import OPTION_GROUPS, config_keys
+    if key is None:
+        return None
+    name = key.removeprefix("config.").removeprefix("train.")
+    if name.startswith("method_config."):
+        name = "method_options." + name.removeprefix("method_config.")
+    group, _, option = name.partition(".")
+    grouped = {k for r in runs for k, _ in r.setting if short(k) == name and k != name}
+    if not option and name not in config_keys() and len(grouped) == 1:  # inner_rank → method_options.inner_rank
+        return canonical_key(grouped.pop(), runs, role, refused)
+    known = (name in AXES or name in config_keys() or (group in OPTION_GROUPS and option)
+             or any(name in dict(r.setting) for r in runs))
+    if not known or name in refused:
+        raise TableError(f"--{role} {key}: expected method, run_name or a config key as --set spells it "
+                         "(lr, batch_size, method_options.inner_rank, ...)" + (f", not {name}" if known else ""))
+    return name
+
+
+def short(key: str) -> str:
+    """``method_options.inner_rank`` → ``inner_rank`` (as run names spell keys)."""
+    return key.split(".", 1)[1] if key.startswith(("method_options.", "optimizer_options.")) else key
+
+
+def text_of(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return "+".join(map(text_of, value)) if isinstance(value, tuple) else str(value)
+
+
+def order_of(value):
+    """Sort key across types: n/a and null, then numbers, then text."""
+    if value in (ABSENT, None):
+        return (0, 0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, value, "")
+    return (2, 0, text_of(value))
+
+
+def determines(runs, keys, key) -> bool:
+    """Whether the values of ``keys`` fix the value of ``key`` among ``runs``."""
+    seen = {}
+    return all(seen.setdefault(tuple(r.value(k) for k in keys), r.value(key)) == r.value(key) for r in runs)
+
+
+def identity_keys(runs, rows, cols, best) -> list[str]:
+    """The keys that tell one method's settings apart: ``rows`` first, ``best`` last, ``cols`` left out."""
+    varying = sorted(k for k in {k for r in runs for k, _ in r.setting} if len({r.value(k) for r in runs}) > 1)
+    if not determines(runs, varying, "run_name"):
+        varying.append("run_name")
+    lead = [rows] if rows not in (None, "method") else []
+    if rows == "run_name":
+        varying = [k for k in varying if not determines(runs, ["run_name"], k)]
+    return lead + [k for k in varying if k not in (rows, cols, best)] + ([best] if best else [])
 
 
 def mean_std(values):
@@ -81,25 +178,107 @@ def cell_text(stat, expected: int) -> str:
     return text + (f" ({n}/{expected})" if n < expected else "")
 
 
-def our_rows(table, backbone, methods, shots_list, seeds, columns):
+def average_text(per_dataset: list[dict], expected: int) -> str:
+    """Per seed, the mean over the datasets present (seeds all of them have); mean ± std of those."""
+    present = [p for p in per_dataset if p]
+    common = set.intersection(*(set(p) for p in present)) if present else set()
+    if not common:
+        return MISSING
+    text = cell_text(mean_std(statistics.fmean(p[s] for p in present) for s in sorted(common)), expected)
+    return text + (f" [{len(present)}/{len(per_dataset)} datasets]" if len(present) < len(per_dataset) else "")
+
+
+def display_name(method: str) -> str:
+    """The method's registered display name (the name itself for a method this checkout does not have)."""
+    import lora_zoo
+    return lora_zoo.get_method(method).display_name if method in lora_zoo.list_methods() else method
+
+
+def dataset_label(name: str) -> str:
+    from datasets import get_spec, list_datasets
+    return get_spec(name).display_name if name in list_datasets() else name
+
+
+@dataclass
+class Layout:
+    """What one table shows: key roles, shots, seeds, methods in order, column datasets or values."""
+
+    rows: str | None
+    cols: str
+    best: str | None
+    shots: list[int]
+    seeds: set[int]
+    methods: list[str]
+
+
+def settings(runs, layout: Layout):
+    """``(identities in table order, {(identity, shots, column): {seed: accuracy}}, repeated runs)``; an identity
+    is ``(method, (key, value), ...)``, a column a dataset or a value of ``layout.cols``."""
+    index, identities, repeated = defaultdict(dict), {}, 0
+    for method in layout.methods:
+        mine = [r for r in runs if r.method == method]
+        keys = identity_keys(mine, layout.rows, layout.cols, layout.best)
+        for r in mine:
+            if r.seed not in layout.seeds:
+                continue
+            ident = (method, *((k, r.value(k)) for k in keys))
+            identities[ident] = None
+            cell = index[ident, r.shots, r.dataset if layout.cols == "dataset" else r.value(layout.cols)]
+            repeated += r.seed in cell
+            cell.setdefault(r.seed, r.accuracy)
+    order = lambda ident: (layout.methods.index(ident[0]), *(order_of(v) for _, v in ident[1:]))
+    return sorted(identities, key=order), index, repeated
+
+
+def label(ident) -> str:
+    options = ", ".join(f"{short(k)}={text_of(v)}" for k, v in ident[1:])
+    return f"{display_name(ident[0])} (ours, {ident[0]})" + (f": {options}" if options else "")
+
+
+def our_rows(runs, layout: Layout, columns: list) -> list[tuple[str, list[str]]]:
+    """One row per setting, each group of settings followed by its best-over row when asked."""
+    expected = len(layout.seeds)
+    identities, index, repeated = settings(runs, layout)
+    if repeated:
+        print(f"warning: {repeated} runs repeat a setting and seed already read; the first is used", file=sys.stderr)
+
+    def cells(choose):  # choose(shots, column) -> ({seed: accuracy}, note)
+        out = []
+        for k in layout.shots:
+            chosen = [choose(k, c) for c in columns]
+            out += [cell_text(mean_std(p.values()), expected) + note for p, note in chosen]
+            if layout.cols == "dataset":
+                out.append(average_text([p for p, _ in chosen], expected))
+        return out
+
+    groups = defaultdict(list)
+    for ident in identities:
+        groups[ident[:-1] if layout.best else ident].append(ident)
     rows = []
-    for method in methods:
-        cells = []
-        for shots in shots_list:
-            per_dataset = [{s: a for s, a in table.get((backbone, method, d, shots), {}).items() if s in seeds}
-                           for d, _ in columns]
-            cells += [cell_text(mean_std(p.values()), len(seeds)) for p in per_dataset]
-            common = set.intersection(*(set(p) for p in per_dataset))
-            averages = [statistics.fmean(p[s] for p in per_dataset) for s in sorted(common)]
-            cells.append(cell_text(mean_std(averages), len(seeds)))
-        rows.append((f"{display_name(method)} (ours, {method})", cells))
+    for group, members in groups.items():
+        rows += [(label(m), cells(lambda k, c, m=m: (index.get((m, k, c), {}), ""))) for m in members]
+        if layout.best:
+            def best(k, c):  # the member with the highest mean; the first in order on a tie
+                found = [(statistics.fmean(p.values()), -i, p, m[-1][1]) for i, m in enumerate(members)
+                         if (p := index.get((m, k, c)))]
+                if not found:
+                    return {}, ""
+                _, _, p, value = max(found, key=lambda f: f[:2])
+                return p, f" ({short(layout.best)}={text_of(value)})"
+            rows.append((f"best {short(layout.best)} per cell, selected on the test split: {label(group)}",
+                         cells(best)))
     return rows
 
 
-def reported_rows(path: Path, shots_list, columns):
+def reported_datasets(path: Path) -> list[str]:
+    """The dataset columns of a reported-results CSV, in its order."""
     if not path.is_file():
-        print(f"warning: no reported results at {path}; showing ours only", file=sys.stderr)
         return []
+    header = next(line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#"))
+    return [c for c in header.split(",") if c not in ("method", "shots", "average")]
+
+
+def reported_rows(path: Path, shots_list, datasets):
     lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
     by_method = defaultdict(dict)
     for row in csv.DictReader(lines):
@@ -109,31 +288,24 @@ def reported_rows(path: Path, shots_list, columns):
         cells = []
         for shots in shots_list:
             row = per_shots.get(shots)
-            cells += [row[k] if row and row.get(k) else MISSING for k in [d for d, _ in columns] + ["average"]]
+            cells += [row[k] if row and row.get(k) else MISSING for k in [*datasets, "average"]]
         rows.append((f"{method} (paper)", cells))
     return rows
 
 
-def header(shots_list, columns):
-    return ["Method"] + [f"{name} {k}-shot" for k in shots_list for name in [n for _, n in columns] + ["Average"]]
-
-
-def render(rows, shots_list, columns, fmt: str) -> str:
-    head = header(shots_list, columns)
+def render(groups: list[str], labels: list[str], rows, fmt: str) -> str:
+    """Rows under ``labels`` repeated for each group (``"4-shot"``), as Markdown, LaTeX or CSV."""
+    head = ["Method"] + [f"{name} {group}" for group in groups for name in labels]
     if fmt == "md":
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join([name] + cells) + " |" for name, cells in rows]
-        return "\n".join(lines)
+        return "\n".join(lines + ["| " + " | ".join([name] + cells) + " |" for name, cells in rows])
     if fmt == "latex":
         tex = lambda s: s.replace("±", r"$\pm$").replace("—", "--").replace("%", r"\%").replace("_", r"\_")
         lines = [r"\begin{tabular}{l" + "c" * (len(head) - 1) + "}", r"\toprule",
-                 " & ".join(["Method"] + [rf"\multicolumn{{{len(columns) + 1}}}{{c}}{{{k}-shot}}" for k in shots_list])
-                 + r" \\",
-                 " & ".join([""] + [n for _ in shots_list for n in [n for _, n in columns] + ["Average"]]) + r" \\",
-                 r"\midrule"]
+                 " & ".join(["Method"] + [rf"\multicolumn{{{len(labels)}}}{{c}}{{{g}}}" for g in groups]) + r" \\",
+                 " & ".join([""] + [tex(n) for _ in groups for n in labels]) + r" \\", r"\midrule"]
         lines += [" & ".join(tex(c) for c in [name] + cells) + r" \\" for name, cells in rows]
         return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"])
-    from io import StringIO
     out = StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(head)
@@ -141,7 +313,7 @@ def render(rows, shots_list, columns, fmt: str) -> str:
     return out.getvalue().rstrip("\n")
 
 
-def plot(table, backbone, methods, seeds, plot_dir: Path, columns) -> None:
+def plot(runs, layout: Layout, backbone: str, datasets: list[str], plot_dir: Path) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -151,33 +323,107 @@ def plot(table, backbone, methods, seeds, plot_dir: Path, columns) -> None:
               file=sys.stderr)
         return
     plot_dir.mkdir(parents=True, exist_ok=True)
-    for dataset, name in columns:
+    identities, index, _ = settings(runs, layout)
+    for dataset in datasets:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for method in methods:
-            points = sorted((k, mean_std(a for s, a in runs.items() if s in seeds))
-                            for (b, m, d, k), runs in table.items() if (b, m, d) == (backbone, method, dataset))
-            points = [(k, st) for k, st in points if st is not None]
+        for ident in identities:
+            points = [(k, mean_std(index[ident, k, dataset].values())) for k in layout.shots
+                      if index.get((ident, k, dataset))]
             if points:
-                ax.errorbar([k for k, _ in points], [st[0] for _, st in points],
-                            yerr=[st[1] or 0.0 for _, st in points], marker="o", capsize=3, label=method)
-        ax.set(xscale="log", xlabel="shots per class", ylabel="top-1 (%)", title=f"{name} ({backbone})")
+                ax.errorbar([k for k, _ in points], [stat[0] for _, stat in points], marker="o", capsize=3,
+                            yerr=[stat[1] or 0.0 for _, stat in points], label=label(ident))
+        ax.set(xscale="log", xlabel="shots per class", ylabel="top-1 (%)",
+               title=f"{dataset_label(dataset)} ({backbone})")
         ax.set_xticks([1, 2, 4, 8, 16], labels=["1", "2", "4", "8", "16"])
-        ax.legend()
+        ax.legend(fontsize="small")
         fig.tight_layout()
-        fig.savefig(plot_dir / f"shots_{dataset}.png", dpi=120)
+        path = plot_dir / f"shots_{dataset}_{backbone.replace('/', '-')}.png"
+        fig.savefig(path, dpi=120)
         plt.close(fig)
-        print(f"wrote {plot_dir / f'shots_{dataset}.png'}", file=sys.stderr)
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def column_datasets(requested, present, reported_order) -> list[str]:
+    """``requested`` (``benchmark``: CoOp's eleven; ``all``: those and every other with results), else every
+    dataset with results: the paper's first, in its order, then CoOp's order, then the rest."""
+    from datasets import BENCHMARK_DATASETS, list_datasets
+    if requested in (["benchmark"], ["all"]):
+        extra = sorted(present - set(BENCHMARK_DATASETS)) if requested == ["all"] else []
+        return [*BENCHMARK_DATASETS, *extra]
+    if requested:
+        unknown = [d for d in requested if d not in list_datasets() and d not in present]
+        if unknown:
+            raise TableError(f"--datasets {unknown[0]}: no such dataset and no results for it "
+                             f"(registered: {', '.join(list_datasets())}; or benchmark, all)")
+        return list(requested)
+    order = [d for d in (*reported_order, *BENCHMARK_DATASETS) if d in present]
+    return list(dict.fromkeys(order)) + sorted(present - set(order))
+
+
+def tables(runs, args, backbone: str) -> list[tuple[str, list[str], list[str], list]]:
+    """``(header lines, column groups, column labels, rows)`` of each table for one backbone."""
+    import lora_zoo
+    mine = [r for r in runs if r.backbone == backbone and (not args.methods or r.method in args.methods)]
+    found = {r.method for r in mine}
+    registered = lora_zoo.list_methods()
+    methods = args.methods or [m for m in registered if m in found] + sorted(found - set(registered))
+    seeds = args.seeds or sorted({r.seed for r in mine})
+    layout = Layout(args.rows, args.cols, args.best_over, args.shots or sorted({r.shots for r in mine}), set(seeds),
+                    methods)
+    paper = not args.no_reported and args.cols == "dataset" and args.reported.is_file()
+    datasets = column_datasets(args.datasets, {r.dataset for r in mine},
+                               reported_datasets(args.reported) if paper else [])
+    notes = []
+    if args.best_over:
+        notes.append(f"'best {short(args.best_over)} per cell' rows: in each cell the {short(args.best_over)} with the "
+                     "highest mean test accuracy, selected on the test split (as a W&B grid reports it): optimistic, "
+                     "not a protocol result")
+    if args.cols == "dataset":
+        notes.append("Average: for each seed, the mean over the datasets the row has (seeds all of them have); "
+                     "[k/D datasets] = only k of the D columns")
+    if paper and backbone != PAPER_BACKBONE:
+        notes.append(f"paper rows ({args.reported.name}, ViT-B/16) left out: these results are {backbone}")
+        paper = False
+    elif paper:
+        notes.append(f"paper rows: {args.reported.name}; their Average is over "
+                     + ", ".join(map(dataset_label, reported_datasets(args.reported))))
+    if args.unreadable:
+        notes.append(f"{args.unreadable} unreadable result.json skipped (see the warnings)")
+
+    def title(where: str) -> str:
+        return "\n".join([f"Top-1 accuracy (%), {where}; ours: mean ± sample std over seeds {seeds}; "
+                          f"(n/{len(seeds)}) = seeds found; {MISSING} = no run", *notes])
+    groups = [f"{k}-shot" for k in layout.shots]
+    if args.cols == "dataset":
+        if args.plot_dir:
+            plot(mine, layout, backbone, datasets, args.plot_dir)
+        rows = reported_rows(args.reported, layout.shots, datasets) if paper else []
+        rows += our_rows(mine, layout, datasets)
+        return [(title(backbone), groups, [dataset_label(d) for d in datasets] + ["Average"], rows)]
+    out = []
+    for dataset in datasets:
+        in_dataset = [r for r in mine if r.dataset == dataset]
+        values = sorted({r.value(args.cols) for r in in_dataset}, key=order_of)
+        out.append((title(f"{backbone}, {dataset_label(dataset)}"), groups,
+                    [f"{short(args.cols)}={text_of(v)}" for v in values], our_rows(in_dataset, layout, values)))
+    return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="results folder (main.py --output_dir)")
-    parser.add_argument("--backbone", help="backbone to tabulate (default: the only one found, else ViT-B-16)")
+    parser.add_argument("--backbone", help="backbone to tabulate (default: every one found, one table each)")
     parser.add_argument("--methods", nargs="+", help="our methods to show, in order (default: all found)")
-    parser.add_argument("--datasets", nargs="+", help="datasets to show, in order (default: every one with results)")
-    parser.add_argument("--shots", nargs="+", type=int, default=[4, 16])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--reported", type=Path, default=REPO / "reported" / "nora_table2.csv")
+    parser.add_argument("--datasets", nargs="+", help="datasets, in order; benchmark = CoOp's eleven, all = those "
+                                                      "and any other with results (default: every one with results)")
+    parser.add_argument("--shots", nargs="+", type=int, help="shot counts (default: every one found)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds a complete cell has (default: every one found)")
+    parser.add_argument("--rows", metavar="KEY", help="lead and order rows by KEY: method, run_name or a config key")
+    parser.add_argument("--cols", metavar="KEY", default="dataset", help="dataset (default), or KEY: its values as "
+                                                                          "columns, one table per dataset")
+    parser.add_argument("--best_over", metavar="KEY", help="add the best KEY per cell (selected on the test split)")
+    parser.add_argument("--reported", type=Path, default=REPO / "reported" / "nora_table2.csv",
+                        help="paper results CSV shown beside ViT-B-16 results (default: the NoRA paper's Table 2)")
     parser.add_argument("--no_reported", action="store_true", help="do not show the paper's rows")
     parser.add_argument("--format", choices=["md", "latex", "csv", "all"], default="all")
     parser.add_argument("--plot_dir", type=Path, help="write accuracy-vs-shots PNGs here (needs matplotlib)")
@@ -185,19 +431,32 @@ def main(argv=None) -> int:
     if not args.results.is_dir():
         print(f"error: results folder not found: {args.results}", file=sys.stderr)
         return 1
-    table = load_results(args.results)
-    backbones = sorted({key[0] for key in table})
-    backbone = args.backbone or (backbones[0] if len(backbones) == 1 else "ViT-B-16")
-    methods = args.methods or sorted({key[1] for key in table if key[0] == backbone})
-    columns = dataset_columns(table, backbone, args.datasets, [] if args.no_reported else reported_datasets(args.reported))
-    rows = ([] if args.no_reported else reported_rows(args.reported, args.shots, columns))
-    rows += our_rows(table, backbone, methods, args.shots, set(args.seeds), columns)
-    print(f"Top-1 accuracy (%), {backbone}; ours: mean ± sample std over seeds {args.seeds}; "
-          f"(n/{len(args.seeds)}) = seeds found; {MISSING} = no run\n")
-    for fmt in (["md", "latex", "csv"] if args.format == "all" else [args.format]):
-        print(render(rows, args.shots, columns, fmt) + "\n")
-    if args.plot_dir:
-        plot(table, backbone, methods, set(args.seeds), args.plot_dir, columns)
+    runs, args.unreadable = load_results(args.results)
+    backbones = sorted({r.backbone for r in runs}, key=lambda b: (b != PAPER_BACKBONE, b))
+    try:
+        args.rows = canonical_key(args.rows, runs, "rows")
+        args.best_over = canonical_key(args.best_over, runs, "best_over", refused=("method", *AXES[2:]))
+        if args.cols != "dataset":
+            args.cols = canonical_key(args.cols, runs, "cols", refused=("shots", "seed", "backbone"))
+        roles = [k for k in (args.rows, args.cols, args.best_over) if k]
+        if len(set(roles)) < len(roles):
+            raise TableError("--rows, --cols and --best_over need different keys")
+        if args.backbone and args.backbone not in backbones:
+            raise TableError(f"no results for backbone {args.backbone} under {args.results} "
+                             f"(found: {', '.join(backbones) or 'none'})")
+        if not runs:
+            raise TableError(f"no readable result.json under {args.results}"
+                             + (f" ({args.unreadable} unreadable)" if args.unreadable else ""))
+        shown = [t for b in ([args.backbone] if args.backbone else backbones) for t in tables(runs, args, b)]
+    except TableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if len(backbones) > 1 and not args.backbone:
+        print(f"results of {len(backbones)} backbones ({', '.join(backbones)}): one table each\n")
+    for notes, groups, labels, rows in shown:
+        print(notes + "\n")
+        for fmt in (["md", "latex", "csv"] if args.format == "all" else [args.format]):
+            print(render(groups, labels, rows, fmt) + "\n")
     return 0
 
 

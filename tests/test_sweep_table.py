@@ -1,8 +1,15 @@
-"""scripts/sweep.sh (kill and restart, Slurm array) and scripts/make_table.py (Table 2 layout, mean ± std)."""
+"""scripts/sweep.py (and its sweep.sh wrapper): a real tiny grid sweep tabulated by make_table, resuming,
+validation before anything runs, parallel processes, Slurm arrays.
+
+Runs use the tiny-vit backbone on the synthetic DTD of conftest.py, 2 iterations each, mostly in this
+process (``--jobs 1`` calls ``main.run``), so the whole file takes seconds, not minutes.
+"""
 import csv
 import json
 import os
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -11,146 +18,231 @@ from pathlib import Path
 
 import pytest
 
+from scripts import make_table, sweep
+
 REPO = Path(__file__).resolve().parents[1]
-SWEEP = REPO / "scripts" / "sweep.sh"
-ENV = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: one thread, no OpenMP spinning on shared cores
+SWEEP_SH = REPO / "scripts" / "sweep.sh"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # tiny models: no OpenMP spinning on shared cores
+RUN_ARGS = ["--n_iters", "2", "--batch_size", "4", "--num_workers", "0", "--eval_batch_size", "16"]
+GRID = ["--grid", "lr=0.01,0.1", "--grid", "method_options.rank=2,8"]
 
 
-def sweep_args(data_root, out, *extra):
-    return ["bash", str(SWEEP), "--root_path", str(data_root), "--output_dir", str(out), "--backbone", "tiny-vit",
-            "--methods", "lora", "--datasets", "dtd", "--shots", "1 2", "--seeds", "1 2", "--python", sys.executable,
-            *extra, "--", "--n_iters", "100", "--batch_size", "4", "--num_workers", "0", "--eval_batch_size", "16"]
+def sweep_args(data_root, out, *options, run_args=RUN_ARGS):
+    return ["--root_path", str(data_root), "--output_dir", str(out), "--backbone", "tiny-vit", "--methods", "lora",
+            "--datasets", "dtd", "--shots", "1", *options, "--", *run_args]
 
 
-def wait_for(predicate, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+def results(out):
+    """``{(lr, rank, seed): result}`` of every result.json under ``out``."""
+    found = {}
+    for path in out.rglob("result.json"):
+        r = json.loads(path.read_text())
+        found[r["config"]["train"]["lr"], r["method_config"]["rank"], r["seed"]] = r
+    return found
 
 
-def test_sweep_killed_midway_then_restarted_completes_once(data_root, tmp_path):
-    out = tmp_path / "results"
-    proc = subprocess.Popen(sweep_args(data_root, out), cwd=tmp_path, start_new_session=True, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        assert wait_for(lambda: len(list(out.rglob("result.json"))) == 1), "first run never finished"
-        started = lambda: [p for p in out.rglob("train.log") if not (p.parent / "result.json").exists()]
-        assert wait_for(lambda: bool(started())), "second run never started"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    finished = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
-    killed = started()
-    assert len(finished) == 1 and len(killed) == 1, (finished, killed)  # the killed run left no result.json
-    time.sleep(0.05)
-    restart = subprocess.run(sweep_args(data_root, out), cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                             env=ENV)
-    assert restart.returncode == 0, restart.stderr
-    assert "4 runs, 1 finished, 3 to do" in restart.stderr
-    results = sorted(out.rglob("result.json"))
-    assert len(results) == 4
-    seen = {(r["shots"], r["seed"], r["method"]) for r in (json.loads(p.read_text()) for p in results)}
-    assert seen == {(1, 1, "lora"), (1, 2, "lora"), (2, 1, "lora"), (2, 2, "lora")}
-    for path, mtime in finished.items():
-        assert path.stat().st_mtime_ns == mtime  # not rerun
-    assert (killed[0].parent / "result.json").is_file()
-    assert not list(out.rglob("*.tmp"))  # no half-written files left behind
-    again = subprocess.run(sweep_args(data_root, out), cwd=tmp_path, capture_output=True, text=True, timeout=60, env=ENV)
-    assert again.returncode == 0 and "4 finished, 0 to do" in again.stderr
+@pytest.fixture(scope="module")
+def grid_sweep(data_root, tmp_path_factory):
+    """2 options × 2 values × 2 seeds of lora, run in this process."""
+    out = tmp_path_factory.mktemp("grid") / "results"
+    assert sweep.main(sweep_args(data_root, out, "--seeds", "1 2", *GRID)) == 0
+    return out
 
 
-def test_slurm_writes_an_array_script_for_pending_runs(data_root, tmp_path):
-    out, script = tmp_path / "results", tmp_path / "jobs" / "sweep.sbatch"
-    done = out / "tiny-vit" / "dtd" / "1shots" / "seed1" / "lora" / "result.json"
-    done.parent.mkdir(parents=True)
-    done.write_text("{}")
-    proc = subprocess.run(sweep_args(data_root, out, "--slurm", str(script), "--slurm_header", "#SBATCH --partition=gpu"),
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    text = script.read_text()
-    assert text.startswith("#!/usr/bin/env bash\n")
-    assert "#SBATCH --array=0-2\n" in text and "#SBATCH --partition=gpu" in text  # 4 runs, 1 finished
-    assert text.count("--method\\ lora") == 3 and "SLURM_ARRAY_TASK_ID" in text
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    assert not list(out.rglob("train.log"))  # nothing was run
+def test_each_grid_point_is_its_own_readable_run_folder(grid_sweep):
+    folders = sorted(p.name for p in (grid_sweep / "tiny-vit" / "dtd" / "1shots" / "seed1").iterdir())
+    assert folders == ["lora-lr=0.01_rank=2", "lora-lr=0.01_rank=8", "lora-lr=0.1_rank=2", "lora-lr=0.1_rank=8"]
+    found = results(grid_sweep)
+    assert sorted(found) == [(lr, rank, seed) for lr in (0.01, 0.1) for rank in (2, 8) for seed in (1, 2)]
+    for (lr, rank, seed), r in found.items():
+        assert r["config"]["run_name"] == f"lr={lr}_rank={rank}" and r["config"]["train"]["n_iters"] == 2
+        assert r["trainable_params"] == {2: 3072, 8: 12288}[rank]  # the option reached the adapters
 
 
-def write_result(root, method, dataset, shots, seed, accuracy, backbone="ViT-B-16"):
-    folder = root / backbone / dataset / f"{shots}shots" / f"seed{seed}" / method
-    folder.mkdir(parents=True)
-    (folder / "result.json").write_text(json.dumps(
-        {"backbone": backbone, "method": method, "dataset": dataset, "shots": shots, "seed": seed, "accuracy": accuracy}))
-
-
-@pytest.fixture
-def fixture_results(tmp_path):
-    root = tmp_path / "results"
-    for seed, acc in zip((1, 2, 3), (79.0, 80.0, 81.0)):
-        write_result(root, "nora", "dtd", 4, seed, acc)        # 80.00 ± 1.00 (sample std)
-    for seed, acc in zip((1, 2), (70.0, 72.0)):
-        write_result(root, "nora", "food101", 4, seed, acc)    # 71.00 ± 1.41, 2 of 3 seeds; pets missing
-    for seed, (food, pets, dtd) in zip((1, 2, 3), ((80, 90, 70), (82, 90, 71), (84, 90, 72))):
-        for dataset, acc in (("food101", food), ("oxford_pets", pets), ("dtd", dtd)):
-            write_result(root, "lora", dataset, 16, seed, float(acc))  # per-seed averages 80, 81, 82
-    return root
-
-
-def make_table(*args):
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "make_table.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=60)
-
-
-def rows_by_name(csv_text):
-    rows = [row for row in csv.reader(StringIO(csv_text)) if row]
+def csv_table(capsys, *args):
+    assert make_table.main([str(a) for a in args] + ["--format", "csv"]) == 0
+    blocks = capsys.readouterr().out.strip().split("\n\n")
+    rows = [row for row in csv.reader(StringIO(blocks[1])) if row]
     return rows[0], {row[0]: row[1:] for row in rows[1:]}
 
 
-def test_table_mean_std_and_missing_runs(fixture_results):
-    proc = make_table(fixture_results, "--format", "csv", "--no_reported", "--datasets", "food101", "oxford_pets",
-                      "dtd")
-    assert proc.returncode == 0, proc.stderr
-    header, rows = rows_by_name(proc.stdout.split("\n\n", 1)[1])
-    assert header == ["Method", "Food 4-shot", "Pets 4-shot", "DTD 4-shot", "Average 4-shot",
-                      "Food 16-shot", "Pets 16-shot", "DTD 16-shot", "Average 16-shot"]
-    assert rows["NoRA (ours, nora)"] == ["71.00 ± 1.41 (2/3)", "—", "80.00 ± 1.00", "—", "—", "—", "—", "—"]
-    assert rows["CLIP-LoRA (ours, lora)"] == ["—", "—", "—", "—", "82.00 ± 2.00", "90.00 ± 0.00", "71.00 ± 1.00",
-                                              "81.00 ± 1.00"]
+def expected_cell(found, lr, rank):
+    accuracies = [found[lr, rank, seed]["accuracy"] for seed in (1, 2)]
+    return f"{statistics.fmean(accuracies):.2f} ± {statistics.stdev(accuracies):.2f}"
 
 
-def test_table_shows_reported_rows_in_every_format(fixture_results, tmp_path):
-    reported = tmp_path / "reported.csv"
-    reported.write_text("# comment\nmethod,shots,food101,oxford_pets,dtd,average\nNoRA,4,87.1,93.1,65.2,81.8\n"
-                        "NoRA,16,87.8,94.1,74.3,85.4\nCLIP-LoRA,16,84.2,92.4,72.0,82.9\n")
-    proc = make_table(fixture_results, "--reported", reported)
-    assert proc.returncode == 0, proc.stderr
-    md, latex, table_csv = proc.stdout.strip().split("\n\n")[1:]
-    assert "| NoRA (paper) | 87.1 | 93.1 | 65.2 | 81.8 | 87.8 | 94.1 | 74.3 | 85.4 |" in md
-    assert "| CLIP-LoRA (paper) | — | — | — | — | 84.2 | 92.4 | 72.0 | 82.9 |" in md
-    assert "| NoRA (ours, nora) | 71.00 ± 1.41 (2/3) | — | 80.00 ± 1.00 | — |" in md
-    assert r"80.00 $\pm$ 1.00" in latex and r"\begin{tabular}" in latex and r"\end{tabular}" in latex
-    _, rows = rows_by_name(table_csv)
-    assert rows["NoRA (paper)"][2] == "65.2" and rows["NoRA (ours, nora)"][2] == "80.00 ± 1.00"
+def test_table_cells_are_the_hand_computed_means_for_either_key_as_rows(capsys, grid_sweep):
+    found = results(grid_sweep)
+    cells = {(lr, rank): expected_cell(found, lr, rank) for lr in (0.01, 0.1) for rank in (2, 8)}
+    assert len(set(cells.values())) > 1, "the grid points should not all score the same"
+    header, rows = csv_table(capsys, grid_sweep, "--rows", "lr", "--cols", "method_options.rank")
+    assert header == ["Method", "rank=2 1-shot", "rank=8 1-shot"]
+    assert rows == {f"CLIP-LoRA (ours, lora): lr={lr}": [cells[lr, 2], cells[lr, 8]] for lr in (0.01, 0.1)}
+    header, rows = csv_table(capsys, grid_sweep, "--rows", "rank", "--cols", "lr")
+    assert header == ["Method", "lr=0.01 1-shot", "lr=0.1 1-shot"]
+    assert rows == {f"CLIP-LoRA (ours, lora): rank={rank}": [cells[0.01, rank], cells[0.1, rank]] for rank in (2, 8)}
+    header, rows = csv_table(capsys, grid_sweep, "--rows", "lr")  # datasets as columns: one row per grid point
+    assert header == ["Method", "DTD 1-shot", "Average 1-shot"]
+    assert list(rows) == [f"CLIP-LoRA (ours, lora): lr={lr}, rank={rank}" for lr in (0.01, 0.1) for rank in (2, 8)]
+    assert [cells for cells in rows.values()] == [[cells[key]] * 2 for key in sorted(cells)]
 
 
-def test_default_reported_file_and_plot_skip_message(fixture_results, tmp_path):
-    proc = make_table(fixture_results, "--format", "md", "--plot_dir", tmp_path / "plots")
-    assert proc.returncode == 0, proc.stderr
-    assert "| NoRA (paper) | 87.1 | 93.1 | 65.2 | 81.8 |" in proc.stdout  # reported/nora_table2.csv, shipped
-    try:
-        import matplotlib  # noqa: F401
-        assert (tmp_path / "plots" / "shots_dtd.png").is_file()
-    except ImportError:
-        assert "matplotlib is not installed" in proc.stderr
+def test_best_over_picks_the_best_mean_per_cell_beside_the_fixed_rows(capsys, grid_sweep):
+    found = results(grid_sweep)
+    _, rows = csv_table(capsys, grid_sweep, "--rows", "rank", "--best_over", "lr")
+    for rank in (2, 8):
+        means = {lr: statistics.fmean(found[lr, rank, s]["accuracy"] for s in (1, 2)) for lr in (0.01, 0.1)}
+        best = max(means, key=lambda lr: (means[lr], -lr))  # a tie goes to the first value
+        label = f"best lr per cell, selected on the test split: CLIP-LoRA (ours, lora): rank={rank}"
+        assert rows[label][0] == f"{expected_cell(found, best, rank)} (lr={best})"
+        assert f"CLIP-LoRA (ours, lora): rank={rank}, lr={best}" in rows
 
 
-def test_sweep_defaults_to_every_registered_method(tmp_path):
+def test_restart_reruns_only_unfinished_runs(capsys, data_root, grid_sweep, tmp_path):
+    out = tmp_path / "results"
+    shutil.copytree(grid_sweep, out)
+    removed = next(out.rglob("lora-lr=0.1_rank=8/result.json"))
+    before = json.loads(removed.read_text())
+    removed.write_text(removed.read_text()[:40])  # truncated: as if killed while writing (it never is: atomic)
+    kept = {p: p.stat().st_mtime_ns for p in out.rglob("result.json") if p != removed}
+    assert sweep.main(sweep_args(data_root, out, "--seeds", "1 2", *GRID)) == 0
+    assert "sweep: 8 runs, 7 finished, 1 to do" in capsys.readouterr().err
+    after = json.loads(removed.read_text())
+    assert after["accuracy"] == before["accuracy"] and after["final_loss"] == before["final_loss"]  # same run again
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in kept.items())  # not rerun
+    assert sweep.main(sweep_args(data_root, out, "--seeds", "1 2", *GRID)) == 0
+    assert "sweep: 8 runs, 8 finished, 0 to do" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, run_args, expect", [
+    (["--methods", "lora foo"], RUN_ARGS, "unknown method 'foo' (registered: "),
+    (["--datasets", "dtd,no_such"], RUN_ARGS, "--datasets no_such: unknown dataset 'no_such'"),
+    (["--datasets", "food101"], RUN_ARGS, "--datasets food101: dataset folder not found: "),
+    (["--shots", "4 x"], RUN_ARGS, "--shots expects integers, got 'x'"),
+    (["--methods", " "], RUN_ARGS, "--methods needs at least one value"),
+    (["--seeds", "1.5"], RUN_ARGS, "--seeds expects integers, got '1.5'"),
+    (["--jobs", "0"], RUN_ARGS, "--jobs must be a positive integer, got 0"),
+    (["--grid", "no_such_key=1,2"], RUN_ARGS, "unknown config key 'no_such_key'"),
+    (["--grid", "lr"], RUN_ARGS, "--grid expects KEY=V1,V2,..., got 'lr'"),
+    (["--grid", "shots=1,2"], RUN_ARGS, "--grid shots: set shots with the sweep's own option"),
+    (["--grid", "method_options.rank=2,two"], RUN_ARGS, "lora dtd 1-shot seed 1 [rank=two]: rank must be an integer"),
+    (["--grid", "lr=0.01"], RUN_ARGS + ["--run_name", "x"], "--run_name after '--' cannot be combined with --grid"),
+    (["--backbone", "ViT-Z-99"], RUN_ARGS, "unknown backbone 'ViT-Z-99'"),
+    ([], ["--n_iters", "many"], "n_iters must be an integer, got 'many'"),
+    (["--no_such_option"], RUN_ARGS, "unrecognized arguments: --no_such_option (see --help)"),
+])
+def test_bad_requests_are_one_line_and_run_nothing(capsys, data_root, tmp_path, options, run_args, expect):
+    out = tmp_path / "results"
+    assert sweep.main(sweep_args(data_root, out, *options, run_args=run_args)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1, captured.err
+    assert captured.err.startswith("sweep: error: ") and expect in captured.err, captured.err
+    assert not out.exists()
+
+
+def test_dry_run_plans_every_registered_method_on_every_benchmark_dataset_found(capsys, data_root, tmp_path):
     import lora_zoo
-    proc = subprocess.run(["bash", str(SWEEP), "--root_path", str(tmp_path), "--output_dir", str(tmp_path / "o"),
-                           "--datasets", "dtd", "--shots", "4", "--seeds", "1", "--python", sys.executable,
-                           "--dry_run"], cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
-    assert proc.returncode == 0, proc.stderr
-    planned = [line.split("--method ")[1].split()[0] for line in proc.stdout.splitlines() if "--method" in line]
-    assert planned == lora_zoo.list_methods()
+    assert sweep.main(["--root_path", str(data_root), "--output_dir", str(tmp_path / "o"), "--shots", "4",
+                       "--seeds", "1", "--dry_run"]) == 0
+    captured = capsys.readouterr()
+    assert "sweep: " + f"{len(lora_zoo.list_methods())} runs, 0 finished" in captured.err
+    planned = [line.split() for line in captured.out.splitlines()]
+    assert [args[args.index("--method") + 1] for args in planned] == lora_zoo.list_methods()
+    assert {args[args.index("--dataset") + 1] for args in planned} == {"dtd"}  # the only dataset under data_root
+    assert not (tmp_path / "o").exists()
+
+
+def test_slurm_array_lists_the_pending_runs(capsys, data_root, grid_sweep, tmp_path):
+    out, script = tmp_path / "results", tmp_path / "jobs" / "sweep.sbatch"
+    shutil.copytree(grid_sweep, out)
+    for path in list(out.rglob("seed2/*/result.json"))[:3]:
+        path.unlink()
+    assert sweep.main(sweep_args(data_root, out, "--seeds", "1 2", *GRID, "--slurm", str(script),
+                                 "--slurm_header", "#SBATCH --partition=gpu")) == 0
+    assert "8 runs, 5 finished, 3 to do" in capsys.readouterr().err
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert "#SBATCH --array=0-2\n" in text and "#SBATCH --partition=gpu\n" in text
+    assert text.count("--method lora --dataset dtd --shots 1 --seed 2") == 3 and "SLURM_ARRAY_TASK_ID" in text
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert len(list(out.rglob("result.json"))) == 5  # nothing ran
+
+
+def test_sweep_sh_from_another_folder_stops_on_kill_and_leaves_no_result(data_root, tmp_path):
+    args = sweep_args(data_root, "results", "--seeds", "1", run_args=RUN_ARGS[2:] + ["--n_iters", "5000"])
+    proc = subprocess.Popen(["bash", str(SWEEP_SH), "--python", sys.executable, *args], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list((tmp_path / "results").rglob("train.log")) and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # the run trains 5000 iterations: it is mid-run
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert "error: interrupted; the run left no result.json" in err and "sweep: interrupted; run the same" in err
+    assert list((tmp_path / "results").rglob("train.log")) and not list(tmp_path.rglob("result.json"))
+
+
+def test_jobs_run_in_processes_with_logs_and_match_the_in_process_run(capsys, data_root, grid_sweep, tmp_path):
+    out = tmp_path / "results"
+    assert sweep.main(sweep_args(data_root, out, "--seeds", "1", "--grid", "lr=0.1", "--jobs", "2")) == 0
+    assert "sweep: 1 runs, 0 finished, 1 to do" in capsys.readouterr().err
+    log = out / "sweep_logs" / "tiny-vit_dtd_1shots_seed1_lora-lr=0.1.out"
+    assert "lora dtd 1-shot seed 1 (tiny-vit)" in log.read_text()  # main.py --quiet prints its summary
+    (key, r), = results(out).items()
+    reference = results(grid_sweep)[0.1, 2, 1]  # rank 2 is lora's default: the same run as in-process
+    assert key == (0.1, 2, 1) and (r["accuracy"], r["final_loss"]) == (reference["accuracy"], reference["final_loss"])
+
+
+FAKE_MAIN = """import os, sys, time
+print("pid", os.getpid(), "gpu", os.environ.get("CUDA_VISIBLE_DEVICES"), "args", *sys.argv[1:], flush=True)
+time.sleep(float(sys.argv[2]))
+sys.exit(1 if sys.argv[1] == "fail" else 0)
+"""
+
+
+def test_process_pool_one_gpu_per_job_counts_failures_and_stops_children_on_interrupt(tmp_path, monkeypatch):
+    fake = tmp_path / "fake_main.py"
+    fake.write_text(FAKE_MAIN)
+    monkeypatch.setattr(sweep, "MAIN", fake)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    logs = tmp_path / "logs"
+    runs = [sweep.Run([outcome, seconds], tmp_path / f"out/b/d/1shots/seed1/run{i}", tmp_path / "out", f"run {i}")
+            for i, (outcome, seconds) in enumerate([("ok", "0.5"), ("fail", "0"), ("ok", "0")])]
+    assert sweep.run_in_processes(runs, 2, logs) == 1
+    log = lambda i: (logs / f"b_d_1shots_seed1_run{i}.out").read_text().split()  # pid N gpu G args ...
+    assert log(0)[3] == "3" and log(1)[3] == "5" and log(2)[3] == "5"  # run 2 takes the slot run 1 freed
+    real_sleep, started = time.sleep, []
+
+    def interrupt_once_both_started(seconds):  # the pool polls with time.sleep: Ctrl-C arrives there
+        real_sleep(seconds)
+        started[:] = [words[1] for words in map(log, (0, 1)) if words]
+        if len(started) == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(time, "sleep", interrupt_once_both_started)
+    slow = [sweep.Run(["ok", "600"], run.folder, run.output_dir, run.label) for run in runs[:2]]
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_in_processes(slow, 2, logs)
+    for pid in started:
+        with pytest.raises(ProcessLookupError):  # terminated and reaped
+            os.kill(int(pid), 0)
+
+
+def test_wrapper_prefers_the_repository_venv_then_python_env(tmp_path):
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(SWEEP_SH, tmp_path / "scripts" / "sweep.sh")
+    fake = tmp_path / ".venv" / "bin" / "python"
+    fake.parent.mkdir(parents=True)
+    fake.write_text('#!/bin/sh\necho "venv python $*"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in ENV.items() if k != "PYTHON"}
+    run = lambda **extra: subprocess.run(["bash", str(tmp_path / "scripts" / "sweep.sh"), "--shots", "4 x"],
+                                         env={**env, **extra}, capture_output=True, text=True, timeout=30)
+    assert run().stdout == f"venv python {tmp_path}/scripts/sweep.py --shots 4 x\n"
+    missing = run(PYTHON=str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and missing.stderr.startswith(f"sweep.sh: error: no Python at {tmp_path}/nowhere")
+    proc = subprocess.run(["bash", str(SWEEP_SH), "--help"], env={**env, "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: scripts/sweep.sh [-h] --root_path ROOT_PATH")

@@ -1,0 +1,418 @@
+"""Sweep main.py over methods × datasets × shots × seeds × a grid of any config options.
+
+The protocol of METHODS.md ("Experiment protocol": shots 1 2 4 8 16, seeds 1 2 3,
+as in CLIP-LoRA, Zanella & Ben Ayed, CVPRW 2024, and NoRA/AIRA, Li et al., ICCV 2025),
+plus ``--grid KEY=V1,V2,...`` over any key ``main.py --set`` accepts (``lr``,
+``method_options.inner_rank``, ...). Each grid point is its own run folder:
+``<method>-<run name>``, the run name spelling its values (``lr=0.001_inner_rank=8``).
+
+Every planned run's configuration is built with ``lora_zoo.config`` before the
+first one starts, so a bad method, dataset, number or option value is a one-line
+error (exit 2) and nothing is run. Finished runs (``experiment.is_finished``) are
+skipped: a killed sweep restarts where it stopped. ``--jobs 1`` runs each run in
+this process (``main.run``); ``--jobs N`` runs N ``main.py`` processes at once, one
+GPU each (round robin), logging to ``OUTPUT_DIR/sweep_logs/``; ``--slurm FILE``
+writes an sbatch job array of the pending runs instead. ``scripts/sweep.sh`` is
+the documented entry point (it picks the Python); this file takes the same options.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MAIN = REPO / "main.py"
+#: the sweep's own axes and paths: set with its options, not with --grid
+AXES = ("method", "dataset", "shots", "seed", "backbone", "root_path", "output_dir", "run_name")
+
+
+class SweepError(ValueError):
+    """A bad sweep request; printed as one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise SweepError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    words = "space- or comma-separated, quoted or as several words"
+    parser = OneLineParser(
+        prog="scripts/sweep.sh", description=__doc__.split("\n\n")[0],
+        epilog="Finished runs are skipped: run the same command again to continue a killed sweep. "
+               "After the options, '--' passes the rest to every main.py run, e.g. -- --n_iters 2 --set amp=false. "
+               "Example: scripts/sweep.sh --root_path DATA --methods nora --datasets dtd --shots 4 "
+               "--grid lr=1e-3,5e-4 --grid method_options.inner_rank=8,16")
+    parser.add_argument("--root_path", required=True, help="folder holding the datasets (DATASET.md)")
+    parser.add_argument("--methods", nargs="+", metavar="M", help=f"methods ({words}; default: every registered one)")
+    parser.add_argument("--datasets", nargs="+", metavar="D",
+                        help=f"datasets ({words}; default: every benchmark dataset found under --root_path)")
+    parser.add_argument("--shots", nargs="+", default=["1 2 4 8 16"], metavar="K", help="shots (default 1 2 4 8 16)")
+    parser.add_argument("--seeds", nargs="+", default=["1 2 3"], metavar="S", help="seeds (default 1 2 3)")
+    parser.add_argument("--backbone", help="open_clip model or tiny-* backbone (default: main.py's, ViT-B-16)")
+    parser.add_argument("--output_dir", help="results root (default: main.py's, outputs)")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML config passed to every run (repeatable, in order)")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="sweep a config key over values (repeatable: the product of all); values are YAML, "
+                             "a list in brackets, e.g. targets=[q,v],[q,k,v]")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="runs at once (default 1: one after another in this process); N > 1: main.py "
+                             "processes, one GPU each, logs in OUTPUT_DIR/sweep_logs/")
+    parser.add_argument("--python", metavar="PY", help="Python to run with (default: the repository's .venv, "
+                                                        "else python3; $PYTHON too)")
+    parser.add_argument("--slurm", metavar="FILE", help="write an sbatch job array of the pending runs, run nothing")
+    parser.add_argument("--slurm_header", default="", metavar="LINES", help='extra lines, e.g. "#SBATCH -p gpu"')
+    parser.add_argument("--dry_run", action="store_true", help="print the main.py commands of the pending runs")
+    return parser
+
+
+def words(values, option: str) -> list[str]:
+    """``["lora nora", "dora,vera"]`` → ``["lora", "nora", "dora", "vera"]``; none is an error."""
+    found = [word for value in values for word in re.split(r"[\s,]+", value) if word]
+    if not found:
+        raise SweepError(f"--{option} needs at least one value")
+    return found
+
+
+def integers(values, option: str) -> list[int]:
+    out = []
+    for word in words(values, option):
+        try:
+            out.append(int(word))
+        except ValueError:
+            raise SweepError(f"--{option} expects integers, got {word!r}") from None
+    return out
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets: ``"1e-3,[q,v]"`` → ``["1e-3", "[q,v]"]``."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
+
+
+def short_key(key: str) -> str:
+    """The key as a run name spells it: option groups dropped (``method_options.inner_rank`` → ``inner_rank``)."""
+    from lora_zoo.config import OPTION_GROUPS
+    group, _, name = key.partition(".")
+    return name if group in OPTION_GROUPS and name else key
+
+
+def value_text(value) -> str:
+    """A value as a run name spells it: YAML-like, filesystem-safe (``RUN_NAME`` characters)."""
+    if isinstance(value, bool) or value is None:
+        text = {True: "true", False: "false", None: "null"}[value]
+    elif isinstance(value, (list, tuple)):
+        text = "+".join(value_text(v) for v in value)
+    else:
+        text = str(value)
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "-", text)
+
+
+def parse_grid(specs) -> list[tuple[str, list[str]]]:
+    """``["lr=1e-3,5e-4"]`` → ``[("lr", ["1e-3", "5e-4"])]`` (value texts as given; keys checked)."""
+    from lora_zoo.config import merge_values
+    from main import yaml_value
+    grid = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        texts = [t.strip() for t in split_top_level(values)]
+        if not sep or not key or not all(texts):
+            raise SweepError(f"--grid expects KEY=V1,V2,..., got {spec!r}")
+        if key in AXES:
+            raise SweepError(f"--grid {key}: set {key} with the sweep's own option, not --grid")
+        if key in (k for k, _ in grid):
+            raise SweepError(f"--grid {key} is given twice; list all its values in one --grid")
+        try:
+            merge_values({}, {key: yaml_value(texts[0])}, f"--grid {spec}")
+        except ValueError as err:
+            raise SweepError(str(err)) from None
+        grid.append((key, texts))
+    return grid
+
+
+def grid_points(grid) -> list[list[tuple[str, str]]]:
+    """Every combination of the grid's values, the last key varying fastest (``[[]]`` without a grid)."""
+    points = [[]]
+    for key, texts in grid:
+        points = [point + [(key, text)] for point in points for text in texts]
+    return points
+
+
+def run_name(point) -> str | None:
+    from main import yaml_value
+    if not point:
+        return None
+    return "_".join(f"{short_key(key)}={value_text(yaml_value(text))}" for key, text in point)
+
+
+@dataclass
+class Run:
+    """One planned main.py run."""
+
+    argv: list[str]
+    folder: Path
+    output_dir: Path
+    label: str
+
+
+def refuse(message):
+    raise SweepError(message)
+
+
+@functools.lru_cache(maxsize=None)
+def run_parser(method, optimizer) -> argparse.ArgumentParser:
+    """main.py's parser for this method and optimizer, raising ``SweepError`` instead of exiting."""
+    import main
+    parser = main.build_parser(method, optimizer)
+    parser.error = refuse
+    return parser
+
+
+def planned_config(argv):
+    """The ``ExperimentConfig`` that ``main.run(argv)`` would train (main.py's parsing, without running)."""
+    import main
+    from lora_zoo.config import build_config, collect_values
+
+    args = run_parser(*main._choices(argv, None)).parse_args(argv)
+    overrides = main.collect_overrides(args)
+    overrides["method"] = args.method
+    return build_config(collect_values(args.config, overrides))
+
+
+def located(name: str, root: Path) -> bool:
+    from datasets.registry import DatasetError, locate_dataset
+    try:
+        return bool(locate_dataset(name, root))
+    except DatasetError:
+        return False
+
+
+def axes(args, root: Path) -> tuple[list[str], list[str], list[int], list[int]]:
+    """Methods, datasets, shots and seeds of the request, each checked; ``SweepError`` otherwise."""
+    import lora_zoo
+    from datasets.registry import BENCHMARK_DATASETS, DatasetError, locate_dataset
+
+    methods = words(args.methods, "methods") if args.methods else lora_zoo.list_methods()
+    unknown = [m for m in methods if m not in lora_zoo.list_methods()]
+    if unknown:
+        raise SweepError(f"unknown method {unknown[0]!r} (registered: {', '.join(lora_zoo.list_methods())})")
+    datasets = (words(args.datasets, "datasets") if args.datasets
+                else [name for name in BENCHMARK_DATASETS if located(name, root)])
+    if not datasets:
+        raise SweepError(f"no benchmark dataset found under {root} (see DATASET.md; --datasets imagefolder "
+                         "for your own)")
+    for name in datasets:
+        try:
+            locate_dataset(name, root)
+        except DatasetError as err:
+            raise SweepError(f"--datasets {name}: {err}") from None
+    return methods, datasets, integers(args.shots, "shots"), integers(args.seeds, "seeds")
+
+
+def plan(args, extra: list[str]) -> list[Run]:
+    """Every run of the sweep, each configuration built and checked; ``SweepError`` on the first bad one."""
+    from lora_zoo.experiment import run_dir
+
+    root = Path(os.path.abspath(args.root_path))
+    if not root.is_dir():
+        raise SweepError(f"--root_path is not a directory: {root}")
+    methods, datasets, shots, seeds = axes(args, root)
+    if args.jobs < 1:
+        raise SweepError(f"--jobs must be a positive integer, got {args.jobs}")
+    grid = parse_grid(args.grid)
+    if grid and "--run_name" in extra:
+        raise SweepError("--run_name after '--' cannot be combined with --grid (each grid point is named by its "
+                         "values)")
+    common = ["--root_path", str(root), "--quiet"]
+    common += ["--backbone", args.backbone] if args.backbone else []
+    common += ["--output_dir", os.path.abspath(args.output_dir)] if args.output_dir else []
+    for path in args.config:
+        common += ["--config", os.path.abspath(path)]
+    runs, folders = [], {}
+    for dataset, k, seed, method, point in itertools.product(datasets, shots, seeds, methods, grid_points(grid)):
+        name = run_name(point)
+        argv = ["--method", method, "--dataset", dataset, "--shots", str(k), "--seed", str(seed), *common,
+                *(["--run_name", name] if name else []), *extra]
+        argv += [arg for key, text in point for arg in ("--set", f"{key}={text}")]  # last: they win
+        label = f"{method} {dataset} {k}-shot seed {seed}" + (f" [{name}]" if name else "")
+        try:
+            cfg = planned_config(argv)
+        except (ValueError, TypeError, OSError) as err:
+            raise SweepError(f"{label}: {' '.join(str(err).split())}") from None
+        folder = run_dir(cfg)
+        if folder in folders:
+            raise SweepError(f"{label} and {folders[folder]} would share the run folder {folder}")
+        folders[folder] = label
+        runs.append(Run(argv, folder, Path(cfg.output_dir), label))
+    return runs
+
+
+def visible_gpus() -> list[str]:
+    """``CUDA_VISIBLE_DEVICES`` if set, else one entry per GPU ``nvidia-smi -L`` lists (none: CPU)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return os.environ["CUDA_VISIBLE_DEVICES"].split(",")
+    if shutil.which("nvidia-smi"):
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+        return [str(i) for i in range(sum(line.startswith("GPU") for line in listing.splitlines()))]
+    return []
+
+
+def run_in_process(pending: list[Run]) -> int:
+    """Each run through ``main.run`` in this process; returns the number that failed."""
+    import main
+
+    failed = 0
+    for run in pending:
+        print(f"sweep: start {run.label}", file=sys.stderr, flush=True)
+        try:
+            code = main.run(run.argv)
+        except Exception:  # an unexpected crash of one run: shown in full, and the sweep goes on
+            traceback.print_exc()
+            code = 1
+        if code == 130:
+            raise KeyboardInterrupt
+        if code:
+            failed += 1
+            print(f"sweep: FAILED {run.label}", file=sys.stderr, flush=True)
+    return failed
+
+
+def run_in_processes(pending: list[Run], jobs: int, log_dir: Path) -> int:
+    """``jobs`` main.py processes at once, one GPU each; returns the number that failed."""
+    gpus, queue, running, failed = visible_gpus(), list(pending), {}, 0
+    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                slot = min(set(range(jobs)) - set(running))
+                run = queue.pop(0)
+                env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]} if gpus else {}))
+                log = log_dir / ("_".join(run.folder.relative_to(run.output_dir).parts) + ".out")
+                print(f"sweep: start {run.label} (log {log})", file=sys.stderr, flush=True)
+                with open(log, "w") as handle:
+                    running[slot] = (subprocess.Popen([sys.executable, str(MAIN), *run.argv], stdout=handle,
+                                                      stderr=subprocess.STDOUT, env=env), run, log)
+            time.sleep(0.1)
+            for slot, (proc, run, log) in list(running.items()):
+                if proc.poll() is not None:
+                    del running[slot]
+                    if proc.returncode:
+                        failed += 1
+                        print(f"sweep: FAILED {run.label} (see {log})", file=sys.stderr, flush=True)
+    finally:
+        for proc, _, _ in running.values():
+            proc.terminate()
+        for proc, _, _ in running.values():
+            proc.wait()
+    return failed
+
+
+def write_slurm(pending: list[Run], path: Path, header: str, log_dir: Path) -> None:
+    """An sbatch job array, one task per pending run; a task whose run has finished meanwhile exits at once."""
+    finished = "import sys; from lora_zoo.experiment import is_finished; sys.exit(0 if is_finished(sys.argv[1]) else 1)"
+    lines = ["#!/usr/bin/env bash", "#SBATCH --job-name=lora_zoo_sweep", f"#SBATCH --array=0-{len(pending) - 1}",
+             "#SBATCH --gres=gpu:1", "#SBATCH --cpus-per-task=8", f"#SBATCH --output={log_dir}/%A_%a.out",
+             *([header] if header else []),
+             "# generated by scripts/sweep.sh: one array task per pending run", "set -euo pipefail",
+             f"cd {shlex.quote(os.getcwd())}", "RUNS=("]
+    lines += [f"  {shlex.quote(shlex.join(run.argv))}" for run in pending] + [")", "FOLDERS=("]
+    lines += [f"  {shlex.quote(str(run.folder))}" for run in pending] + [")"]
+    python = shlex.quote(sys.executable)
+    lines += ['folder="${FOLDERS[$SLURM_ARRAY_TASK_ID]}"',
+              f'if PYTHONPATH={shlex.quote(str(REPO))} {python} -c {shlex.quote(finished)} "$folder"; then',
+              '  echo "finished already: $folder"; exit 0', "fi",
+              'eval "set -- ${RUNS[$SLURM_ARRAY_TASK_ID]}"', f'exec {python} {shlex.quote(str(MAIN))} "$@"']
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
+def reexec_with(python: str, argv: list[str]) -> None:
+    """Start this script again with ``python`` (``--python`` dropped), before anything heavy is imported."""
+    found = shutil.which(python)
+    if found is None:
+        raise SweepError(f"--python {python}: no such Python")
+    cut = argv.index("--") if "--" in argv else len(argv)
+    at = next(i for i, arg in enumerate(argv) if arg == "--python" or arg.startswith("--python="))
+    argv = argv[:at] + argv[at + (1 if "=" in argv[at] else 2):cut] + argv[cut:]
+    os.execv(found, [found, str(Path(__file__).resolve()), *argv])
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    try:
+        args = build_parser().parse_args(argv[:cut])
+        if args.python:
+            reexec_with(args.python, argv)
+        sys.path.insert(0, str(REPO))
+        try:
+            import lora_zoo  # noqa: F401  (torch, open_clip: the first heavy import)
+        except ImportError as err:
+            raise SweepError(f"cannot import lora_zoo with {sys.executable} ({err}); create the venv (README) "
+                             "or pass --python PY") from None
+        runs = plan(args, argv[cut + 1:])
+    except SweepError as err:
+        print(f"sweep: error: {err}", file=sys.stderr)
+        return 2
+    from lora_zoo.experiment import is_finished
+
+    pending = [run for run in runs if not is_finished(run.folder)]
+    print(f"sweep: {len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to do", file=sys.stderr)
+    log_dir = runs[0].output_dir / "sweep_logs"
+    if args.dry_run:
+        for run in pending:
+            print(shlex.join([sys.executable, str(MAIN), *run.argv]))
+        return 0
+    if args.slurm:
+        if not pending:
+            print("sweep: nothing to do, no script written", file=sys.stderr)
+            return 0
+        path = Path(os.path.abspath(args.slurm))
+        write_slurm(pending, path, args.slurm_header, log_dir)
+        print(f"sweep: wrote {path} (array of {len(pending)}); submit with: sbatch {path}", file=sys.stderr)
+        return 0
+    previous = signal.signal(signal.SIGTERM, interrupt)  # a kill stops the sweep the way Ctrl-C does
+    try:
+        failed = (run_in_process(pending) if args.jobs == 1 else run_in_processes(pending, args.jobs, log_dir))
+    except KeyboardInterrupt:
+        print("sweep: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if failed:
+        print(f"sweep: {failed} of {len(pending)} runs failed", file=sys.stderr)
+        return 1
+    print("sweep: done", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
