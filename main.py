@@ -184,27 +184,47 @@ def hint(err: Exception) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def parse_args(argv, method=None, on_error=None) -> argparse.Namespace:
+    """The command line parsed with the flags of the method and optimizer it names (``on_error``
+    replaces argparse's print-usage-and-exit, e.g. to raise)."""
+    chosen, optimizer = _choices(argv, method)
+    parser = build_parser(chosen, optimizer, fixed_method=method is not None)
+    if on_error is not None:
+        parser.error = on_error
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace, method=None):
+    """The ``ExperimentConfig`` a parsed command line asks for (``--config`` files, flags, ``--set``)."""
+    import lora_zoo
+    from lora_zoo.config import build_config, collect_values
+
+    overrides = collect_overrides(args)
+    if method is not None or "method" in args:
+        overrides["method"] = method or args.method
+    values = collect_values(args.config, overrides)
+    if "method" not in values:
+        raise UsageError("--method is required (one of: " + ", ".join(lora_zoo.list_methods()) + ")")
+    return build_config(values)
+
+
+def parse_config(argv, method=None, on_error=None):
+    """The ``ExperimentConfig`` that ``run(argv, method)`` would run (the sweep plans with it)."""
+    return config_from_args(parse_args(list(argv), method, on_error), method)
+
+
 def run(argv=None, method=None) -> int:
     """Entry point; ``method`` fixes the method (main_nora.py / main_aira.py). Returns the exit code."""
     from lora_zoo.train import NonFiniteLossError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        chosen, optimizer = _choices(argv, method)
-        args = build_parser(chosen, optimizer, fixed_method=method is not None).parse_args(argv)
+        args = parse_args(argv, method)
         setup_logging(args.quiet)
         if args.demo:
             return run_demo(getattr(args, "output_dir", None), collect_overrides(args), args.quiet)
-        import lora_zoo
-        from lora_zoo.config import build_config, collect_values
         from lora_zoo.experiment import RunFinishedError, run_experiment
-        overrides = collect_overrides(args)
-        if method is not None or "method" in args:
-            overrides["method"] = method or args.method
-        values = collect_values(args.config, overrides)
-        if "method" not in values:
-            raise UsageError("--method is required (one of: " + ", ".join(lora_zoo.list_methods()) + ")")
-        cfg = build_config(values)
+        cfg = config_from_args(args, method)
         progress = not args.quiet and sys.stderr.isatty()
         try:
             result = run_experiment(cfg, eval_only=args.eval_only, export_path=args.export_merged,

@@ -54,8 +54,10 @@ class TrainConfig(Options):
     optimizer: Optional[str] = option(None, "optimizer builder: adamw, loraplus, lorafa, ... (null: the method's)")
     optimizer_options: dict = option({}, "options of the optimizer builder, e.g. lr_ratio for loraplus")
     amp: bool = option(True, "fp16 autocast + GradScaler on CUDA (CPU always runs in fp32)")
-    log_every: int = option(0, "iterations between loss log entries (0: about 20 entries per run)")
-    checkpoint_every: int = option(500, "iterations between checkpoints a killed run resumes from (0: none)")
+    log_every: int = option(0, "iterations between loss log entries (0: about 20 entries per run)",
+                            affects_result=False)
+    checkpoint_every: int = option(500, "iterations between checkpoints a killed run resumes from (0: none)",
+                                   affects_result=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -75,7 +77,7 @@ class ExperimentConfig(Options):
 
     method: str = option("lora", "registered lora_zoo method")
     dataset: str = option("dtd", "registered few-shot dataset")
-    root_path: str = option("data", "folder holding the datasets (see DATASET.md)")
+    root_path: str = option("data", "folder holding the datasets (see DATASET.md)", affects_result=False)
     shots: int = option(16, "images per class (1, 2, 4, 8, 16)")
     seed: int = option(1, "few-shot sampling and training seed (1, 2, 3)")
     run_name: Optional[str] = option(None, "name of this setting, joined to the run folder (<method>-<run_name>) "
@@ -88,16 +90,20 @@ class ExperimentConfig(Options):
     layers: Optional[tuple[int, ...]] = option(None, "block indices to adapt (null or 'all': every block)")
     template: Optional[str] = option(None, "prompt template with one {} for the class name, or 'dataset' (the "
                                            "dataset's own CoOp template); null: 'a photo of a {}.'")
-    num_workers: Optional[int] = option(None, "data loader workers (null: 0 on CPU, else min(8, CPUs))")
+    num_workers: Optional[int] = option(None, "data loader workers (null: 0 on CPU, else min(8, CPUs))",
+                                        affects_result=False)
     threads: Optional[int] = option(None, "CPU intra-op threads (null: OMP_NUM_THREADS, else the cores shared "
-                                          "with the loader workers)")
-    train_cache_mb: int = option(2048, "memory for the decoded few-shot train images (0: decode at every use)")
+                                          "with the loader workers)", affects_result=False)
+    train_cache_mb: int = option(2048, "memory for the decoded few-shot train images (0: decode at every use)",
+                                 affects_result=False)
     test_cache_dir: Optional[str] = option(None, "folder for preprocessed test images (uint8 .npy, memory-mapped, "
-                                                 "shared by the runs of a sweep); null: decode every evaluation")
-    log_to: tuple[Literal["tensorboard", "wandb"], ...] = option((), "extra training-curve sinks: tensorboard, wandb (curves.csv is always written)")
+                                                 "shared by the runs of a sweep); null: decode every evaluation",
+                                          affects_result=False)
+    log_to: tuple[Literal["tensorboard", "wandb"], ...] = option(
+        (), "extra training-curve sinks: tensorboard, wandb (curves.csv is always written)", affects_result=False)
     eval_batch_size: int = option(128, "evaluation batch size")
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    output_dir: str = option("outputs", "results root")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N", affects_result=False)
+    output_dir: str = option("outputs", "results root", affects_result=False)
     backbone_seed: int = option(0, "init seed of the random tiny-* backbones (the same for every run seed)")
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop's settings"})
 
@@ -115,7 +121,8 @@ class ExperimentConfig(Options):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.train_cache_mb < 0 or (self.num_workers is not None and self.num_workers < 0):
-            raise ValueError(f"train_cache_mb and num_workers must be >= 0, got {self.train_cache_mb}, {self.num_workers}")
+            raise ValueError(f"train_cache_mb and num_workers must be >= 0, got {self.train_cache_mb}, "
+                             f"{self.num_workers}")
         if not 0 <= self.seed < 2 ** 32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.run_name is not None and not RUN_NAME.fullmatch(self.run_name):
@@ -156,6 +163,12 @@ class ExperimentConfig(Options):
 
 EXPERIMENT_KEYS = [k for k in field_names(ExperimentConfig) if k not in ("train", "method_options")]
 TRAIN_KEYS = [k for k in field_names(TrainConfig) if k != "optimizer_options"]
+
+
+def bookkeeping_keys() -> list[str]:
+    """Keys marked ``affects_result=False``: they change how a run goes, never its numbers."""
+    return [f.name for cls in (ExperimentConfig, TrainConfig) for f in dataclasses.fields(cls)
+            if not f.metadata.get("affects_result", True)]
 
 
 def config_keys() -> list[str]:

@@ -24,11 +24,16 @@ import typing
 from typing import Any, Literal, Mapping, Union
 
 
-def option(default, help: str = "", **kwargs):
-    """A dataclass field with a default and a help text (shown by ``main.py --help``)."""
+def option(default, help: str = "", affects_result: bool = True):
+    """A dataclass field with a default and a help text (shown by ``main.py --help``).
+
+    ``affects_result=False`` marks bookkeeping (paths, devices, logging, caches): settings that change
+    how a run goes, not its numbers, so result tables never split rows by them.
+    """
+    metadata = {"help": help, "affects_result": affects_result}
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 class OptionError(ValueError):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import statistics
 import sys
 from collections import defaultdict
@@ -39,71 +38,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from lora_zoo.results import ABSENT, AXES, load_results, mean_std  # noqa: E402
+
 MISSING = "—"
-ABSENT = "n/a"  # the value of an option a method does not have
 PAPER_BACKBONE = "ViT-B-16"
-AXES = ("method", "run_name", "dataset", "shots", "seed", "backbone")
-#: settings that do not change a result: never a reason to split rows
-BOOKKEEPING = ("root_path", "output_dir", "device", "num_workers", "threads", "eval_batch_size", "log_every",
-               "log_to", "checkpoint_every", "train_cache_mb", "test_cache_dir")
 
 
 class TableError(ValueError):
     """A bad request; printed as one line, exit code 2."""
-
-
-@dataclass(frozen=True)
-class Run:
-    """One finished run: where it sits in the table and its setting (``((key, value), ...)``, sorted)."""
-
-    backbone: str
-    method: str
-    dataset: str
-    shots: int
-    seed: int
-    accuracy: float
-    run_name: str | None
-    setting: tuple
-
-    def value(self, key: str):
-        return getattr(self, key) if key in AXES else dict(self.setting).get(key, ABSENT)
-
-
-def frozen(value):
-    if isinstance(value, (list, tuple)):
-        return tuple(frozen(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, frozen(v)) for k, v in value.items()))
-    return value
-
-
-def setting_of(result: dict) -> tuple:
-    """The options that define a run, flat: config and train fields, ``method_options.*`` (resolved, with
-    defaults, from ``method_config``), ``optimizer_options.*`` and the optimizer it trained with."""
-    config = result.get("config") if isinstance(result.get("config"), dict) else {}
-    train = config.get("train") or {}
-    flat = {k: v for k, v in {**config, **train}.items()
-            if k not in (*AXES, *BOOKKEEPING, "train", "method_options", "optimizer_options")}
-    flat.update({f"optimizer_options.{k}": v for k, v in (train.get("optimizer_options") or {}).items()})
-    options = {**(config.get("method_options") or {}), **(result.get("method_config") or {})}
-    flat.update({f"method_options.{k}": v for k, v in options.items()})
-    if result.get("optimizer"):
-        flat["optimizer"] = result["optimizer"]
-    return tuple(sorted((k, frozen(v)) for k, v in flat.items()))
-
-
-def load_results(root: Path) -> tuple[list[Run], int]:
-    """Every readable result.json under ``root``, and how many could not be read (each warned about)."""
-    runs, unreadable = [], 0
-    for path in sorted(root.rglob("result.json")):
-        try:
-            r = json.loads(path.read_text())
-            runs.append(Run(str(r["backbone"]), str(r["method"]), str(r["dataset"]), int(r["shots"]), int(r["seed"]),
-                            float(r["accuracy"]), (r.get("config") or {}).get("run_name"), setting_of(r)))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            print(f"warning: skipping unreadable {path}: {err}", file=sys.stderr)
-            unreadable += 1
-    return runs, unreadable
 
 
 def canonical_key(key: str | None, runs, role: str, refused=("dataset", "shots", "seed", "backbone")):
@@ -161,13 +103,6 @@ def identity_keys(runs, rows, cols, best) -> list[str]:
     if rows == "run_name":
         varying = [k for k in varying if not determines(runs, ["run_name"], k)]
     return lead + [k for k in varying if k not in (rows, cols, best)] + ([best] if best else [])
-
-
-def mean_std(values):
-    values = list(values)
-    if not values:
-        return None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
 
 
 def cell_text(stat, expected: int) -> str:

@@ -18,7 +18,6 @@ the documented entry point (it picks the Python); this file takes the same optio
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import os
 import re
@@ -180,26 +179,6 @@ def refuse(message):
     raise SweepError(message)
 
 
-@functools.lru_cache(maxsize=None)
-def run_parser(method, optimizer) -> argparse.ArgumentParser:
-    """main.py's parser for this method and optimizer, raising ``SweepError`` instead of exiting."""
-    import main
-    parser = main.build_parser(method, optimizer)
-    parser.error = refuse
-    return parser
-
-
-def planned_config(argv):
-    """The ``ExperimentConfig`` that ``main.run(argv)`` would train (main.py's parsing, without running)."""
-    import main
-    from lora_zoo.config import build_config, collect_values
-
-    args = run_parser(*main._choices(argv, None)).parse_args(argv)
-    overrides = main.collect_overrides(args)
-    overrides["method"] = args.method
-    return build_config(collect_values(args.config, overrides))
-
-
 def located(name: str, root: Path) -> bool:
     from datasets.registry import DatasetError, locate_dataset
     try:
@@ -232,6 +211,7 @@ def axes(args, root: Path) -> tuple[list[str], list[str], list[int], list[int]]:
 
 def plan(args, extra: list[str]) -> list[Run]:
     """Every run of the sweep, each configuration built and checked; ``SweepError`` on the first bad one."""
+    import main
     from lora_zoo.experiment import run_dir
 
     root = Path(os.path.abspath(args.root_path))
@@ -257,7 +237,7 @@ def plan(args, extra: list[str]) -> list[Run]:
         argv += [arg for key, text in point for arg in ("--set", f"{key}={text}")]  # last: they win
         label = f"{method} {dataset} {k}-shot seed {seed}" + (f" [{name}]" if name else "")
         try:
-            cfg = planned_config(argv)
+            cfg = main.parse_config(argv, on_error=refuse)  # exactly what main.run(argv) will run
         except (ValueError, TypeError, OSError) as err:
             raise SweepError(f"{label}: {' '.join(str(err).split())}") from None
         folder = run_dir(cfg)

@@ -221,11 +221,13 @@ def test_nan_loss_stops_and_saves_no_result(capsys, data_root, tmp_path):
     assert not list(tmp_path.rglob("result.json")) and not list(tmp_path.rglob("adapters.safetensors"))
 
 
-def test_finished_run_is_not_overwritten(capsys, runs, data_root):
+def test_finished_run_is_a_no_op(capsys, runs, data_root):
+    import main
     out, _, done = runs
     before = (done["nora"][0] / "result.json").stat().st_mtime_ns
-    line = one_line_error(capsys, ["--root_path", str(data_root), "--output_dir", str(out)] + SMALL, method="nora")
-    assert "already finished" in line
+    assert main.run(["--root_path", str(data_root), "--output_dir", str(out)] + SMALL, "nora") == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing to do" in err[0] and "already finished" in err[0]
     assert (done["nora"][0] / "result.json").stat().st_mtime_ns == before
 
 

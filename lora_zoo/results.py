@@ -1,0 +1,84 @@
+"""Reading finished runs: every readable ``result.json`` under a folder, with the setting that defines it.
+
+A run's *setting* is every option that can change its numbers, flat and spelled as
+``--set`` spells it (``lr``, ``method_options.inner_rank`` — resolved from
+``method_config``, so options left at their default show the default —,
+``optimizer_options.lr_ratio``, ``optimizer``); the table's axes (method, run
+name, dataset, shots, seed, backbone) and the bookkeeping keys (``config.py``
+fields marked ``affects_result=False``: paths, devices, caches, logging) are not
+part of it. ``scripts/make_table.py`` groups runs by setting; so can a notebook.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import bookkeeping_keys
+
+ABSENT = "n/a"  # the value of an option a method does not have
+AXES = ("method", "run_name", "dataset", "shots", "seed", "backbone")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished run: where it sits in the table and its setting (``((key, value), ...)``, sorted)."""
+
+    backbone: str
+    method: str
+    dataset: str
+    shots: int
+    seed: int
+    accuracy: float
+    run_name: str | None
+    setting: tuple
+
+    def value(self, key: str):
+        return getattr(self, key) if key in AXES else dict(self.setting).get(key, ABSENT)
+
+
+def frozen(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, frozen(v)) for k, v in value.items()))
+    return value
+
+
+def setting_of(result: dict) -> tuple:
+    """The options that define a run, flat: config and train fields, ``method_options.*`` (resolved, with
+    defaults, from ``method_config``), ``optimizer_options.*`` and the optimizer it trained with."""
+    config = result.get("config") if isinstance(result.get("config"), dict) else {}
+    train = config.get("train") or {}
+    flat = {k: v for k, v in {**config, **train}.items()
+            if k not in (*AXES, *bookkeeping_keys(), "train", "method_options", "optimizer_options")}
+    flat.update({f"optimizer_options.{k}": v for k, v in (train.get("optimizer_options") or {}).items()})
+    options = {**(config.get("method_options") or {}), **(result.get("method_config") or {})}
+    flat.update({f"method_options.{k}": v for k, v in options.items()})
+    if result.get("optimizer"):
+        flat["optimizer"] = result["optimizer"]
+    return tuple(sorted((k, frozen(v)) for k, v in flat.items()))
+
+
+def load_results(root: Path) -> tuple[list[Run], int]:
+    """Every readable result.json under ``root``, and how many could not be read (each warned about)."""
+    runs, unreadable = [], 0
+    for path in sorted(root.rglob("result.json")):
+        try:
+            r = json.loads(path.read_text())
+            runs.append(Run(str(r["backbone"]), str(r["method"]), str(r["dataset"]), int(r["shots"]), int(r["seed"]),
+                            float(r["accuracy"]), (r.get("config") or {}).get("run_name"), setting_of(r)))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            print(f"warning: skipping unreadable {path}: {err}", file=sys.stderr)
+            unreadable += 1
+    return runs, unreadable
+
+
+def mean_std(values):
+    """``(mean, sample std or None for one value, count)``, or None for no values."""
+    values = list(values)
+    if not values:
+        return None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
