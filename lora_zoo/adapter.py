@@ -21,7 +21,7 @@ What trains, is saved and is counted follows the ``lora_`` naming rule (``naming
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -108,6 +108,11 @@ class AdapterLinear(nn.Module):
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
         """The adapter's own ``lora_`` parameters (trainable or frozen by an optimizer builder), by name."""
         return {n: p for n, p in self.named_parameters(recurse=False) if is_adapter_tensor(n)}
+
+    def extra_bias(self) -> Optional[torch.Tensor]:
+        """A bias term the unmerged forward adds besides ``ΔW x`` (folded into the bias on merge); None for
+        most methods (the authors' NoRA adds ``scale · b`` again)."""
+        return None
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW(θ) for the current trainable tensors."""

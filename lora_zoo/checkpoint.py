@@ -85,6 +85,8 @@ def read_adapter_config(path) -> dict[str, Any]:
                     config={k: v for k, v in meta["config"].items() if k in known})
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{cfg_path} has format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    # options added since it was written take the defaults its options resolve to (what built it)
+    meta["config"] = get_method(meta["layer"]).config_class.from_dict(meta["config"]).to_dict()
     return meta
 
 

@@ -42,6 +42,9 @@ def fused_state_dict(model: nn.Module, reference: Optional[nn.Module] = None) ->
         if not adapter.merged:
             weight = state[f"{name}.weight"]
             state[f"{name}.weight"] = weight + adapter.delta_weight().to(weight.device, weight.dtype)
+            extra = adapter.extra_bias()
+            if extra is not None:
+                state[f"{name}.bias"] = state[f"{name}.bias"] + extra.to(weight.device, weight.dtype)
     for name, attn in ((n, m) for n, m in model.named_modules() if isinstance(m, SplitAttention)):
         prefix = f"{name}." if name else ""
         state[prefix + "in_proj_weight"] = torch.cat([state.pop(f"{prefix}{p}.weight") for p in "qkv"])

@@ -248,6 +248,7 @@ class NoraLinear(AdapterLinear):
     # ---- the authors' double bias: y = x (W + ΔW)ᵀ + (1 + scale)·b, merged or not --------------
     def extra_bias(self) -> Optional[torch.Tensor]:
         """``scale · b`` when ``double_bias`` (their forward adds the bias again in the adapter branch)."""
+        # (overrides AdapterLinear.extra_bias; export adds it for an unmerged adapter)
         bias = getattr(self, "lora_base_bias", None)
         return None if bias is None else self.scale * bias
 

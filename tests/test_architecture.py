@@ -219,3 +219,23 @@ def test_a_new_method_is_one_file(tmp_path, data_root):
     run(py, "scripts/bench.py", "--quick", "--methods", "toy", "--json", str(tmp_path / "bench.json"))
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["frozen", "lora r=16", "toy"] and rows[2]["trainable"] > 0
+
+
+def test_checkpoint_from_before_an_option_existed_still_loads(images, texts, tmp_path):
+    """A saved config lacking options added later resolves them to what built it (NoRA's variant options)."""
+    model = tiny_clip()
+    lz.apply_adapters(model, "nora", inner_rank=4, outer_rank=0.5)
+    train_steps(model, images, texts, steps=2)
+    lz.save_adapters(model, tmp_path / "a.safetensors")
+    meta = json.loads((tmp_path / "a.json").read_text())
+    for added in ("variant", "sigma_side", "inner_structure", "outer_init", "double_bias", "calibration"):
+        meta["config"].pop(added)
+    (tmp_path / "a.json").write_text(json.dumps(meta))
+    with torch.no_grad():
+        expected = model.encode_image(images)
+    plain, adapted = tiny_clip(), tiny_clip()
+    lz.apply_adapters(adapted, "nora", inner_rank=4, outer_rank=0.5)
+    for target in (plain, adapted):
+        lz.load_adapters(target, tmp_path / "a.safetensors")
+        with torch.no_grad():
+            torch.testing.assert_close(target.encode_image(images), expected)

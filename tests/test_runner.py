@@ -119,10 +119,17 @@ def test_exported_merged_weights_load_into_plain_open_clip(runs, images, texts):
         torch.testing.assert_close(plain.encode_text(texts), adapted.encode_text(texts), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backbone", ["tiny-vit", "tiny-vit-custom"])
-def test_fused_state_dict_round_trips_trained_adapters(backbone, images, texts):
+@pytest.mark.parametrize("backbone, options", [
+    ("tiny-vit", dict(inner_rank=4)), ("tiny-vit-custom", dict(inner_rank=4)),
+    ("tiny-vit", dict(variant="authors", act_weighted=False)),  # the authors' extra scale·b, unmerged
+])
+def test_fused_state_dict_round_trips_trained_adapters(backbone, options, images, texts):
     model = build_clip(backbone, seed=0).model
-    lora_zoo.apply_adapters(model, "nora", targets=("q", "k", "v", "o"), inner_rank=4)
+    with torch.no_grad():  # open_clip starts attention biases at zero; a bias that matters
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    lora_zoo.apply_adapters(model, "nora", targets=("q", "k", "v", "o"), **options)
     with torch.no_grad():
         for p in lora_zoo.trainable_parameters(model):
             p.add_(0.05 * torch.randn_like(p))  # as if trained
