@@ -1,7 +1,7 @@
 """AIRA ``variant="authors"``: what the authors' CLIP code (lliai/LoRA-Zoo ``aira/``) computes, checked with numbers.
 
 The reference functions below re-derive the authors' ``AwLinear`` (init, forward, merge) and
-their rank allocation from the formulas (docs/METHODS_aira_authors.md), independently of
+their rank allocation from the formulas (docs/METHODS.md ("AIRA: the authors' CLIP code")), independently of
 ``lora_zoo.aira``: the layer runs sequence-first as theirs does, the allocation is solved in
 closed form over the breakpoints of the water level instead of by bisection.
 """
