@@ -97,6 +97,12 @@ _register("ucf101", "UCF", "ucf101", "UCF101", "UCF-101-midframes", "split_zhou_
           "a photo of a person doing {}.")
 _register("imagefolder", "Own data", "", "", "", "split_imagefolder.json", PHOTO, "imagefolder")
 
+#: (classes, test images) of each benchmark's CoOp split: what a run's text tower and evaluation must handle
+#: (scripts/bench.py projects run times from them)
+BENCHMARK_SIZES = {"imagenet": (1000, 50000), "caltech101": (100, 2465), "oxford_pets": (37, 3669),
+                   "stanford_cars": (196, 8041), "oxford_flowers": (102, 2463), "food101": (101, 30300),
+                   "fgvc_aircraft": (100, 3333), "sun397": (397, 19850), "dtd": (47, 1692), "eurosat": (10, 8100),
+                   "ucf101": (101, 3783)}
 BENCHMARK_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                       "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
 

@@ -12,6 +12,10 @@ evaluation throughput (image encoder) as a ratio to the plain, unsplit
 open_clip model. Methods are interleaved within every repetition and the
 median is reported, so drift on a shared machine hits every row alike.
 
+With ``--part pipeline`` (or ``all``, the default) it also measures the text context, the data
+stream and a per-run projection (``bench_pipeline.py``); ``--dataset`` sets the prompt count (the
+dataset's real class count, e.g. 101 for food101, 1,000 for imagenet) and the projected run.
+
     python scripts/bench.py                       # ViT-B-16, random init, CPU
     python scripts/bench.py --device cuda --batch 32 --amp
     python scripts/bench.py --quick               # tiny model, seconds (used by the tests)
@@ -30,7 +34,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench_pipeline as pipeline  # noqa: E402
 import lora_zoo as lz  # noqa: E402
+from datasets.registry import BENCHMARK_SIZES  # noqa: E402
+from lora_zoo.files import write_json  # noqa: E402
 from lora_zoo.models import build_clip  # noqa: E402
 from lora_zoo.train import autocast, prepare_device, training_step  # noqa: E402
 
@@ -233,7 +240,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--classes", type=int, default=10, help="number of class prompts per step")
+    parser.add_argument("--dataset", default="food101", choices=sorted(BENCHMARK_SIZES),
+                        help="its class count is the prompt count; the run projected (default food101: 101)")
+    parser.add_argument("--classes", type=int, default=None, help="prompt count (default: the dataset's classes)")
+    parser.add_argument("--part", choices=["methods", "pipeline", "all"], default="all")
+    parser.add_argument("--step_batch", type=int, default=32, help="batch of the full-vs-cut step (pipeline part)")
     parser.add_argument("--image_size", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=5)
@@ -244,17 +255,45 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 repetitions (seconds)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.reps = "tiny-vit", 2
+        args.model, args.reps, args.step_batch = "tiny-vit", 2, 8
+    classes = args.classes or BENCHMARK_SIZES[args.dataset][0]
     unknown = sorted(set(args.methods or []) - set(lz.list_methods()))
     if unknown:
         parser.error(f"unknown method {unknown[0]}; expected some of {', '.join(lz.list_methods())}")
-    result = run_benchmark(args.model, args.batch, args.classes, args.image_size, args.device, args.reps,
-                           args.amp, args.methods, args.threads, log=lambda m: print(m, file=sys.stderr))
-    print(markdown(result))
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    result = {}
+    if args.part in ("methods", "all"):
+        result = run_benchmark(args.model, args.batch, classes, args.image_size, args.device, args.reps,
+                               args.amp, args.methods, args.threads, log=log)
+        print(markdown(result))
+    if args.part in ("pipeline", "all"):
+        result["pipeline"] = run_pipeline(args, classes, log)
+        print("\n" + pipeline.markdown(result["pipeline"]))
     if args.json:
-        from lora_zoo.checkpoint import atomic_write
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+        write_json(args.json, result)
     return result
+
+
+def run_pipeline(args, classes: int, log) -> dict:
+    """Text context, training step and data stream side by side, and the projected 16-shot run."""
+    device = torch.device(args.device)
+    prepare_device(device, args.threads)
+    torch.manual_seed(0)
+    backbone = build_clip(args.model, pretrained=None, device=device)
+    model = lz.split_attention(backbone.model)
+    log("pipeline: text context ...")
+    measured = pipeline.text_context(model, backbone.tokenizer, classes, args.reps, device)
+    log("pipeline: training step, full vs cut context ...")
+    measured.update(pipeline.step_context(model, backbone.tokenizer, classes, args.step_batch, args.reps, device,
+                                          args.amp and device.type == "cuda"))
+    log("pipeline: data stream ...")
+    measured.update(pipeline.data_stream(model, images=64 if not args.quick else 16, batch=8, reps=args.reps))
+    eval_rate = pipeline.eval_throughput(backbone.model, args.step_batch, args.reps, device,
+                                         args.amp and device.type == "cuda")
+    measured.update(pipeline.projection(args.dataset, measured["step_cut_s"], eval_rate))
+    measured.update(model=args.model, device=str(device), threads=torch.get_num_threads(), reps=args.reps,
+                    eval_images_per_s=eval_rate)
+    return measured
 
 
 if __name__ == "__main__":

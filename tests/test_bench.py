@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import lora_zoo as lz
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,3 +39,9 @@ def test_quick_benchmark_covers_every_method(tmp_path):
     per_step_factors = 12 * 2 * 64 * 16 * 4
     assert rows["nora"]["saved_activation_bytes"] <= lora16["saved_activation_bytes"] + per_step_factors
     assert rows["aira"]["saved_activation_bytes"] <= lora16["saved_activation_bytes"] + per_step_factors
+    # the pipeline part: the cut context and the decoded cache change times, never numbers
+    pipe = result["pipeline"]
+    assert pipe["prompts"] == 101 and pipe["context_full"] == 32 and pipe["context_cut"] < pipe["context_full"]
+    assert pipe["max_feature_diff"] < 1e-4 and pipe["first_loss_diff"] < 1e-4 and pipe["data_identical"] is True
+    assert pipe["projected_run_s"] == pytest.approx(500 * 16 * pipe["step_cut_s"] + 30300 / pipe["eval_images_per_s"])
+    assert "| text tower fwd+bwd, 101 prompts" in proc.stdout and "Projected seconds per 16-shot run" in proc.stdout

@@ -252,3 +252,21 @@ def test_reduced_demo_learns_well_above_chance(tmp_path):
     results = {m: json.loads(next(tmp_path.rglob(f"{m}/result.json")).read_text()) for m in ("lora", "nora")}
     for method, result in results.items():
         assert result["accuracy"] >= 2 * 100.0 / 12, (method, result["accuracy"])  # 12 classes
+
+
+def test_zero_shot_is_computed_once_per_dataset_and_prompts(data_root, tmp_path):
+    first = run_experiment(small_config(data_root, tmp_path, method="lora"), progress=False)
+    second = run_experiment(small_config(data_root, tmp_path, method="nora", seed=2), progress=False)
+    other_prompts = run_experiment(small_config(data_root, tmp_path, method="pissa", template="{} texture."),
+                                   progress=False)
+    assert (first["zero_shot_cached"], second["zero_shot_cached"], other_prompts["zero_shot_cached"]) == \
+        (False, True, False)
+    assert second["zero_shot_accuracy"] == first["zero_shot_accuracy"]
+    cached = list((tmp_path / ".cache" / "zero_shot").glob("*.json"))
+    assert len(cached) == 2
+    for path in cached:  # a cache entry is only used for the key it was written for
+        entry = json.loads(path.read_text())
+        entry["key"]["prompts"] = "something else"
+        path.write_text(json.dumps(entry))
+    again = run_experiment(small_config(data_root, tmp_path, method="lora", seed=3), progress=False)
+    assert again["zero_shot_cached"] is False and again["zero_shot_accuracy"] == first["zero_shot_accuracy"]
