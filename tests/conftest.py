@@ -1,6 +1,7 @@
 """Shared fixtures: tiny open_clip models (random init, built in code) and inputs for them."""
 import pytest
 import torch
+from torch import nn
 
 from lora_zoo.models import build_clip
 
@@ -35,3 +36,24 @@ def data_root(tmp_path_factory):
     write_synthetic_dataset(root, "dtd", num_classes=4, train_per_class=4, val_per_class=2, test_per_class=4,
                             image_size=32)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model runs: they gain nothing from more, and OpenMP
+    spinning collapses when the cores are shared with another process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class FixedDropout(nn.Module):
+    """Dropout with a given (pre-scaled) mask in training, the identity in eval: the same mask on two sides."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask if self.training else x

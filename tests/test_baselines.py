@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lora_zoo as lz
-from conftest import tiny_clip
+from conftest import FixedDropout, tiny_clip
 from lora_zoo import adalora, vera
 
 
@@ -375,17 +375,6 @@ def test_dora_norm_is_constant_in_backward():
     for mine, ref in zip(got, reference(detach=True)):
         torch.testing.assert_close(mine, ref)
     assert not torch.allclose(got[1], reference(detach=False)[1], atol=1e-4)
-
-
-class FixedDropout(nn.Module):
-    """Dropout with a given (pre-scaled) mask in training, the identity in eval."""
-
-    def __init__(self, mask):
-        super().__init__()
-        self.mask = mask
-
-    def forward(self, x):
-        return x * self.mask if self.training else x
 
 
 def test_dora_dropout_reaches_the_magnitude_term():

@@ -30,12 +30,7 @@ TINY = ["--backbone", "tiny-vit", "--shots", "2", "--n_iters", "3", "--batch_siz
         "--eval_batch_size", "16", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(capsys, argv, method=None):

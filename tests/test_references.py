@@ -22,18 +22,8 @@ from torch import nn
 peft = pytest.importorskip("peft")
 
 import lora_zoo as lz  # noqa: E402
+from conftest import FixedDropout  # noqa: E402
 from lora_zoo import adalora, vera  # noqa: E402
-
-
-class FixedDropout(nn.Module):
-    """Dropout with a given (pre-scaled) mask in training, the identity in eval."""
-
-    def __init__(self, mask):
-        super().__init__()
-        self.mask = mask
-
-    def forward(self, x):
-        return x * self.mask if self.training else x
 
 
 class OneLayer(nn.Module):

@@ -27,12 +27,7 @@ SMALL = ["--backbone", "tiny-vit", "--shots", "2", "--n_iters", "2", "--batch_si
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(script, *args):
