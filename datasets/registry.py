@@ -96,6 +96,11 @@ _register("eurosat", "EuroSAT", "eurosat", "eurosat", "2750", "split_zhou_EuroSA
 _register("ucf101", "UCF", "ucf101", "UCF101", "UCF-101-midframes", "split_zhou_UCF101.json",
           "a photo of a person doing {}.")
 _register("imagefolder", "Own data", "", "", "", "split_imagefolder.json", PHOTO, "imagefolder")
+# the two few-shot tasks on procedural scenes that tiny-clip (lora_zoo/models.py) was not trained on
+# (datasets/scenes.py writes them): new compositions of words it saw, and names it never saw
+_register("scenes_compose", "Compose", "scenes_compose", "scenes_compose", "images", "split_scenes_compose.json", PHOTO)
+_register("scenes_names", "Names", "scenes_names", "scenes_names", "images", "split_scenes_names.json", PHOTO)
+SCENE_DATASETS = ("scenes_compose", "scenes_names")
 
 #: (classes, test images) of each benchmark's CoOp split: what a run's text tower and evaluation must handle
 #: (scripts/bench.py projects run times from them)

@@ -43,6 +43,8 @@ class TrainConfig(Options):
     """Settings of the one training loop (METHODS.md, "Experiment protocol")."""
 
     lr: Optional[float] = option(None, "learning rate (null: the method's registered protocol lr)")
+    lr_scale: float = option(1.0, "multiplies the learning rate, registered or given: one knob for every method "
+                                  "of a much shorter run than the protocol's (the demo's)")
     n_iters: int = option(500, "iterations per shot: total = n_iters x shots")
     batch_size: int = option(32, "training batch size")
     weight_decay: float = option(1e-2, "AdamW weight decay")
@@ -64,7 +66,7 @@ class TrainConfig(Options):
         for name in ("n_iters", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if (self.lr is not None and self.lr <= 0) or self.weight_decay < 0 or self.eta_min < 0 or self.log_every < 0 \
+        if (self.lr is not None and self.lr <= 0) or self.lr_scale <= 0 or self.weight_decay < 0 or self.eta_min < 0 or self.log_every < 0 \
                 or self.checkpoint_every < 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0, eta_min >= 0, log_every >= 0, checkpoint_every >= 0 "
                              f"(got {self.lr}, {self.weight_decay}, {self.eta_min}, {self.log_every}, "

@@ -41,7 +41,7 @@ from .export import export_merged
 from .files import write_json
 from .inject import apply_adapters, layer_ranks, merge_adapters, method_options
 from .metrics import Sinks, check_sinks, write_curves
-from .models import build_clip
+from .models import build_clip, weights_file
 from .provenance import RunLog, environment, peak_memory
 from .train import evaluate, prepare_device, train_adapters
 
@@ -138,16 +138,16 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _weights_identity(pretrained: Optional[str]) -> Any:
-    path = Path(pretrained).expanduser() if pretrained else None
-    if path is not None and path.is_file():
+def _weights_identity(backbone: str, pretrained: Optional[str]) -> Any:
+    path = weights_file(backbone, pretrained)
+    if path is not None:
         return [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns]
     return pretrained
 
 
 def zero_shot_accuracy(cfg: ExperimentConfig, model, loader, prompts, class_tokens, test_split, device) -> tuple[float, bool]:
     """``(accuracy, from_cache)``: evaluated once per backbone, weights, prompts and test split, then reused."""
-    key = {"backbone": cfg.backbone, "weights": _weights_identity(cfg.pretrained),
+    key = {"backbone": cfg.backbone, "weights": _weights_identity(cfg.backbone, cfg.pretrained),
            "backbone_seed": cfg.backbone_seed if cfg.pretrained is None else None, "dataset": cfg.dataset,
            "prompts": _digest(prompts), "test": _digest([(d.impath, d.label) for d in test_split]),
            "device": device.type, "amp": bool(cfg.train.amp and device.type == "cuda")}

@@ -12,16 +12,23 @@ loaded from a *file* need the ``-quickgelu`` model name (e.g.
 
 The ``tiny-*`` backbones are small open_clip CLIP configs built in code (random
 init from ``seed``), so the test suite and the CPU demo exercise the real
-open_clip classes with no download at all; a weights file may be given for them too.
+open_clip classes with no download at all. ``tiny-clip`` has weights of its own,
+shipped in ``lora_zoo/weights/`` (``pretrained: shipped``, its default): a plain
+open_clip state dict (safetensors, fp16) from contrastive pretraining on
+procedural scenes (``scripts/pretrain_tiny_clip.py``, ``datasets/scenes.py``).
+Any tiny backbone also loads a local weights file through open_clip's
+``load_checkpoint``; a ``<file>.sha256`` beside it (``sha256sum`` format) is
+checked first, and the shipped file always has one.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import open_clip
 from open_clip.model import set_model_preprocess_cfg
@@ -44,7 +51,17 @@ TINY_CONFIGS = {
     "tiny-demo": dict(embed_dim=64,
                       vision_cfg=dict(image_size=64, layers=4, width=128, patch_size=8, head_width=32),
                       text_cfg=dict(context_length=32, vocab_size=49408, width=128, heads=4, layers=4)),
+    # pretrained on procedural scenes (weights shipped): 48×48 images in 6×6 patches of 8 px, 4-block towers;
+    # the text tower is 64 wide because its 49408-token embedding is most of the file
+    "tiny-clip": dict(embed_dim=64,
+                      vision_cfg=dict(image_size=48, layers=4, width=128, patch_size=8, head_width=32),
+                      text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=4, layers=4)),
 }
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+SHIPPED_WEIGHTS = {"tiny-clip": WEIGHTS_DIR / "tiny-clip.safetensors"}
+# the default tag of build_clip and of the experiment config: each backbone's standard weights
+# (OpenAI's for open_clip names, the shipped file for tiny-clip, random init for the other tiny ones)
+DEFAULT_TAG = "openai"
 
 
 @dataclass
@@ -60,8 +77,8 @@ def list_backbones() -> list[str]:
     return sorted(TINY_CONFIGS) + sorted(open_clip.list_models())
 
 
-DEFAULT_TAG = "openai"
 HUB_HOST = "huggingface.co"
+SHIPPED = "shipped"  # the pretrained value naming a tiny backbone's own weights file (lora_zoo/weights/)
 
 
 class WeightsNotFoundError(ValueError):
@@ -69,10 +86,24 @@ class WeightsNotFoundError(ValueError):
 
 
 def resolve_pretrained(backbone: str, pretrained: Optional[str]) -> Optional[str]:
-    """The weights a run of ``backbone`` loads: the tiny backbones' default is random init (None)."""
-    if backbone in TINY_CONFIGS and pretrained in (None, DEFAULT_TAG):
-        return None
+    """The weights a run of ``backbone`` loads, as recorded in its config: for a tiny backbone the default
+    tag means its shipped weights (``"shipped"``; tiny-clip) or random init (None; the others)."""
+    if pretrained == SHIPPED and backbone not in SHIPPED_WEIGHTS:
+        raise WeightsNotFoundError(f"{backbone} has no shipped weights (only {', '.join(SHIPPED_WEIGHTS)} has); "
+                                   "give a weights file or none")
+    if backbone in TINY_CONFIGS and pretrained in (None, DEFAULT_TAG, SHIPPED):
+        return SHIPPED if backbone in SHIPPED_WEIGHTS and pretrained is not None else None
     return pretrained
+
+
+def weights_file(backbone: str, pretrained: Optional[str]) -> Optional[Path]:
+    """The local file ``pretrained`` loads for ``backbone``, if it names one (a path, or the shipped weights)."""
+    pretrained = resolve_pretrained(backbone, pretrained)
+    if pretrained == SHIPPED:
+        return SHIPPED_WEIGHTS[backbone]
+    if pretrained is not None and Path(pretrained).expanduser().is_file():
+        return Path(pretrained).expanduser()
+    return None
 
 
 @contextmanager
@@ -142,11 +173,47 @@ def _open_clip(backbone: str, pretrained: Optional[str]):
         f"weights file, or to a folder holding a populated cache, or use a tiny-* backbone (random init) for a dry run")
 
 
+def checksum_file(weights: Union[str, Path]) -> Path:
+    """Where the SHA-256 of ``weights`` is recorded: ``<weights>.sha256``, in ``sha256sum`` format."""
+    weights = Path(weights)
+    return weights.with_name(weights.name + ".sha256")
+
+
+def sha256_of(path: Union[str, Path]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_weights(model: nn.Module, path: Union[str, Path]) -> None:
+    """Load an open_clip state dict file into ``model`` (strict), after checking its recorded SHA-256."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"pretrained weights file not found: {path} (expected an open_clip state dict, "
+                                   ".safetensors or .pt)")
+    record = checksum_file(path)
+    if path.resolve() in SHIPPED_WEIGHTS.values() and not record.is_file():
+        raise ValueError(f"checksum file not found: {record} (it records the SHA-256 of the shipped {path.name})")
+    if record.is_file():
+        expected = record.read_text().split()[:1]
+        if [sha256_of(path)] != expected:
+            raise ValueError(f"checksum mismatch: {path} does not have the SHA-256 recorded in {record} "
+                             "(a changed or truncated file; regenerate it with scripts/pretrain_tiny_clip.py)")
+    try:
+        open_clip.load_checkpoint(model, str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors, pickle and load_state_dict errors alike become one line
+        problem = " ".join(str(err).split())
+        raise ValueError(f"cannot load weights {path} into this model: {problem[:300]}") from None
+
+
 def build_clip(backbone: str = "ViT-B-16", pretrained: Optional[str] = DEFAULT_TAG, device="cpu",
                seed: int = 0) -> Backbone:
     """An open_clip CLIP model in eval mode with its eval preprocessing and tokenizer.
 
-    ``tiny-*`` backbones are random-init from ``seed`` unless ``pretrained`` names a weights file.
+    ``tiny-*`` backbones start from a random init (from ``seed``) and load their shipped weights by default
+    (tiny-clip) or the weights file ``pretrained`` names.
     """
     pretrained = resolve_pretrained(backbone, pretrained)
     if backbone in TINY_CONFIGS:
@@ -155,9 +222,7 @@ def build_clip(backbone: str = "ViT-B-16", pretrained: Optional[str] = DEFAULT_T
         model = open_clip.CLIP(**TINY_CONFIGS[backbone])
         torch.random.set_rng_state(generator_state)
         if pretrained is not None:
-            if not Path(pretrained).expanduser().is_file():
-                raise WeightsNotFoundError(f"pretrained weights file not found: {pretrained}")
-            open_clip.load_checkpoint(model, str(Path(pretrained).expanduser()))
+            load_weights(model, weights_file(backbone, pretrained) or Path(pretrained).expanduser())
         size = TINY_CONFIGS[backbone]["vision_cfg"]["image_size"]
         preprocess_cfg = merge_preprocess_dict(asdict(PreprocessCfg()), {"size": (size, size)})
         set_model_preprocess_cfg(model, preprocess_cfg)  # as open_clip's factory does for named models

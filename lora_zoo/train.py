@@ -189,7 +189,7 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
     config = config or TrainConfig()
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
-    lr = config.lr if config.lr is not None else get_method(model.lora_zoo_setup.method).lr
+    lr = (config.lr if config.lr is not None else get_method(model.lora_zoo_setup.method).lr) * config.lr_scale
     optimizer = build_optimizer(model, lr, config.weight_decay, config.betas, config.optimizer,
                                 decay_to_init=config.decay_to_init, **config.optimizer_options)
     trainable = count_trainable(model)
