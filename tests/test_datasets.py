@@ -120,7 +120,7 @@ def test_bad_inputs(tmp_path):
         build_dataset("dtd", tmp_path / "nowhere", shots=1, seed=1)
     with pytest.raises(DatasetError, match=r"unknown dataset 'imagenet21k' \(available: caltech101, dtd, eurosat, "
                                            r"fgvc_aircraft, food101, imagefolder, imagenet, oxford_flowers, "
-                                           r"oxford_pets, stanford_cars, sun397, ucf101\)"):
+                                           r"oxford_pets, scenes_compose, scenes_names, stanford_cars, sun397, ucf101\)"):
         build_dataset("imagenet21k", tmp_path, shots=1, seed=1)
     with pytest.raises(DatasetError, match=rf"^dataset folder not found: {tmp_path}/dtd \(expected {tmp_path}/dtd/ "
                                            rf"holding images/ and split_zhou_DescribableTextures.json or "
