@@ -94,8 +94,8 @@ class ExperimentConfig(Options):
                                            "dataset's own CoOp template); null: 'a photo of a {}.'")
     num_workers: Optional[int] = option(None, "data loader workers (null: 0 on CPU, else min(8, CPUs))",
                                         affects_result=False)
-    threads: Optional[int] = option(None, "CPU intra-op threads (null: OMP_NUM_THREADS, else the cores shared "
-                                          "with the loader workers)", affects_result=False)
+    threads: Optional[int] = option(None, "CPU intra-op threads (null: OMP_NUM_THREADS, else the cores other "
+                                          "processes leave free, shared with the loader workers)", affects_result=False)
     train_cache_mb: int = option(2048, "memory for the decoded few-shot train images (0: decode at every use)",
                                  affects_result=False)
     test_cache_dir: Optional[str] = option(None, "folder for preprocessed test images (uint8 .npy, memory-mapped, "

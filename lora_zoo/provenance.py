@@ -10,6 +10,7 @@ import logging.handlers
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,29 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not available on macOS / Windows
         return os.cpu_count() or 1
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy jiffies of the whole machine, jiffies of this process) from /proc."""
+    with open("/proc/stat") as handle:
+        fields = [int(v) for v in handle.readline().split()[1:]]
+    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
+    with open("/proc/self/stat") as handle:
+        own = handle.read().rsplit(")", 1)[1].split()
+    return busy, int(own[11]) + int(own[12])  # utime + stime
+
+
+def cpus_busy_elsewhere(window: float = 0.3) -> float:
+    """How many CPUs other processes keep busy, measured over ``window`` seconds (0.0 where /proc is absent)."""
+    try:
+        busy0, own0 = _cpu_jiffies()
+        start = time.perf_counter()
+        time.sleep(window)
+        busy1, own1 = _cpu_jiffies()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    ticks = os.sysconf("SC_CLK_TCK") * (time.perf_counter() - start)
+    return max(0.0, ((busy1 - busy0) - (own1 - own0)) / ticks)
 
 
 def versions() -> dict[str, str]:

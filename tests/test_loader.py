@@ -1,5 +1,6 @@
 """The training data stream: the same batches whatever the worker count, the decoded cache or a resume;
 the preprocessed test cache gives the same tensors as decoding; unreadable files are one clean error."""
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,34 @@ def test_unreadable_image_is_one_clean_error(dataset, tmp_path, workers):
     assert "Traceback" not in str(caught.value)
     with pytest.raises(DatasetError, match=f"cannot decode image {bad}"):
         list(build_data_loader(data, build_test_transform(tiny_clip()), batch_size=4, num_workers=workers))
+
+
+def test_cpu_threads_leave_room_for_other_processes_and_workers(monkeypatch):
+    """The default thread count is the cores other processes leave free, split with the loader workers."""
+    import lora_zoo.train as train
+    from lora_zoo import provenance
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(train, "available_cpus", lambda: 4)
+    before = torch.get_num_threads()
+    try:
+        cases = []
+        for busy, workers, given in [(0.0, 0, None), (1.2, 0, None), (3.9, 0, None), (0.0, 1, None),
+                                     (1.0, 1, None), (3.0, 0, 3)]:
+            monkeypatch.setattr(train, "cpus_busy_elsewhere", lambda busy=busy: busy)
+            cases.append(train.prepare_device(torch.device("cpu"), given, workers))
+        assert cases == [4, 3, 1, 2, 1, 3]
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(2)
+        assert train.prepare_device(torch.device("cpu")) == 2  # the launcher's OMP_NUM_THREADS is respected
+    finally:
+        torch.set_num_threads(before)
+    # The measurement itself: a spinning child process counts as about one busy CPU.
+    import subprocess
+    import sys
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.3)
+        assert 0.7 < provenance.cpus_busy_elsewhere(0.5) < provenance.available_cpus() + 0.5
+    finally:
+        spinner.kill()
