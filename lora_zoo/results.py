@@ -34,6 +34,7 @@ class Run:
     accuracy: float
     run_name: str | None
     setting: tuple
+    zero_shot: float | None = None  # the base model's accuracy on the same test split and prompts
 
     def value(self, key: str):
         return getattr(self, key) if key in AXES else dict(self.setting).get(key, ABSENT)
@@ -69,7 +70,8 @@ def load_results(root: Path) -> tuple[list[Run], int]:
         try:
             r = json.loads(path.read_text())
             runs.append(Run(str(r["backbone"]), str(r["method"]), str(r["dataset"]), int(r["shots"]), int(r["seed"]),
-                            float(r["accuracy"]), (r.get("config") or {}).get("run_name"), setting_of(r)))
+                            float(r["accuracy"]), (r.get("config") or {}).get("run_name"), setting_of(r),
+                            None if r.get("zero_shot_accuracy") is None else float(r["zero_shot_accuracy"])))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             print(f"warning: skipping unreadable {path}: {err}", file=sys.stderr)
             unreadable += 1

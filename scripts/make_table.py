@@ -19,7 +19,9 @@ marked ``[k/D datasets]`` when columns are missing. ``--datasets benchmark``: th
 eleven CoOp datasets in CoOp's order. The paper's rows
 (``reported/nora_table2.csv``, ViT-B/16) appear beside ViT-B-16 results only;
 several backbones give one table each. An unreadable result.json is a warning,
-counted in the header. Markdown, LaTeX, CSV; ``--plot_dir`` adds
+counted in the header. A "Zero-shot" row shows the base model's accuracy the runs
+recorded (the same in every shot group; "varies" when runs of one column used other
+prompts or weights). Markdown, LaTeX, CSV; ``--plot_dir`` adds
 accuracy-vs-shots PNGs (matplotlib).
 
     python scripts/make_table.py outputs [--backbone ViT-B-16] [--rows lr] [--cols method_options.inner_rank]
@@ -205,6 +207,26 @@ def our_rows(runs, layout: Layout, columns: list) -> list[tuple[str, list[str]]]
     return rows
 
 
+def zero_shot_of(runs, layout: Layout, dataset: str):
+    """The zero-shot accuracy the runs of ``dataset`` recorded: one value, ``None`` (none recorded), or ``"varies"``
+    (runs with other prompts or weights in one table)."""
+    values = {round(r.zero_shot, 6) for r in runs
+              if r.dataset == dataset and r.seed in layout.seeds and r.zero_shot is not None}
+    return values.pop() if len(values) == 1 else ("varies" if values else None)
+
+
+def zero_shot_row(runs, layout: Layout, datasets: list[str]):
+    """The base model without training (the same in every shot group), or None when no run recorded it."""
+    found = [zero_shot_of(runs, layout, d) for d in datasets]
+    if all(v is None for v in found):
+        return None
+    known = [v for v in found if isinstance(v, float)]
+    average = MISSING if not known else f"{statistics.fmean(known):.2f}" + (
+        f" [{len(known)}/{len(found)} datasets]" if len(known) < len(found) else "")
+    cells = [MISSING if v is None else v if isinstance(v, str) else f"{v:.2f}" for v in found] + [average]
+    return "Zero-shot (the pretrained model, no training)", cells * len(layout.shots)
+
+
 def reported_datasets(path: Path) -> list[str]:
     """The dataset columns of a reported-results CSV, in its order."""
     if not path.is_file():
@@ -267,6 +289,9 @@ def plot(runs, layout: Layout, backbone: str, datasets: list[str], plot_dir: Pat
             if points:
                 ax.errorbar([k for k, _ in points], [stat[0] for _, stat in points], marker="o", capsize=3,
                             yerr=[stat[1] or 0.0 for _, stat in points], label=label(ident))
+        zero_shot = zero_shot_of(runs, layout, dataset)
+        if isinstance(zero_shot, float):
+            ax.axhline(zero_shot, color="grey", linestyle="--", linewidth=1, label="zero-shot")
         ax.set(xscale="log", xlabel="shots per class", ylabel="top-1 (%)",
                title=f"{dataset_label(dataset)} ({backbone})")
         ax.set_xticks([1, 2, 4, 8, 16], labels=["1", "2", "4", "8", "16"])
@@ -333,7 +358,8 @@ def tables(runs, args, backbone: str) -> list[tuple[str, list[str], list[str], l
         if args.plot_dir:
             plot(mine, layout, backbone, datasets, args.plot_dir)
         rows = reported_rows(args.reported, layout.shots, datasets) if paper else []
-        rows += our_rows(mine, layout, datasets)
+        zero_shot = zero_shot_row(mine, layout, datasets)
+        rows += ([zero_shot] if zero_shot else []) + our_rows(mine, layout, datasets)
         return [(title(backbone), groups, [dataset_label(d) for d in datasets] + ["Average"], rows)]
     out = []
     for dataset in datasets:

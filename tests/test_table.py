@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_result(root, method, dataset, shots, seed, accuracy, backbone="ViT-B-16", run_name=None, config=None,
-                 method_config=None):
+                 method_config=None, zero_shot=None):
     leaf = method + (f"-{run_name}" if run_name else "")
     folder = root / backbone / dataset / f"{shots}shots" / f"seed{seed}" / leaf
     folder.mkdir(parents=True)
@@ -24,6 +24,8 @@ def write_result(root, method, dataset, shots, seed, accuracy, backbone="ViT-B-1
         result["config"] = {"method": method, "run_name": run_name, "output_dir": str(root), **config}
     if method_config is not None:
         result["method_config"] = method_config
+    if zero_shot is not None:
+        result["zero_shot_accuracy"] = zero_shot
     (folder / "result.json").write_text(json.dumps(result))
     return folder / "result.json"
 
@@ -90,9 +92,32 @@ def test_default_reported_file_and_plot_skip_message(capsys, fixture_results, tm
     assert "| NoRA (paper) | 87.1 | 93.1 | 65.2 | 81.8 |" in out  # reported/nora_table2.csv, shipped
     try:
         import matplotlib  # noqa: F401
-        assert (tmp_path / "plots" / "shots_dtd_ViT-B-16.png").is_file()
     except ImportError:
         assert "matplotlib is not installed" in err
+    else:
+        for dataset in ("dtd", "food101", "oxford_pets"):
+            png = (tmp_path / "plots" / f"shots_{dataset}_ViT-B-16.png").read_bytes()
+            assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+
+def test_zero_shot_row_once_per_shot_group(capsys, tmp_path):
+    root = tmp_path / "results"
+    for seed in (1, 2):
+        for shots, acc in ((1, 50.0), (4, 60.0)):
+            write_result(root, "nora", "dtd", shots, seed, acc + seed, zero_shot=44.125)
+            write_result(root, "lora", "food101", shots, seed, acc, zero_shot=70.0)
+            write_result(root, "lora", "eurosat", shots, seed, acc, zero_shot=30.0 + seed)  # two prompt sets
+    write_result(root, "lora", "oxford_pets", 4, 1, 90.0)  # recorded no zero-shot
+    code, out, err = table(capsys, root, "--format", "csv", "--no_reported", "--datasets", "dtd", "food101",
+                           "eurosat", "oxford_pets")
+    assert code == 0, err
+    _, rows = csv_rows(out.split("\n\n", 1)[1])
+    # average over the datasets with one known value: (44.125 + 70) / 2
+    assert rows["Zero-shot (the pretrained model, no training)"] == ["44.12", "70.00", "varies", "—",
+                                                                     "57.06 [2/4 datasets]"] * 2
+    assert rows["NoRA (ours, nora)"][0] == "51.50 ± 0.71"
+    assert make_table.zero_shot_of(make_table.load_results(root)[0],
+                                   make_table.Layout(None, "dataset", None, [1], {1}, ["lora"]), "eurosat") == 31.0
 
 
 def test_several_backbones_one_table_each_paper_rows_only_beside_vit_b_16(capsys, fixture_results):
