@@ -175,7 +175,7 @@ def run_demo(output_dir, overrides: dict, quiet: bool) -> int:
         print(f"{task:9} {classes:7d} {method:6} {result['trainable_params']:9,} {result['zero_shot_accuracy']:9.1f}% "
               f"{result['accuracy']:8.1f}%")
     print(f"compose: colour+shape pairs never captioned together in pretraining (zero-shot works partly); names: "
-          f"the same images under made-up names (zero-shot at chance, {100 / classes:.0f}%). Outputs in {root} "
+          f"the same images under made-up names (zero-shot near chance, {100 / classes:.0f}%). Outputs in {root} "
           f"({time.perf_counter() - start:.0f}s).")
     return 0
 
