@@ -282,7 +282,7 @@ def plot(runs, layout: Layout, backbone: str, datasets: list[str], plot_dir: Pat
     plot_dir.mkdir(parents=True, exist_ok=True)
     identities, index, _ = settings(runs, layout)
     for dataset in datasets:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig, ax = plt.subplots(figsize=(7, 3.6))
         for ident in identities:
             points = [(k, mean_std(index[ident, k, dataset].values())) for k in layout.shots
                       if index.get((ident, k, dataset))]
@@ -294,8 +294,9 @@ def plot(runs, layout: Layout, backbone: str, datasets: list[str], plot_dir: Pat
             ax.axhline(zero_shot, color="grey", linestyle="--", linewidth=1, label="zero-shot")
         ax.set(xscale="log", xlabel="shots per class", ylabel="top-1 (%)",
                title=f"{dataset_label(dataset)} ({backbone})")
-        ax.set_xticks([1, 2, 4, 8, 16], labels=["1", "2", "4", "8", "16"])
-        ax.legend(fontsize="small")
+        ax.set_xticks(layout.shots, labels=[str(k) for k in layout.shots])
+        ax.minorticks_off()
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
         fig.tight_layout()
         path = plot_dir / f"shots_{dataset}_{backbone.replace('/', '-')}.png"
         fig.savefig(path, dpi=120)
