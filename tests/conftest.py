@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny open_clip models (random init, built in code) and inputs for them."""
+"""Shared fixtures: tiny open_clip models (random init, built in code) and inputs for them; CLIP-LoRA's draw."""
+import random
+from collections import defaultdict
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +12,18 @@ from lora_zoo.models import build_clip
 def tiny_clip(backbone: str = "tiny-vit", seed: int = 0):
     """A fresh tiny open_clip CLIP model (eval mode, CPU); same seed → same weights."""
     return build_clip(backbone, seed=seed).model
+
+
+def clip_lora_draw(items, shots):
+    """CLIP-LoRA's ``generate_fewshot_dataset``, re-implemented on (path, label, classname) items with the global
+    RNG: per label in order of first appearance, ``random.sample`` (``random.choices`` for a short class)."""
+    by_label = defaultdict(list)
+    for item in items:
+        by_label[item[1]].append(item)
+    out = []
+    for group in by_label.values():
+        out += random.sample(group, shots) if len(group) >= shots else random.choices(group, k=shots)
+    return out
 
 
 @pytest.fixture

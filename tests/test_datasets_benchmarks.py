@@ -21,6 +21,7 @@ import pytest
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from conftest import clip_lora_draw
 from datasets import BENCHMARK_DATASETS, DatasetError, build_dataset, get_spec, list_datasets, write_synthetic_dataset
 from datasets.folders import IMAGE_EXTENSIONS
 
@@ -77,17 +78,6 @@ def dataset_folder(root, name, convention):
     return Path(root) / EXPECTED[name][CONVENTIONS.index(convention)].split("/")[0]
 
 
-def draw(items, shots):
-    """CLIP-LoRA's generate_fewshot_dataset on (path, label, classname) tuples with the global RNG."""
-    by_label = defaultdict(list)
-    for item in items:
-        by_label[item[1]].append(item)
-    out = []
-    for group in by_label.values():
-        out += random.sample(group, shots) if len(group) >= shots else random.choices(group, k=shots)
-    return out
-
-
 def reference_listed(root, name, convention):
     """(train, val, test) as CLIP-LoRA reads the split file or, for FGVC-Aircraft, the variant lists."""
     images, folder = image_root(root, name, convention), dataset_folder(root, name, convention)
@@ -130,8 +120,8 @@ def reference(root, name, convention, shots, seed):
         if name == "imagenet":
             return reference_imagenet(root, convention, shots)
         train, val, test = reference_listed(root, name, convention)
-        val_drawn = draw(val, min(shots, 4))
-        train_drawn = draw(train, shots)
+        val_drawn = clip_lora_draw(val, min(shots, 4))
+        train_drawn = clip_lora_draw(train, shots)
         names = {label: c.replace("_", " ") for _, label, c in train}
         pairs = [[(p, y) for p, y, _ in items] for items in (train_drawn, val_drawn, test)]
         return (*pairs, [names[label] for label in sorted(names)])

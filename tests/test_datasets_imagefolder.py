@@ -9,11 +9,12 @@ import json
 import random
 import subprocess
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from conftest import clip_lora_draw
 from datasets import DatasetError, build_dataset, write_synthetic_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,16 +51,6 @@ def reference_split(root: Path):
                              ("test", files[n_train + n_val:])):
             split[part] += [[f"{name}/{f}", label, name] for f in chosen]
     return split
-
-
-def clip_lora_draw(entries, shots):
-    by_label = defaultdict(list)
-    for entry in entries:
-        by_label[entry[1]].append(entry)
-    out = []
-    for group in by_label.values():
-        out += random.sample(group, shots) if len(group) >= shots else random.choices(group, k=shots)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import torch
 
 import lora_zoo
 import main
+from conftest import tiny_clip
 from datasets import write_synthetic_dataset
 from datasets.base import DatasetError
 from datasets.splits import classnames_from_splits, parse_split
@@ -276,3 +277,18 @@ def test_metrics_sinks_are_optional_and_checked_first(data_root, tmp_path, capsy
                         "--log_every", "2"] + TINY, "lora")[0] == 0
     assert [step for step, _ in logged[:-1]] == [2, 4, 6] and logged[-1] == "finished"
     assert set(logged[0][1]) == {"train/loss", "train/lr"}
+
+
+def test_readme_library_api_block_runs(tmp_path, monkeypatch, images, texts):
+    """README's Python block, run as written, with a tiny model where it loads ViT-B-16 with OpenAI weights."""
+    block = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)[0]
+    loading = 'open_clip.create_model("ViT-B-16", pretrained="openai")'
+    assert loading in block
+    monkeypatch.chdir(tmp_path)
+    scope = {"nn": torch.nn, "images": images, "tokens": texts, "fresh_model": tiny_clip(seed=0)}
+    exec(compile(block.replace(loading, "tiny_clip(seed=0)"), "README.md", "exec"), {"tiny_clip": tiny_clip, **scope},
+         scope)
+    ranks = scope["lz"].layer_ranks(scope["model"])
+    assert scope["adapter"].config.rank == 4 and sum(ranks.values()) == 8 * len(ranks)  # AIRA keeps the budget
+    assert scope["lz"].count_trainable(scope["fresh_model"]) == scope["lz"].count_trainable(scope["model"]) > 0
+    assert (tmp_path / "run" / "adapters.json").is_file()

@@ -79,6 +79,20 @@ def assert_grads_close(pairs, atol=1e-5):
         torch.testing.assert_close(got, expected, atol=atol, rtol=1e-5)
 
 
+def assert_same_train_and_eval(theirs, ours, pairs, x, weights):
+    """Outputs and gradients of peft's module and ours, in training and in eval mode."""
+    for training in (True, False):
+        theirs.train(training)
+        ours.train(training)
+        for t, o in pairs:
+            t.grad = o.grad = None
+        y_theirs, y_ours = theirs(x), ours(x)
+        torch.testing.assert_close(y_ours, y_theirs, atol=1e-5, rtol=1e-5)
+        (y_theirs * weights).sum().backward()
+        (y_ours * weights).sum().backward()
+        assert_grads_close(pairs)
+
+
 # ---- LoRA, rsLoRA, DoRA -----------------------------------------------------------------------------
 LORA_CASES = {
     "lora": dict(method="lora", shape=(48, 40, True), rank=4, alpha=2.0, rslora=False, dropout=0.25),
@@ -116,16 +130,7 @@ def test_lora_and_dora_match_peft(case):
         mask = dropout_mask(g, x.shape, c["dropout"])
         theirs.lora_dropout["default"] = FixedDropout(mask)
         ours.dropout = FixedDropout(mask)
-    for training in (True, False):
-        theirs_model.train(training)
-        ours.train(training)
-        for t, o in pairs:
-            t.grad = o.grad = None
-        y_theirs, y_ours = theirs_model(x), ours(x)
-        torch.testing.assert_close(y_ours, y_theirs, atol=1e-5, rtol=1e-5)
-        (y_theirs * weights).sum().backward()
-        (y_ours * weights).sum().backward()
-        assert_grads_close(pairs)
+    assert_same_train_and_eval(theirs_model, ours, pairs, x, weights)
     theirs_model.eval()
     ours.eval()
     original = linear.weight.detach().clone()
@@ -190,16 +195,7 @@ def test_vera_projections_are_peft_s_bit_for_bit_and_the_layers_match(rank, seed
             mask = dropout_mask(g, x.shape, dropout)
             theirs.vera_dropout["default"] = FixedDropout(mask)
             layer.dropout = FixedDropout(mask)
-        for training in (True, False):
-            theirs.train(training)
-            layer.train(training)
-            for t, o in pairs:
-                t.grad = o.grad = None
-            y_theirs, y_ours = theirs(x), layer(x)
-            torch.testing.assert_close(y_ours, y_theirs, atol=1e-5, rtol=1e-5)
-            (y_theirs * weights).sum().backward()
-            (y_ours * weights).sum().backward()
-            assert_grads_close(pairs)
+        assert_same_train_and_eval(theirs, layer, pairs, x, weights)
         torch.testing.assert_close(layer.delta_weight(), theirs.get_delta_weight("default"), atol=1e-6, rtol=1e-5)
 
 
