@@ -245,7 +245,8 @@ def run(argv=None, method=None) -> int:
             print(result["summary"])
         return 0
     except KeyboardInterrupt:
-        print("error: interrupted; the run left no result.json", file=sys.stderr)
+        print("error: interrupted before the run finished (no result.json); the same command resumes it from its "
+              "last checkpoint", file=sys.stderr)
         return 130
     except (ValueError, OSError, TypeError, NonFiniteLossError) as err:  # every known failure becomes one line
         print(f"error: {hint(err)}", file=sys.stderr)

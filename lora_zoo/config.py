@@ -66,11 +66,12 @@ class TrainConfig(Options):
         for name in ("n_iters", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if (self.lr is not None and self.lr <= 0) or self.lr_scale <= 0 or self.weight_decay < 0 or self.eta_min < 0 or self.log_every < 0 \
-                or self.checkpoint_every < 0:
-            raise ValueError(f"need lr > 0, weight_decay >= 0, eta_min >= 0, log_every >= 0, checkpoint_every >= 0 "
-                             f"(got {self.lr}, {self.weight_decay}, {self.eta_min}, {self.log_every}, "
-                             f"{self.checkpoint_every})")
+        for name, ok, need in (("lr", self.lr is None or self.lr > 0, "> 0"), ("lr_scale", self.lr_scale > 0, "> 0"),
+                               ("weight_decay", self.weight_decay >= 0, ">= 0"), ("eta_min", self.eta_min >= 0, ">= 0"),
+                               ("log_every", self.log_every >= 0, ">= 0"),
+                               ("checkpoint_every", self.checkpoint_every >= 0, ">= 0")):
+            if not ok:
+                raise ValueError(f"{name} must be {need}, got {getattr(self, name)}")
 
 
 @dataclass
@@ -141,8 +142,8 @@ class ExperimentConfig(Options):
         if self.train.lr is None:
             self.train = dataclasses.replace(self.train, lr=spec.lr)
         get_optimizer(self.optimizer).options(self.train.optimizer_options)
-        if not (self.device in ("auto", "cpu") or self.device.startswith(("cuda", "mps"))):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
 
     @property
     def optimizer(self) -> str:

@@ -43,6 +43,7 @@ from .inject import apply_adapters, layer_ranks, merge_adapters, method_options
 from .metrics import Sinks, check_sinks, write_curves
 from .models import build_clip, weights_file
 from .provenance import RunLog, environment, peak_memory
+from .results import setting_of
 from .train import evaluate, prepare_device, train_adapters
 
 logger = logging.getLogger(__name__)
@@ -221,9 +222,11 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
             test_loader = build_data_loader(ds.test, test_transform, batch_size=cfg.eval_batch_size, num_workers=workers)
         _check_writable(out)
         state_path = out / STATE_FILE
-        if overwrite and state_path.exists():
-            state_path.unlink()
-        state = None if eval_only else resume_state.load(state_path)
+        if overwrite and not eval_only:  # a killed retraining must not leave the old result looking finished
+            for stale in (state_path, out / RESULT_FILE, out / EVAL_FILE):
+                stale.unlink(missing_ok=True)
+        setting = setting_of({"config": cfg.to_dict()})
+        state = None if eval_only else resume_state.load(state_path, setting)
         log.attach(out / ("eval.log" if eval_only else "train.log"), append=state is not None)
         logger.info("run %s | %s on %s (%d threads, %d loader workers)", out, cfg.method, device, threads, workers)
         result: dict[str, Any] = {"method": cfg.method, "dataset": cfg.dataset, "shots": cfg.shots, "seed": cfg.seed,
@@ -257,7 +260,8 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
                     model, train_stream(state["step"] if state else 0), class_tokens, cfg.train,
                     iterations=cfg.total_iterations, device=device, seed=cfg.seed, text_adapted="text" in cfg.encoders,
                     progress=progress, resume=state, on_log=sinks.log,
-                    checkpoint=lambda s: (resume_state.save(state_path, s), write_curves(out, s["history"])))
+                    checkpoint=lambda s: (resume_state.save(state_path, {**s, "setting": setting}),
+                                          write_curves(out, s["history"])))
             finally:
                 sinks.close()
             write_curves(out, trained.curves)

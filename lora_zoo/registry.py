@@ -110,10 +110,10 @@ def discover() -> None:
     global _DISCOVERED
     if _DISCOVERED:
         return
-    _DISCOVERED = True
     package = importlib.import_module(__package__)
     for module in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
-        importlib.import_module(f"{__package__}.{module}")
+        importlib.import_module(f"{__package__}.{module}")  # a module that fails to import fails every lookup
+    _DISCOVERED = True
 
 
 def list_methods() -> list[str]:

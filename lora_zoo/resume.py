@@ -43,16 +43,25 @@ def save(path, state: dict) -> Path:
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load(path) -> Optional[dict]:
-    """The checkpoint at ``path``, or None when there is none (a damaged one is an error naming it)."""
+def load(path, setting: tuple = ()) -> Optional[dict]:
+    """The checkpoint at ``path``, or None when there is none. A damaged one, or one written by a run with another
+    ``setting`` (``results.setting_of``: every option that changes a number), is an error naming it."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
         raise ValueError(f"cannot read the run's checkpoint {path} ({type(err).__name__}); delete it to "
                          "start the run again") from None
+    theirs, ours = dict(state.get("setting", ())), dict(setting)
+    changed = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k, "unset") != ours.get(k, "unset"))
+    if changed:
+        key = changed[0]
+        raise ValueError(f"the checkpoint {path} was written with other settings ({key}: {theirs.get(key, 'unset')} "
+                         f"there, {ours.get(key, 'unset')} now); rerun with its settings to resume it, or with "
+                         "--overwrite to start again")
+    return state
 
 
 @torch.no_grad()

@@ -244,6 +244,10 @@ def test_killed_run_resumes_and_ends_bit_identical(method, data_root, tmp_path, 
     killed = tmp_path / f"killed/tiny-vit/dtd/2shots/seed1/{method}"
     assert (killed / "checkpoint.pt").is_file() and not (killed / "result.json").exists()
     monkeypatch.setattr(train, "training_step", original)
+    # another setting does not continue this checkpoint (nor lose it)
+    message = one_line(capsys, args + ["--output_dir", tmp_path / "killed", "--lr", "0.5"], method)
+    assert f"checkpoint.pt was written with other settings (lr: {lora_zoo.get_method(method).lr} there, 0.5 now)" \
+        in message and (killed / "checkpoint.pt").is_file()
     assert run(capsys, args + ["--output_dir", tmp_path / "killed"], method)[0] == 0
     whole, resumed = read_result(tmp_path / f"whole/tiny-vit/dtd/2shots/seed1/{method}"), read_result(killed)
     assert resumed["resumed_from"] == 5 and whole["resumed_from"] == 0  # the checkpoint before the kill
@@ -252,6 +256,10 @@ def test_killed_run_resumes_and_ends_bit_identical(method, data_root, tmp_path, 
     assert (killed / "adapters.safetensors").read_bytes() == \
         (tmp_path / f"whole/tiny-vit/dtd/2shots/seed1/{method}/adapters.safetensors").read_bytes()
     assert not (killed / "checkpoint.pt").exists()
+    # --overwrite retrains from scratch: killed on the way, it leaves no finished-looking result behind
+    monkeypatch.setattr(train, "training_step", killed_at_8)
+    assert run(capsys, args + ["--output_dir", tmp_path / "killed", "--overwrite"], method)[0] == 130
+    assert not (killed / "result.json").exists() and (killed / "checkpoint.pt").is_file()
 
 
 def test_run_names_keep_hyperparameter_runs_apart():

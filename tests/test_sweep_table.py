@@ -181,7 +181,7 @@ def test_sweep_sh_from_another_folder_stops_on_kill_and_leaves_no_result(data_ro
     finally:
         proc.kill()
     err = proc.stderr.read()
-    assert "error: interrupted; the run left no result.json" in err and "sweep: interrupted; run the same" in err
+    assert "error: interrupted before the run finished (no result.json)" in err and "sweep: interrupted; run the same" in err
     assert list((tmp_path / "results").rglob("train.log")) and not list(tmp_path.rglob("result.json"))
 
 
