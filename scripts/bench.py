@@ -135,8 +135,9 @@ def timed(fn, device) -> float:
 
 
 def run_benchmark(model_name="ViT-B-16", batch=4, classes=10, image_size=None, device="cpu", reps=5,
-                  amp=False, methods=None, threads=None, log=print) -> dict:
-    """Measure every method; returns ``{"setup": ..., "rows": [...]}`` (one row per variant)."""
+                  amp=False, methods=None, threads=None, log=print, dropout=None) -> dict:
+    """Measure every method; returns ``{"setup": ..., "rows": [...]}`` (one row per variant). ``dropout``: the
+    adapter-input dropout of every method that has one, instead of its default (what dropout costs)."""
     device = torch.device(device)
     prepare_device(device)  # as the runner does (flushes CPU denormals)
     if threads:
@@ -156,6 +157,9 @@ def run_benchmark(model_name="ViT-B-16", batch=4, classes=10, image_size=None, d
     nora = lz.build_config("nora")  # the like-for-like LoRA: NoRA's inner rank and dropout
     specs = [(FROZEN, None, {}), (f"lora r={nora.inner_rank}", "lora", {"rank": nora.inner_rank, "dropout": nora.dropout})]
     specs += [(m, m, {}) for m in (methods or lz.list_methods())]
+    if dropout is not None:
+        specs = [(name, m, {**o, "dropout": dropout} if m and hasattr(lz.build_config(m), "dropout") else o)
+                 for name, m, o in specs]
     steps = 2 + reps + 1
     variants = []
     for name, method, options in specs:
@@ -213,6 +217,7 @@ def run_benchmark(model_name="ViT-B-16", batch=4, classes=10, image_size=None, d
             "eval_vs_plain": merged / plain_eval if merged else None,
         })
     setup = {"model": model_name, "batch": batch, "classes": classes, "image_size": size, "device": str(device),
+             "dropout": "each method's" if dropout is None else dropout,
              "amp": amp, "reps": reps, "threads": torch.get_num_threads(), "torch": torch.__version__,
              "plain_eval_images_per_s": batch / plain_eval}
     return {"setup": setup, "rows": rows}
@@ -221,7 +226,9 @@ def run_benchmark(model_name="ViT-B-16", batch=4, classes=10, image_size=None, d
 def markdown(result: dict) -> str:
     s = result["setup"]
     lines = [f"{s['model']} (random init), batch {s['batch']}, {s['classes']} prompts, {s['image_size']}px, "
-             f"{s['device']}{' AMP' if s['amp'] else ''}, {s['threads']} threads, median of {s['reps']}; "
+             f"{s['device']}{' AMP' if s['amp'] else ''}, {s['threads']} threads, median of {s['reps']}"
+             + (f", adapter dropout {s['dropout']}" if s.get("dropout", "each method's") != "each method's" else "")
+             + "; "
              f"plain open_clip eval {s['plain_eval_images_per_s']:.1f} images/s", "",
              "| method | trainable | adapter file | step (s) | × frozen | × LoRA r_inner | saved for backward (MiB) "
              "| CUDA peak (MiB) | init (s) | merged eval × plain | eval images/s |",
@@ -251,6 +258,8 @@ def main(argv=None):
     parser.add_argument("--amp", action="store_true", help="fp16 autocast (CUDA)")
     parser.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="adapter-input dropout of every method that has one (default: each method's own)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 repetitions (seconds)")
     args = parser.parse_args(argv)
@@ -264,7 +273,7 @@ def main(argv=None):
     result = {}
     if args.part in ("methods", "all"):
         result = run_benchmark(args.model, args.batch, classes, args.image_size, args.device, args.reps,
-                               args.amp, args.methods, args.threads, log=log)
+                               args.amp, args.methods, args.threads, log=log, dropout=args.dropout)
         print(markdown(result))
     if args.part in ("pipeline", "all"):
         result["pipeline"] = run_pipeline(args, classes, log)

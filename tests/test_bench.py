@@ -45,3 +45,21 @@ def test_quick_benchmark_covers_every_method(tmp_path):
     assert pipe["max_feature_diff"] < 1e-4 and pipe["first_loss_diff"] < 1e-4 and pipe["data_identical"] is True
     assert pipe["projected_run_s"] == pytest.approx(500 * 16 * pipe["step_cut_s"] + 30300 / pipe["eval_images_per_s"])
     assert "| text tower fwd+bwd, 101 prompts" in proc.stdout and "Projected seconds per 16-shot run" in proc.stdout
+
+
+def test_dropout_override_shows_what_dropout_costs(tmp_path):
+    """--dropout 0: the methods that drop their adapter input no longer save the masks for backward."""
+    saved = {}
+    for dropout in ("0.25", "0"):
+        out = tmp_path / f"bench{dropout}.json"
+        proc = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--part", "methods", "--methods", "lora",
+                               "vera", "--dropout", dropout, "--json", str(out)], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(out.read_text())
+        assert result["setup"]["dropout"] == float(dropout)
+        saved[dropout] = {r["method"]: r["saved_activation_bytes"] for r in result["rows"]}
+    assert set(saved["0"]) == {"frozen", "lora r=16", "lora", "vera"}
+    assert saved["0"]["frozen"] == saved["0.25"]["frozen"]
+    for method in ("lora r=16", "lora", "vera"):  # a kept input per adapted layer, at least (12 layers here)
+        assert saved["0"][method] < saved["0.25"][method] - 12 * 8 * 64 * 4 * 0.5
