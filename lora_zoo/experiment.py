@@ -43,7 +43,7 @@ from .inject import apply_adapters, layer_ranks, merge_adapters, method_options
 from .metrics import Sinks, check_sinks, write_curves
 from .models import build_clip, weights_file
 from .provenance import RunLog, environment, peak_memory
-from .results import setting_of
+from .results import first_difference, setting_of
 from .train import evaluate, prepare_device, train_adapters
 
 logger = logging.getLogger(__name__)
@@ -75,9 +75,26 @@ def read_result(folder: Path) -> dict[str, Any] | None:
     return result if isinstance(result, dict) and isinstance(result.get("accuracy"), (int, float)) else None
 
 
-def is_finished(folder: Path) -> bool:
-    """Whether the run in ``folder`` finished (a truncated or corrupt result.json does not count)."""
-    return read_result(folder) is not None
+def run_setting(cfg: ExperimentConfig) -> tuple:
+    """The options that define ``cfg``'s numbers, as ``result.json`` records them (``results.setting_of``)."""
+    _, method_config, schedule_options = method_options(cfg.method, cfg.method_options)
+    return setting_of({"config": cfg.to_dict(), "optimizer": cfg.optimizer,
+                       "method_config": {**method_config.to_dict(),
+                                         **(schedule_options.to_dict() if schedule_options else {})}})
+
+
+def is_finished(folder: Path, cfg: Optional[ExperimentConfig] = None) -> bool:
+    """Whether the run in ``folder`` finished (a truncated or corrupt result.json does not count). With ``cfg``: a
+    run finished there with other settings (``results.setting_of``) is an error naming the first difference."""
+    saved = read_result(folder)
+    if saved is None:
+        return False
+    if cfg is not None and isinstance(saved.get("config"), dict):
+        difference = first_difference(setting_of(saved), run_setting(cfg))
+        if difference:
+            raise ValueError(f"{Path(folder) / RESULT_FILE} is a finished run with other settings ({difference}); "
+                             "give --run_name NAME to keep both, or --overwrite to replace it")
+    return True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -199,7 +216,7 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
     started = time.perf_counter()
     out = run_dir(cfg)
     saved_config = _saved_run(out, cfg) if eval_only else None
-    if not eval_only and is_finished(out) and not overwrite:
+    if not eval_only and not overwrite and is_finished(out, cfg):
         raise RunFinishedError(f"run already finished: {out / RESULT_FILE} exists")
     spec, method_config, schedule_options = method_options(cfg.method, cfg.method_options)
     if export_path is not None:
@@ -225,7 +242,7 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
         if overwrite and not eval_only:  # a killed retraining must not leave the old result looking finished
             for stale in (state_path, out / RESULT_FILE, out / EVAL_FILE):
                 stale.unlink(missing_ok=True)
-        setting = setting_of({"config": cfg.to_dict()})
+        setting = run_setting(cfg)
         state = None if eval_only else resume_state.load(state_path, setting)
         log.attach(out / ("eval.log" if eval_only else "train.log"), append=state is not None)
         logger.info("run %s | %s on %s (%d threads, %d loader workers)", out, cfg.method, device, threads, workers)

@@ -63,6 +63,13 @@ def setting_of(result: dict) -> tuple:
     return tuple(sorted((k, frozen(v)) for k, v in flat.items()))
 
 
+def first_difference(theirs: tuple, ours: tuple) -> str | None:
+    """``"key: X there, Y now"`` for the first option two settings give different values, None if they agree."""
+    a, b = dict(theirs), dict(ours)
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k, "unset") != b.get(k, "unset"))
+    return None if not changed else f"{changed[0]}: {a.get(changed[0], 'unset')} there, {b.get(changed[0], 'unset')} now"
+
+
 def load_results(root: Path) -> tuple[list[Run], int]:
     """Every readable result.json under ``root``, and how many could not be read (each warned about)."""
     runs, unreadable = [], 0

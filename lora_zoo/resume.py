@@ -25,6 +25,7 @@ from torch import nn
 from .adapter import adapter_modules
 from .files import atomic_write
 from .naming import adapter_state_dict
+from .results import first_difference
 
 
 def capture(model: nn.Module, optimizer, scheduler, scaler, hooks, step: int, history: dict) -> dict[str, Any]:
@@ -54,13 +55,10 @@ def load(path, setting: tuple = ()) -> Optional[dict]:
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
         raise ValueError(f"cannot read the run's checkpoint {path} ({type(err).__name__}); delete it to "
                          "start the run again") from None
-    theirs, ours = dict(state.get("setting", ())), dict(setting)
-    changed = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k, "unset") != ours.get(k, "unset"))
-    if changed:
-        key = changed[0]
-        raise ValueError(f"the checkpoint {path} was written with other settings ({key}: {theirs.get(key, 'unset')} "
-                         f"there, {ours.get(key, 'unset')} now); rerun with its settings to resume it, or with "
-                         "--overwrite to start again")
+    difference = first_difference(state.get("setting", ()), setting)
+    if difference:
+        raise ValueError(f"the checkpoint {path} was written with other settings ({difference}); rerun with its "
+                         "settings to resume it, or with --overwrite to start again")
     return state
 
 

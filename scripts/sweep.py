@@ -49,7 +49,7 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     words = "space- or comma-separated, quoted or as several words"
     parser = OneLineParser(
-        prog="scripts/sweep.sh", description=__doc__.split("\n\n")[0],
+        prog="scripts/sweep.sh", description=__doc__.split("\n\n")[0], allow_abbrev=False,
         epilog="Finished runs are skipped: run the same command again to continue a killed sweep. "
                "After the options, '--' passes the rest to every main.py run, e.g. -- --n_iters 2 --set amp=false. "
                "Example: scripts/sweep.sh --root_path DATA --methods nora --datasets dtd --shots 4 "
@@ -173,6 +173,7 @@ class Run:
     folder: Path
     output_dir: Path
     label: str
+    cfg: object = None  # the ExperimentConfig main.run(argv) will run
 
 
 def refuse(message):
@@ -201,7 +202,7 @@ def axes(args, root: Path) -> tuple[list[str], list[str], list[int], list[int]]:
     if not datasets:
         raise SweepError(f"no benchmark dataset found under {root} (see DATASET.md; --datasets imagefolder "
                          "for your own)")
-    for name in datasets:
+    for name in datasets if args.datasets else []:  # the default list holds only datasets found
         try:
             locate_dataset(name, root)
         except DatasetError as err:
@@ -232,26 +233,28 @@ def plan(args, extra: list[str]) -> list[Run]:
     runs, folders = [], {}
     for dataset, k, seed, method, point in itertools.product(datasets, shots, seeds, methods, grid_points(grid)):
         name = run_name(point)
-        argv = ["--method", method, "--dataset", dataset, "--shots", str(k), "--seed", str(seed), *common,
-                *(["--run_name", name] if name else []), *extra]
+        argv = ["--method", method, "--dataset", dataset, "--shots", str(k), "--seed", str(seed), *common, *extra]
         argv += [arg for key, text in point for arg in ("--set", f"{key}={text}")]  # last: they win
         label = f"{method} {dataset} {k}-shot seed {seed}" + (f" [{name}]" if name else "")
         try:
             cfg = main.parse_config(argv, on_error=refuse)  # exactly what main.run(argv) will run
+            if name:  # a preset's run name (configs/nora_authors.yaml: authors) leads the grid point's
+                argv += ["--run_name", f"{cfg.run_name}-{name}" if cfg.run_name else name]
+                cfg = main.parse_config(argv, on_error=refuse)
         except (ValueError, TypeError, OSError) as err:
             raise SweepError(f"{label}: {' '.join(str(err).split())}") from None
         folder = run_dir(cfg)
         if folder in folders:
             raise SweepError(f"{label} and {folders[folder]} would share the run folder {folder}")
         folders[folder] = label
-        runs.append(Run(argv, folder, Path(cfg.output_dir), label))
+        runs.append(Run(argv, folder, Path(cfg.output_dir), label, cfg))
     return runs
 
 
 def visible_gpus() -> list[str]:
-    """``CUDA_VISIBLE_DEVICES`` if set, else one entry per GPU ``nvidia-smi -L`` lists (none: CPU)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES"):
-        return os.environ["CUDA_VISIBLE_DEVICES"].split(",")
+    """``CUDA_VISIBLE_DEVICES`` if set (empty: none), else one entry per GPU ``nvidia-smi -L`` lists (none: CPU)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # "": GPUs hidden on purpose
+        return [gpu for gpu in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if gpu.strip()]
     if shutil.which("nvidia-smi"):
         listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
         return [str(i) for i in range(sum(line.startswith("GPU") for line in listing.splitlines()))]
@@ -279,7 +282,9 @@ def run_in_process(pending: list[Run]) -> int:
 
 
 def run_in_processes(pending: list[Run], jobs: int, log_dir: Path) -> int:
-    """``jobs`` main.py processes at once, one GPU each; returns the number that failed."""
+    """``jobs`` main.py processes at once, one GPU each (on CPU, CPUs // jobs threads each); returns the number
+    that failed."""
+    from lora_zoo.provenance import available_cpus
     gpus, queue, running, failed = visible_gpus(), list(pending), {}, 0
     log_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -287,7 +292,10 @@ def run_in_processes(pending: list[Run], jobs: int, log_dir: Path) -> int:
             while queue and len(running) < jobs:
                 slot = min(set(range(jobs)) - set(running))
                 run = queue.pop(0)
-                env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]} if gpus else {}))
+                # one GPU each; on CPU the cores shared out, so that the runs do not oversubscribe them
+                env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]} if gpus else
+                                          {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+                                                                             str(max(1, available_cpus() // jobs)))}))
                 log = log_dir / ("_".join(run.folder.relative_to(run.output_dir).parts) + ".out")
                 print(f"sweep: start {run.label} (log {log})", file=sys.stderr, flush=True)
                 with open(log, "w") as handle:
@@ -323,11 +331,9 @@ def write_slurm(pending: list[Run], path: Path, header: str, log_dir: Path) -> N
               f'if PYTHONPATH={shlex.quote(str(REPO))} {python} -c {shlex.quote(finished)} "$folder"; then',
               '  echo "finished already: $folder"; exit 0', "fi",
               'eval "set -- ${RUNS[$SLURM_ARRAY_TASK_ID]}"', f'exec {python} {shlex.quote(str(MAIN))} "$@"']
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from lora_zoo.files import write_text
     log_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def reexec_with(python: str, argv: list[str]) -> None:
@@ -364,7 +370,11 @@ def main(argv=None) -> int:
         return 2
     from lora_zoo.experiment import is_finished
 
-    pending = [run for run in runs if not is_finished(run.folder)]
+    try:
+        pending = [run for run in runs if not is_finished(run.folder, run.cfg)]
+    except ValueError as err:  # a finished run with other settings where this sweep would write
+        print(f"sweep: error: {err}", file=sys.stderr)
+        return 2
     print(f"sweep: {len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to do", file=sys.stderr)
     log_dir = runs[0].output_dir / "sweep_logs"
     if args.dry_run:

@@ -262,6 +262,15 @@ def test_killed_run_resumes_and_ends_bit_identical(method, data_root, tmp_path, 
     assert not (killed / "result.json").exists() and (killed / "checkpoint.pt").is_file()
 
 
+def test_a_finished_run_with_other_settings_is_an_error_not_a_no_op(data_root, tmp_path, capsys):
+    args = ["--root_path", data_root, "--output_dir", tmp_path, *TINY]
+    assert run(capsys, args, "lora")[0] == 0
+    assert run(capsys, args, "lora")[0] == 0  # the same command: nothing to do
+    message = one_line(capsys, args + ["--lr", "0.5"], "lora")
+    assert "result.json is a finished run with other settings (lr: 0.0002 there, 0.5 now)" in message
+    assert run(capsys, args + ["--lr", "0.5", "--run_name", "fast"], "lora")[0] == 0
+
+
 def test_run_names_keep_hyperparameter_runs_apart():
     a = load_config([], {"method": "nora", "lr": 1e-3, "run_name": "lr=1e-3"})
     b = load_config([], {"method": "nora", "lr": 1e-2, "run_name": "lr=1e-2"})

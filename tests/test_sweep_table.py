@@ -83,6 +83,8 @@ def test_table_cells_are_the_hand_computed_means_for_either_key_as_rows(capsys, 
     assert rows == {f"CLIP-LoRA (ours, lora): rank={rank}": [cells[0.01, rank], cells[0.1, rank]] for rank in (2, 8)}
     header, rows = csv_table(capsys, grid_sweep, "--rows", "lr")  # datasets as columns: one row per grid point
     assert header == ["Method", "DTD 1-shot", "Average 1-shot"]
+    zero_shot = rows.pop("Zero-shot (the pretrained model, no training)")
+    assert {r["zero_shot_accuracy"] for r in found.values()} == {float(zero_shot[0])} and zero_shot[1] == zero_shot[0]
     assert list(rows) == [f"CLIP-LoRA (ours, lora): lr={lr}, rank={rank}" for lr in (0.01, 0.1) for rank in (2, 8)]
     assert [cells for cells in rows.values()] == [[cells[key]] * 2 for key in sorted(cells)]
 
@@ -112,6 +114,24 @@ def test_restart_reruns_only_unfinished_runs(capsys, data_root, grid_sweep, tmp_
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in kept.items())  # not rerun
     assert sweep.main(sweep_args(data_root, out, "--seeds", "1 2", *GRID)) == 0
     assert "sweep: 8 runs, 8 finished, 0 to do" in capsys.readouterr().err
+
+
+def test_finished_runs_with_other_settings_are_refused_not_skipped(capsys, data_root, grid_sweep, tmp_path):
+    out = tmp_path / "results"
+    shutil.copytree(grid_sweep, out)
+    # the same grid under other loop settings would land in the same folders: refused, nothing overwritten
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    other = RUN_ARGS[:1] + ["3"] + RUN_ARGS[2:]  # --n_iters 3
+    assert sweep.main(sweep_args(data_root, out, "--seeds", "1 2", *GRID, run_args=other)) == 2
+    err = capsys.readouterr().err
+    assert "is a finished run with other settings (n_iters: 2 there, 3 now); give --run_name NAME" in err, err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps
+    # a preset's run name leads each grid point's: its runs sit beside the others
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("run_name: mine\nn_iters: 3\n")
+    assert sweep.main(sweep_args(data_root, out, "--seeds", "1", "--grid", "lr=0.01", "--config", str(preset),
+                                 "--dry_run")) == 0
+    assert "--run_name mine-lr=0.01" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("options, run_args, expect", [
