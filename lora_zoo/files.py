@@ -23,6 +23,9 @@ def _umask() -> int:
     return mask
 
 
+_UMASK = _umask()  # read once: setting it (the only way to read it) races with files other threads create
+
+
 def atomic_write(path, write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path`` (same folder); returns ``path``."""
     path = Path(path)
@@ -32,7 +35,12 @@ def atomic_write(path, write: Callable[[str], Any]) -> Path:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        synced = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(synced)  # on disk before the rename: a power cut leaves the old file, not an empty one
+        finally:
+            os.close(synced)
         os.replace(tmp, path)
     except OSError as err:  # name the file the caller asked for, not the temporary one
         raise OSError(f"cannot write {path}: {err.strerror or err}") from None
@@ -42,6 +50,11 @@ def atomic_write(path, write: Callable[[str], Any]) -> Path:
     return path
 
 
+def write_text(path, text: str) -> Path:
+    """``text``, atomically."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def write_json(path, data) -> Path:
     """``data`` as indented JSON, atomically."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+    return write_text(path, json.dumps(data, indent=2) + "\n")
