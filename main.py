@@ -47,13 +47,19 @@ def yaml_value(text: str):
     return value
 
 
+def text_or_null(text: str):
+    """A text option's flag value: the text as typed (``--run_name 1e-3`` stays "1e-3"), or None for null."""
+    return None if yaml_value(text) is None else text
+
+
 def _add_fields(group, fields, dest_prefix: str, taken: set, helps=None) -> None:
     for f in fields:
         if f.name in taken:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = ((helps or {}).get(f.name) or f.metadata.get("help", "")).replace("%", "%%")
-        group.add_argument(f"--{f.name}", type=yaml_value, default=argparse.SUPPRESS, metavar="VALUE",
+        parse = {"str": str, "Optional[str]": text_or_null}.get(f.type if isinstance(f.type, str) else "", yaml_value)
+        group.add_argument(f"--{f.name}", type=parse, default=argparse.SUPPRESS, metavar="VALUE",
                            dest=dest_prefix + f.name, help=f"{text} (default {default!r})".strip())
         taken.add(f.name)
 

@@ -11,9 +11,10 @@ one line naming the option:
 - ``bool``: only true/false (a quoted ``"false"`` is refused, never read as true);
 - ``int``: integers only (``2.5`` and ``true`` are refused);
 - ``float``: numbers, or numeric strings such as ``"1e-3"`` (YAML 1.1 reads ``1e-3`` as a string);
-- ``str``, ``Literal[...]`` (one of the listed values), ``Optional[...]`` (also null),
+- ``str`` (an integer is taken as its digits: ``run_name: 16``), ``Literal[...]`` (one of the listed values), ``Optional[...]`` (also null),
   ``Union[...]`` (the first alternative that accepts the value, in the written order),
-  ``tuple[T, ...]`` (a list, or a comma-separated string), ``dict``.
+  ``tuple[T, ...]`` (a list, or a comma-separated string whose parts are read as YAML scalars:
+  ``"0,1,2"`` is three integers), ``dict``.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import functools
 import types
 import typing
 from typing import Any, Literal, Mapping, Union
+
+import yaml
 
 
 def option(default, help: str = "", affects_result: bool = True):
@@ -71,8 +74,8 @@ def coerce(name: str, value: Any, kind) -> Any:
                 return choice
         raise OptionError(f"{name} must be {_describe(kind)}, got {value!r}")
     if origin is tuple:
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, str):  # "0,1,2": each part read as YAML reads a scalar, so it is the number 0
+            value = [_scalar(part.strip()) for part in value.split(",") if part.strip()]
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -104,6 +107,8 @@ def coerce(name: str, value: Any, kind) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, int) and not isinstance(value, bool):  # run_name: 16 means the text "16"
+            return str(value)
     elif kind is dict or origin is dict:
         if isinstance(value, Mapping):
             return dict(value)
@@ -115,6 +120,14 @@ def coerce(name: str, value: Any, kind) -> Any:
     else:
         raise TypeError(f"{name}: unsupported option annotation {kind!r}")
     raise OptionError(f"{name} must be {_describe(kind)}, got {value!r}")
+
+
+def _scalar(text: str):
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (int, float, bool, str)) and value is not None else text
 
 
 @functools.lru_cache(maxsize=None)

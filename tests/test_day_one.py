@@ -156,6 +156,20 @@ def test_numeric_strings_are_numbers(tmp_path):
     assert cfg.train.lr == 1e-3 and lora_zoo.build_config("lora", **cfg.method_options).dropout == 0.1
 
 
+@pytest.mark.parametrize("argv, key, value", [
+    (["--layers", "0,1,2"], "layers", (0, 1, 2)),
+    (["--layers", "[0, 1]"], "layers", (0, 1)),
+    (["--set", "layers=3"], "layers", (3,)),
+    (["--targets", "q,v"], "targets", ("q", "v")),
+    (["--run_name", "16"], "run_name", "16"),
+    (["--run_name", "1e-3"], "run_name", "1e-3"),   # a text option keeps the text as typed
+    (["--run_name", "yes"], "run_name", "yes"),
+    (["--set", "run_name=16"], "run_name", "16"),
+])
+def test_command_line_values_reach_the_option_as_typed(argv, key, value):
+    assert getattr(main.parse_config(["--method", "lora", *argv]), key) == value
+
+
 # 9 -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("entries, message", [
     ([["a.jpg", 0, "cat"], ["b.jpg", 1, "dog"], ["c.jpg", 7, "cow"]], "label 7 is out of range"),
