@@ -1,28 +1,14 @@
 """Tabulate a results folder: the NoRA paper's Table 2 layout (Li et al., ICCV 2025), or any sweep's grid.
 
-Rows are our runs, one per setting: method, then every option whose value differs
-between that method's runs (read from each result.json's resolved ``config`` and
-``method_config``, spelled as ``main.py --set`` spells it: ``lr``,
-``method_options.inner_rank``), and the run name (``--run_name``, the sweep's grid
-points) where no option tells two settings apart. Runs of different settings are
-never pooled. ``--rows KEY`` leads and orders the rows by one option; ``--cols KEY``
-makes its values the columns (one table per dataset) instead of the datasets;
-``--best_over KEY`` adds, below each group of rows that differ only in KEY, the
-best KEY per cell — chosen on the test split (what a W&B grid reports): an
-optimistic number, labelled so.
-
-A cell is top-1 (%) mean ± *sample* std (ddof=1) over the seeds found (one seed:
-no std), marked ``(n/N)`` with fewer seeds than ``--seeds``; a cell with no run is
-"—": nothing is ever filled in. Average = for each seed, the mean over the
-datasets present in the row (those with a run), over the seeds all of them have,
-marked ``[k/D datasets]`` when columns are missing. ``--datasets benchmark``: the
-eleven CoOp datasets in CoOp's order. The paper's rows
-(``reported/nora_table2.csv``, ViT-B/16) appear beside ViT-B-16 results only;
-several backbones give one table each. An unreadable result.json is a warning,
-counted in the header. A "Zero-shot" row shows the base model's accuracy the runs
-recorded (the same in every shot group; "varies" when runs of one column used other
-prompts or weights). Markdown, LaTeX, CSV; ``--plot_dir`` adds
-accuracy-vs-shots PNGs (matplotlib).
+Rows are settings: method, then every option whose value differs between that method's runs (from each
+result.json's resolved config, spelled as ``--set`` spells it), or the run name; runs of different settings
+are never pooled. ``--rows KEY`` leads and orders the rows by an option, ``--cols KEY`` makes its values the
+columns (one table per dataset), ``--best_over KEY`` adds the best KEY per cell, chosen on the test split
+(optimistic, and labelled so). A cell is mean ± sample std over the seeds found, ``(n/N)`` with fewer seeds
+than ``--seeds``, "—" with no run. Average: per seed, the mean over the datasets the row has. A "Zero-shot"
+row gives the base model's recorded accuracy ("varies" where a column mixes prompts or weights). The paper's
+rows (``reported/nora_table2.csv``) appear beside ViT-B-16 results only; one table per backbone. Markdown,
+LaTeX, CSV; ``--plot_dir`` adds accuracy-vs-shots PNGs (``scripts/plot_shots.py``, matplotlib).
 
     python scripts/make_table.py outputs [--backbone ViT-B-16] [--rows lr] [--cols method_options.inner_rank]
                                  [--best_over lr] [--datasets benchmark] [--format md|latex|csv|all] [--plot_dir DIR]
@@ -270,37 +256,24 @@ def render(groups: list[str], labels: list[str], rows, fmt: str) -> str:
     return out.getvalue().rstrip("\n")
 
 
-def plot(runs, layout: Layout, backbone: str, datasets: list[str], plot_dir: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the accuracy-vs-shots plots (pip install matplotlib)",
-              file=sys.stderr)
-        return
-    plot_dir.mkdir(parents=True, exist_ok=True)
+def shot_curves(runs, layout: Layout, dataset: str) -> list[tuple[str, list[tuple[int, float, float | None]]]]:
+    """What the plot of ``dataset`` draws: per setting, ``(label, [(shots, mean, sample std), ...])``."""
     identities, index, _ = settings(runs, layout)
+    curves = [(label(ident), [(k, *mean_std(index[ident, k, dataset].values())[:2]) for k in layout.shots
+                              if index.get((ident, k, dataset))]) for ident in identities]
+    return [(name, points) for name, points in curves if points]
+
+
+def plot(runs, layout: Layout, backbone: str, datasets: list[str], plot_dir: Path) -> None:
+    from scripts.plot_shots import draw
     for dataset in datasets:
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        for ident in identities:
-            points = [(k, mean_std(index[ident, k, dataset].values())) for k in layout.shots
-                      if index.get((ident, k, dataset))]
-            if points:
-                ax.errorbar([k for k, _ in points], [stat[0] for _, stat in points], marker="o", capsize=3,
-                            yerr=[stat[1] or 0.0 for _, stat in points], label=label(ident))
         zero_shot = zero_shot_of(runs, layout, dataset)
-        if isinstance(zero_shot, float):
-            ax.axhline(zero_shot, color="grey", linestyle="--", linewidth=1, label="zero-shot")
-        ax.set(xscale="log", xlabel="shots per class", ylabel="top-1 (%)",
-               title=f"{dataset_label(dataset)} ({backbone})")
-        ax.set_xticks(layout.shots, labels=[str(k) for k in layout.shots])
-        ax.minorticks_off()
-        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
-        fig.tight_layout()
         path = plot_dir / f"shots_{dataset}_{backbone.replace('/', '-')}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        if not draw(shot_curves(runs, layout, dataset), zero_shot if isinstance(zero_shot, float) else None,
+                    f"{dataset_label(dataset)} ({backbone})", path):
+            print("matplotlib is not installed: skipping the accuracy-vs-shots plots (pip install matplotlib)",
+                  file=sys.stderr)
+            return
         print(f"wrote {path}", file=sys.stderr)
 
 

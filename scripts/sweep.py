@@ -1,19 +1,12 @@
 """Sweep main.py over methods × datasets × shots × seeds × a grid of any config options.
 
-The protocol of METHODS.md ("Experiment protocol": shots 1 2 4 8 16, seeds 1 2 3,
-as in CLIP-LoRA, Zanella & Ben Ayed, CVPRW 2024, and NoRA/AIRA, Li et al., ICCV 2025),
-plus ``--grid KEY=V1,V2,...`` over any key ``main.py --set`` accepts (``lr``,
-``method_options.inner_rank``, ...). Each grid point is its own run folder:
-``<method>-<run name>``, the run name spelling its values (``lr=0.001_inner_rank=8``).
-
-Every planned run's configuration is built with ``lora_zoo.config`` before the
-first one starts, so a bad method, dataset, number or option value is a one-line
-error (exit 2) and nothing is run. Finished runs (``experiment.is_finished``) are
-skipped: a killed sweep restarts where it stopped. ``--jobs 1`` runs each run in
-this process (``main.run``); ``--jobs N`` runs N ``main.py`` processes at once, one
-GPU each (round robin), logging to ``OUTPUT_DIR/sweep_logs/``; ``--slurm FILE``
-writes an sbatch job array of the pending runs instead. ``scripts/sweep.sh`` is
-the documented entry point (it picks the Python); this file takes the same options.
+The protocol's axes (docs/METHODS.md: shots 1 2 4 8 16, seeds 1 2 3) plus ``--grid KEY=V1,V2,...`` over any
+key ``main.py --set`` accepts. Each grid point is its own run folder, ``<method>-<run name>``, the run name
+spelling its values (``lr=0.001_inner_rank=8``) after a preset's own (``authors-lr=0.01``). Every run's
+configuration is built before the first starts (a bad request is one line, exit 2, nothing run). Finished
+runs are skipped, so a killed sweep restarts where it stopped; a finished run with other settings where a
+run would go is an error. ``--jobs 1``: in this process; ``--jobs N``: N ``main.py`` processes, one GPU each
+(on CPU, the cores shared out), logs in ``OUTPUT_DIR/sweep_logs/``; ``--slurm FILE``: an sbatch array.
 """
 from __future__ import annotations
 
@@ -180,14 +173,6 @@ def refuse(message):
     raise SweepError(message)
 
 
-def located(name: str, root: Path) -> bool:
-    from datasets.registry import DatasetError, locate_dataset
-    try:
-        return bool(locate_dataset(name, root))
-    except DatasetError:
-        return False
-
-
 def axes(args, root: Path) -> tuple[list[str], list[str], list[int], list[int]]:
     """Methods, datasets, shots and seeds of the request, each checked; ``SweepError`` otherwise."""
     import lora_zoo
@@ -197,16 +182,17 @@ def axes(args, root: Path) -> tuple[list[str], list[str], list[int], list[int]]:
     unknown = [m for m in methods if m not in lora_zoo.list_methods()]
     if unknown:
         raise SweepError(f"unknown method {unknown[0]!r} (registered: {', '.join(lora_zoo.list_methods())})")
-    datasets = (words(args.datasets, "datasets") if args.datasets
-                else [name for name in BENCHMARK_DATASETS if located(name, root)])
+    datasets = []
+    for name in words(args.datasets, "datasets") if args.datasets else BENCHMARK_DATASETS:
+        try:
+            locate_dataset(name, root)
+            datasets.append(name)
+        except DatasetError as err:
+            if args.datasets:  # asked for by name; the default takes every benchmark dataset found
+                raise SweepError(f"--datasets {name}: {err}") from None
     if not datasets:
         raise SweepError(f"no benchmark dataset found under {root} (see DATASET.md; --datasets imagefolder "
                          "for your own)")
-    for name in datasets if args.datasets else []:  # the default list holds only datasets found
-        try:
-            locate_dataset(name, root)
-        except DatasetError as err:
-            raise SweepError(f"--datasets {name}: {err}") from None
     return methods, datasets, integers(args.shots, "shots"), integers(args.seeds, "seeds")
 
 
