@@ -2,9 +2,10 @@
 
 ``DecodedImages``: the few-shot train set decoded once into memory (PIL RGB images,
 exactly what ``load_image`` returns), bounded by ``limit_mb``; images past the bound
-are read from disk at every use. A few-shot train set is a few thousand images that
-a run augments hundreds of times each, so decoding dominates the data cost without
-it. Decoding runs in threads (PIL releases the GIL while decoding).
+are read from disk at every use. An image counts as 4 bytes a pixel, what Pillow
+allocates for RGB (32-bit pixels, the fourth byte unused). A few-shot train set is
+a few thousand images that a run augments hundreds of times each, so decoding
+dominates the data cost without it. Decoding runs in threads (PIL releases the GIL while decoding).
 
 ``PreprocessedImages``: a test split after the deterministic part of its transform
 (resize, centre crop; everything before ``ToTensor``) as one uint8 array
@@ -32,6 +33,8 @@ from lora_zoo.provenance import available_cpus
 
 from .base import DatasetError, Datum, load_image
 
+RGB_BYTES_PER_PIXEL = 4  # Pillow stores an RGB pixel in 32 bits
+
 
 class DecodedImages:
     """``get(index)`` → the decoded image of ``data[index]``, or None when it was past the memory bound."""
@@ -44,7 +47,7 @@ class DecodedImages:
             return
         with ThreadPoolExecutor(max_workers=threads or min(8, available_cpus())) as pool:
             for index, image in enumerate(pool.map(lambda d: load_image(d.impath), data)):
-                size = image.width * image.height * len(image.getbands())
+                size = image.width * image.height * RGB_BYTES_PER_PIXEL
                 if self.bytes + size > limit:
                     break
                 self.images[index] = image

@@ -22,7 +22,8 @@ from typing import Dict, Iterable, List, Optional
 from .base import DatasetError, load_image
 from .folders import list_image_files
 from .imagenet import TEST_FOLDER, TRAIN_FOLDER, read_class_folders
-from .registry import BENCHMARK_DATASETS, Location, get_spec, list_datasets, locate_dataset, read_splits
+from .registry import (BENCHMARK_DATASETS, Location, get_spec, list_datasets, listing_file, locate_dataset,
+                       read_splits)
 from .splits import SPLIT_NAMES
 
 MAX_LISTED = 10
@@ -59,7 +60,7 @@ def _check_listed(name: str, location: Location, decode: bool, problems: List[st
             counts[item.label] = counts.get(item.label, 0) + 1
         _print_counts(split, counts, out)
         if not splits[split] and split != "val":
-            problems.append(f"{split} split is empty in {location.split_path}")
+            problems.append(f"{split} split is empty in {listing_file(spec, location, split)}")
         _check_files(split, (item.impath for item in splits[split]), decode, True, problems)
 
 

@@ -131,8 +131,10 @@ def _raise_unreadable(batches) -> Iterator:
 
 def _loader(dataset, num_workers: Optional[int], pin_memory: Optional[bool], **kwargs) -> DataLoader:
     """A DataLoader with its own generator: starting an iteration never draws from the global RNG
-    (a resumed run restores that RNG and must see the same draws as an uninterrupted one)."""
-    workers = default_num_workers() if num_workers is None else int(num_workers)
+    (a resumed run restores that RNG and must see the same draws as an uninterrupted one). ``num_workers=None``
+    is ``default_num_workers`` of the device this process trains on: CUDA when available, else the CPU."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    workers = default_num_workers(device_type) if num_workers is None else int(num_workers)
     return DataLoader(dataset, num_workers=workers, collate_fn=collate, generator=torch.Generator().manual_seed(0),
                       pin_memory=torch.cuda.is_available() if pin_memory is None else bool(pin_memory), **kwargs)
 
@@ -173,12 +175,12 @@ def build_data_loader(data: Sequence[Datum], transform: Optional[Callable], batc
                       num_workers: Optional[int] = None, pin_memory: Optional[bool] = None, images=None) -> Loader:
     """Batches ``(images [B,3,H,W] float, labels [B] long)`` of ``data`` in order (evaluation, calibration).
 
-    ``num_workers=None`` uses min(8, available CPUs); ``pin_memory=None`` pins when CUDA is available.
+    ``num_workers=None`` uses none without CUDA, else min(8, available CPUs); ``pin_memory=None`` pins when
+    CUDA is available.
     """
     if len(data) == 0:
         raise DatasetError("cannot build a data loader from an empty list of images")
     if batch_size < 1:
         raise DatasetError(f"batch_size must be >= 1, got {batch_size}")
-    workers = default_num_workers() if num_workers is None else int(num_workers)
-    return Loader(_loader(ImageList(data, transform, images), workers, pin_memory, batch_size=batch_size,
+    return Loader(_loader(ImageList(data, transform, images), num_workers, pin_memory, batch_size=batch_size,
                           shuffle=False, persistent_workers=False))

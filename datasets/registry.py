@@ -23,7 +23,8 @@ from typing import Dict, List, Tuple, Union
 from .base import DEFAULT_TEMPLATE, DatasetError, FewShotDataset, check_files_exist, check_shots, sample_dataset_splits
 from .imagefolder import prepare_split
 from .imagenet import TRAIN_FOLDER, imagenet_test, read_class_folders, sample_imagenet
-from .splits import Splits, classnames_from_splits, parse_split, read_split, read_variant_lists
+from .splits import (Splits, classnames_from_splits, parse_split, read_split, read_variant_lists,
+                     variant_list_file)
 
 CONVENTIONS = ("coop", "clip_lora")
 SPLIT_FORMATS = ("json", "variant_lists", "class_folders", "imagefolder")
@@ -100,7 +101,6 @@ _register("imagefolder", "Own data", "", "", "", "split_imagefolder.json", PHOTO
 # (datasets/scenes.py writes them): new compositions of words it saw, and names it never saw
 _register("scenes_compose", "Compose", "scenes_compose", "scenes_compose", "images", "split_scenes_compose.json", PHOTO)
 _register("scenes_names", "Names", "scenes_names", "scenes_names", "images", "split_scenes_names.json", PHOTO)
-SCENE_DATASETS = ("scenes_compose", "scenes_names")
 
 #: (classes, test images) of each benchmark's CoOp split: what a run's text tower and evaluation must handle
 #: (scripts/bench.py projects run times from them)
@@ -113,7 +113,8 @@ BENCHMARK_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", 
 
 
 def list_datasets() -> List[str]:
-    """Names accepted by ``build_dataset`` (the eleven benchmarks and ``imagefolder``), sorted."""
+    """Names accepted by ``build_dataset`` (the eleven benchmarks, ``imagefolder`` and the two procedural
+    tasks ``scenes_compose`` and ``scenes_names``), sorted."""
     return sorted(_REGISTRY)
 
 
@@ -171,6 +172,14 @@ def locate_dataset(name: str, root_path: Union[str, Path]) -> Location:
     return Location(dataset_dir, image_dir, split_path, convention)
 
 
+def listing_file(spec: DatasetSpec, location: Location, split: str) -> Path:
+    """The file that lists ``split``'s images: FGVC-Aircraft's ``images_variant_<split>.txt``, else the
+    dataset's split file."""
+    if spec.split_format == "variant_lists":
+        return location.dataset_dir / variant_list_file(split)
+    return location.split_path
+
+
 def read_splits(spec: DatasetSpec, location: Location, write_split: bool = True) -> Tuple[Splits, List[str]]:
     """All train/val/test items and the class names of a dataset with listed splits (not ImageNet).
 
@@ -203,11 +212,12 @@ def build_dataset(name: str, root_path: Union[str, Path], shots: int, seed: int 
         splits, classnames = read_splits(spec, location)
         for split in ("train", "test"):
             if not splits[split]:
-                raise DatasetError(f"split file {location.split_path} has an empty '{split}' list")
+                raise DatasetError(f"split file {listing_file(spec, location, split)} has an empty '{split}' list")
         train_x, val = sample_dataset_splits(splits, shots, seed)
         test = splits["test"]
-        check_files_exist(train_x + val, f"sampled train/val images listed in {location.split_path}")
-        check_files_exist(test, f"test images listed in {location.split_path}")
+        check_files_exist(train_x, f"sampled train images listed in {listing_file(spec, location, 'train')}")
+        check_files_exist(val, f"sampled val images listed in {listing_file(spec, location, 'val')}")
+        check_files_exist(test, f"test images listed in {listing_file(spec, location, 'test')}")
     return FewShotDataset(
         name=name, dataset_dir=location.dataset_dir, classnames=classnames, train_x=train_x, val=val, test=test,
         shots=shots, seed=seed, template=DEFAULT_TEMPLATE, templates=spec.templates)

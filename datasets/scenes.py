@@ -17,15 +17,17 @@ those pairs, each colour and each shape in two classes, on lighter backgrounds
 than pretraining ever shows (a domain shift, as few-shot benchmarks are for
 CLIP: the target images differ from the pretraining ones), and are written in the
 real on-disk layout of a benchmark (CoOp split JSON + ``images/<class>/``;
-Zhou et al., IJCV 2022), so the ordinary readers load them
-(``build_dataset("dtd", root)``):
+Zhou et al., IJCV 2022), so the ordinary readers load them: registered as
+``scenes_compose`` and ``scenes_names`` (``build_dataset("scenes_compose",
+root)``), or under any CoOp-JSON benchmark's names with ``--dataset`` (written
+with ``--dataset dtd``, ``build_dataset("dtd", root)`` reads the task):
 
 - ``compose``: the classes named by their words ("red star"): zero-shot works
   only as far as the model composes words it has seen in other pairs and
   carries them over to the new backgrounds;
 - ``names``: the same images, the classes named by made-up words no caption
-  contains ("blicket"): zero-shot is at chance and only adaptation can link the
-  names to what the image tower already sees.
+  contains ("blicket"): zero-shot is near chance (tiny-clip: 14.3%, chance 10%)
+  and only adaptation can link the names to what the image tower already sees.
 
     python -m datasets.scenes --root /tmp/data --task compose
 """
@@ -33,7 +35,6 @@ Zhou et al., IJCV 2022), so the ordinary readers load them
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -42,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from .registry import get_spec, list_datasets
+from .synthetic import write_class_images, write_json_split
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star", "hexagon", "ring", "heart", "crescent")
 COLOURS: Dict[str, Tuple[int, int, int]] = {
@@ -268,23 +270,19 @@ def write_task(root: Union[str, Path], task: str = "compose", dataset: Optional[
     if spec.split_format != "json":
         raise ValueError(f"scenes tasks are written with a CoOp JSON split; {spec.name} has {spec.split_format}")
     dataset_dir = Path(root) / spec.folders[0]
-    image_folder = spec.image_folders[0]
-    counts = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
-    splits: Dict[str, list] = {split: [] for split in counts}
-    for label, (classname, fixed) in enumerate(TASKS[task].classes):
-        (dataset_dir / image_folder / classname).mkdir(parents=True, exist_ok=True)
-        index = 0
-        for split_index, (split, count) in enumerate(counts.items()):
-            for _ in range(count):
-                rng = np.random.default_rng([seed, label, split_index, index])
-                relpath = f"{classname}/{classname}_{index + 1:04d}.png"
-                scene = sample_scene(rng, fixed, exclude=())
-                Image.fromarray(render_scene(scene, image_size, rng, TASK_BACKGROUND)).save(
-                    dataset_dir / image_folder / relpath)
-                splits[split].append([relpath, label, classname])
-                index += 1
-    with open(dataset_dir / spec.split_file, "w", encoding="utf-8") as handle:
-        json.dump(splits, handle)
+    classes = TASKS[task].classes
+
+    def render(label: int, rng: np.random.Generator) -> np.ndarray:
+        scene = sample_scene(rng, classes[label][1], exclude=())
+        return render_scene(scene, image_size, rng, TASK_BACKGROUND)
+
+    names = [classname for classname, _ in classes]
+    entries = write_class_images(
+        dataset_dir / spec.image_folders[0], names,
+        {"train": train_per_class, "val": val_per_class, "test": test_per_class}, seed,
+        image_path=lambda label, index, serial, split: f"{names[label]}/{names[label]}_{index + 1:04d}.png",
+        render=render)
+    write_json_split(dataset_dir / spec.split_file, entries)
     return dataset_dir
 
 

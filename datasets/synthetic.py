@@ -9,7 +9,7 @@ labels come from the sorted folders), or, for ``imagefolder``, bare class
 folders under ``root`` (its split is written by the reader). File and class
 names imitate the real ones (flat ``Abyssinian_12.jpg``-style Pets files,
 ``cars_train/00012.jpg``, ``.JPEG`` for ImageNet, "2012 ..." car names ...), so
-tests and the CPU demo use the same readers as real data. For ImageNet the
+the tests use the same readers as real data. For ImageNet the
 train and val images of a class go to ``train/`` (CLIP-LoRA draws both from
 there) and the test images to ``val/``. Output is deterministic in ``seed``.
 
@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Callable, Dict, List, Sequence, Union
 
 import numpy as np
 from PIL import Image
+
+from lora_zoo.files import atomic_write
 
 from .registry import CONVENTIONS, DatasetSpec, get_spec, list_datasets
 from .splits import VARIANT_CLASS_FILE, variant_list_file
@@ -65,10 +67,41 @@ def _write_lines(path: Path, lines: List[str]) -> None:
     path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
+def write_json_split(path: Path, entries: Dict[str, list]) -> None:
+    """A CoOp split file (compact JSON, as the generators have always written it), atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(entries), encoding="utf-8"))
+
+
+def write_class_images(image_dir: Path, classnames: Sequence[str], counts: Dict[str, int], seed: int,
+                       image_path: Callable[[int, int, int, str], str],
+                       render: Callable[[int, np.random.Generator], np.ndarray], **save_options) -> Dict[str, list]:
+    """Render ``counts[split]`` images of each class under ``image_dir``; return the CoOp split entries
+    ``{split: [[relative path, label, class name], ...]}`` (shared by this generator and ``scenes.py``).
+
+    The ``index``-th image of class ``label`` (counted over its splits in ``counts`` order; ``split_index``
+    is the split's place there) is ``render(label, rng)`` with ``rng = default_rng([seed, label, split_index,
+    index])``, saved at ``image_path(label, index, serial, split)`` (``serial`` counts images over all
+    classes) with Pillow's ``save_options``. Each image depends on its own key only.
+    """
+    entries: Dict[str, list] = {split: [] for split in counts}
+    serial = 0
+    for label, classname in enumerate(classnames):
+        index = 0
+        for split_index, (split, count) in enumerate(counts.items()):
+            for _ in range(count):
+                rng = np.random.default_rng([seed, label, split_index, index])
+                relpath = image_path(label, index, serial, split)
+                (image_dir / relpath).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(render(label, rng)).save(image_dir / relpath, **save_options)
+                entries[split].append([relpath, label, classname])
+                index += 1
+                serial += 1
+    return entries
+
+
 def _write_split_files(spec: DatasetSpec, dataset_dir: Path, entries: Dict[str, list], classnames: List[str]) -> None:
     if spec.split_format == "json":
-        with open(dataset_dir / spec.split_file, "w", encoding="utf-8") as handle:
-            json.dump(entries, handle)
+        write_json_split(dataset_dir / spec.split_file, entries)
     elif spec.split_format == "variant_lists":
         _write_lines(dataset_dir / VARIANT_CLASS_FILE, classnames)
         for split, items in entries.items():
@@ -89,24 +122,13 @@ def write_synthetic_dataset(root: Union[str, Path], dataset: str = "dtd", conven
     position = CONVENTIONS.index(convention)
     dataset_dir = Path(root) / spec.folders[position]
     image_dir = dataset_dir / spec.image_folders[position]
-    counts = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
-    entries: Dict[str, list] = {split: [] for split in counts}
-    classnames = []
-    serial = 0
-    for label, (colour, pattern) in enumerate(class_list(num_classes)):
-        classname = stored_classname(dataset, colour, pattern)
-        classnames.append(classname)
-        index = 0
-        for split_index, (split, count) in enumerate(counts.items()):
-            for _ in range(count):
-                rng = np.random.default_rng([seed, label, split_index, index])
-                relpath = relative_path(dataset, colour, pattern, label, index, serial, split)
-                (image_dir / relpath).parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(render_texture(colour, pattern, image_size, rng)).save(
-                    image_dir / relpath, format="JPEG", quality=92)
-                entries[split].append([relpath, label, classname])
-                index += 1
-                serial += 1
+    classes = class_list(num_classes)
+    classnames = [stored_classname(dataset, colour, pattern) for colour, pattern in classes]
+    entries = write_class_images(
+        image_dir, classnames, {"train": train_per_class, "val": val_per_class, "test": test_per_class}, seed,
+        image_path=lambda label, index, serial, split: relative_path(dataset, *classes[label], label, index,
+                                                                     serial, split),
+        render=lambda label, rng: render_texture(*classes[label], image_size, rng), format="JPEG", quality=92)
     _write_split_files(spec, dataset_dir, entries, classnames)
     return dataset_dir
 

@@ -26,10 +26,12 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import open_clip  # noqa: E402
+from conftest import clip_lora_draw  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from datasets import (DatasetError, build_data_loader, build_dataset, build_test_transform,  # noqa: E402
                       build_train_transform, write_synthetic_dataset)
+from datasets.loader import TrainStream  # noqa: E402
 
 SPLIT_FILES = {"dtd": "split_zhou_DescribableTextures.json", "food101": "split_zhou_Food101.json",
                "oxford_pets": "split_zhou_OxfordPets.json"}
@@ -43,17 +45,6 @@ def write_small(root, dataset="dtd", convention="coop", **overrides):
 
 def read_json(dataset_dir, dataset):
     return json.loads((Path(dataset_dir) / SPLIT_FILES[dataset]).read_text())
-
-
-def reference_sample(entries, shots, rng):
-    """Independent re-implementation of CoOp/CLIP-LoRA sampling on raw JSON entries."""
-    by_label = {}
-    for entry in entries:
-        by_label.setdefault(entry[1], []).append(entry)
-    out = []
-    for items in by_label.values():
-        out += rng.sample(items, shots) if len(items) >= shots else rng.choices(items, k=shots)
-    return out
 
 
 def tiny_clip(image_size=32):
@@ -88,9 +79,9 @@ def test_sampling_matches_reference(tmp_path, shots, seed):
     for split in ("train", "val"):
         shuffler.shuffle(splits[split])
     (dataset_dir / SPLIT_FILES["food101"]).write_text(json.dumps(splits))
-    rng = random.Random(seed)
-    expected_val = reference_sample(splits["val"], min(shots, 4), rng)
-    expected_train = reference_sample(splits["train"], shots, rng)
+    random.seed(seed)  # CLIP-LoRA seeds the global RNG, then draws val before train
+    expected_val = clip_lora_draw(splits["val"], min(shots, 4))
+    expected_train = clip_lora_draw(splits["train"], shots)
     ds = build_dataset("food101", tmp_path, shots=shots, seed=seed)
     image_dir = dataset_dir / "images"
     assert [d.impath for d in ds.val] == [str(image_dir / e[0]) for e in expected_val]
@@ -220,7 +211,21 @@ def test_eval_loader_keeps_the_order(roots):
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.long
     assert torch.cat([labels for _, labels in loader]).tolist() == [d.label for d in ds.test]
     default = build_data_loader(ds.test, transform)
-    assert default.num_workers == min(8, len(os.sched_getaffinity(0))) and default.loader.batch_size == 32
+    assert default.loader.batch_size == 32
+
+
+def test_default_workers_follow_the_device(roots, monkeypatch):
+    """No loader workers without CUDA (they would take cores from the training step), else min(8, CPUs)."""
+    ds = build_dataset("food101", roots[("food101", "clip_lora")], shots=2, seed=1)
+    transform = build_test_transform(tiny_clip(32))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert build_data_loader(ds.test, transform).num_workers == 0
+    assert TrainStream(ds.train_x, transform, batch_size=4, seed=1).num_workers == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cpus = min(8, len(os.sched_getaffinity(0)))
+    assert build_data_loader(ds.test, transform, pin_memory=False).num_workers == cpus
+    assert TrainStream(ds.train_x, transform, batch_size=4, seed=1, pin_memory=False).num_workers == cpus
+    assert build_data_loader(ds.test, transform, num_workers=1, pin_memory=False).num_workers == 1
 
 
 def test_synthetic_deterministic_and_learnable(tmp_path):

@@ -219,6 +219,27 @@ def test_unknown_class_in_variant_list(tmp_path):
         build_dataset("fgvc_aircraft", tmp_path, shots=1, seed=1)
 
 
+def test_variant_list_problems_name_the_split_list(tmp_path):
+    """FGVC-Aircraft's images are listed in images_variant_<split>.txt, not in variants.txt (the class list)."""
+    folder = small_tree(tmp_path, "fgvc_aircraft")  # class 0: train 1000000-1000002, val 1000003, test 1000004
+    (folder / "images" / "1000003.jpg").unlink()
+    with pytest.raises(DatasetError, match=rf"^image file not found: {folder}/images/1000003.jpg \(1 of 2 sampled "
+                                           rf"val images listed in {folder}/images_variant_val.txt are missing"):
+        build_dataset("fgvc_aircraft", tmp_path, shots=3, seed=1)
+    (folder / "images" / "1000001.jpg").unlink()
+    with pytest.raises(DatasetError, match=rf"^image file not found: {folder}/images/1000001.jpg \(1 of 6 sampled "
+                                           rf"train images listed in {folder}/images_variant_train.txt are missing"):
+        build_dataset("fgvc_aircraft", tmp_path, shots=3, seed=1)
+    (folder / "images_variant_test.txt").write_text("")
+    with pytest.raises(DatasetError, match=rf"^split file {folder}/images_variant_test.txt has an empty 'test' list$"):
+        build_dataset("fgvc_aircraft", tmp_path, shots=3, seed=1)
+    result = run_check("--root_path", str(tmp_path), "--dataset", "fgvc_aircraft")
+    assert result.returncode == 1 and "PROBLEMS: 3 " in result.stdout
+    assert f"test split is empty in {folder}/images_variant_test.txt\n" in result.stdout
+    assert f"missing file (train): {folder}/images/1000001.jpg\n" in result.stdout
+    assert f"missing file (val): {folder}/images/1000003.jpg\n" in result.stdout
+
+
 def test_imagenet_bad_folders(tmp_path):
     folder = small_tree(tmp_path, "imagenet")
     images = folder / "images"

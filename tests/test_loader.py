@@ -47,8 +47,9 @@ def test_train_batches_do_not_depend_on_workers_cache_or_resume(dataset):
     cached = DecodedImages(dataset.train_x, limit_mb=1)
     assert len(cached) == len(dataset.train_x)
     assert_same(take(TrainStream(dataset.train_x, transform, 5, seed=7, num_workers=0, images=cached), 6), reference)
-    bounded = DecodedImages(dataset.train_x, limit_mb=5 * 32 * 32 * 3 / 2 ** 20)  # room for 5 of 12 images
-    assert len(bounded) == 5
+    bounded = DecodedImages(dataset.train_x, limit_mb=5 * 32 * 32 * 4 / 2 ** 20)  # room for 5 of 12 images
+    assert len(bounded) == 5 and bounded.bytes == 5 * 32 * 32 * 4  # Pillow's RGB: 4 bytes a pixel
+    assert len(DecodedImages(dataset.train_x, limit_mb=5 * 32 * 32 * 3 / 2 ** 20)) == 3  # not 3 bytes a pixel
     assert_same(take(TrainStream(dataset.train_x, transform, 5, seed=7, num_workers=2, images=bounded), 6), reference)
     assert_same(take(TrainStream(dataset.train_x, transform, 5, seed=7, start_step=4), 2), reference[4:6])
     other = take(TrainStream(dataset.train_x, transform, 5, seed=8, num_workers=0), 1)
