@@ -1,4 +1,5 @@
 """Shared fixtures: tiny open_clip models (random init, built in code) and inputs for them; CLIP-LoRA's draw."""
+import os
 import random
 from collections import defaultdict
 
@@ -57,10 +58,15 @@ def data_root(tmp_path_factory):
 def one_thread():
     """One intra-op thread for a module of tiny-model runs: they gain nothing from more, and OpenMP
     spinning collapses when the cores are shared with another process."""
-    threads = torch.get_num_threads()
+    threads, launched = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # what runs started in this process see: prepare_device keeps 1 thread
     yield
     torch.set_num_threads(threads)
+    if launched is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = launched
 
 
 class FixedDropout(nn.Module):
