@@ -125,12 +125,10 @@ def _check_export(method: str, method_config, path) -> None:
     if not method_config.mergeable:
         raise ValueError(f"cannot export merged weights: {method} with these options depends on the batch and "
                          "cannot be folded into plain weights")
-    parent = Path(path).expanduser().resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"export path is not writable: {path} ({err.strerror or err})") from None
-    if not os.access(parent, os.W_OK) or Path(path).is_dir():
+    existing = Path(path).expanduser().resolve().parent  # nothing is created before the run has its inputs
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK) or Path(path).is_dir():
         raise ValueError(f"export path is not writable: {path}")
 
 

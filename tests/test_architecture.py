@@ -140,11 +140,14 @@ def test_checkpoint_loads_whatever_optimizer_or_schedule_trained_it(trained, loa
     method, options, optimizer = trained
     model = tiny_clip()
     lz.apply_adapters(model, method, **options)
+    with torch.no_grad():
+        untrained = model.encode_image(images)
     train_steps(model, images, texts, **optimizer)
     lz.save_adapters(model, tmp_path / "a.safetensors")
     assert "lr_ratio" not in json.loads((tmp_path / "a.json").read_text())["config"]
     with torch.no_grad():
         expected = model.encode_image(images)
+    assert (expected - untrained).abs().max() > 1e-4  # trained: the comparison below is not of two inits
     other = tiny_clip()
     lz.apply_adapters(other, loaded[0], **{**{k: v for k, v in options.items() if k == "rank"}, **loaded[1]})
     lz.load_adapters(other, tmp_path / "a.safetensors")
