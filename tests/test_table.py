@@ -116,8 +116,12 @@ def test_zero_shot_row_once_per_shot_group(capsys, tmp_path):
     assert rows["Zero-shot (the pretrained model, no training)"] == ["44.12", "70.00", "varies", "—",
                                                                      "57.06 [2/4 datasets]"] * 2
     assert rows["NoRA (ours, nora)"][0] == "51.50 ± 0.71"
-    assert make_table.zero_shot_of(make_table.load_results(root)[0],
-                                   make_table.Layout(None, "dataset", None, [1], {1}, ["lora"]), "eurosat") == 31.0
+    runs = make_table.load_results(root)[0]
+    assert make_table.zero_shot_of(runs, make_table.Layout(None, "dataset", None, [1], {1}, ["lora"]), "eurosat") == 31.0
+    # what the accuracy-vs-shots plot of DTD draws: NoRA at 1 and 4 shots, mean and sample std over seeds 1, 2
+    layout = make_table.Layout(None, "dataset", None, [1, 4, 16], {1, 2}, ["nora", "lora"])
+    assert make_table.shot_curves(runs, layout, "dtd") == [
+        ("NoRA (ours, nora)", [(1, 51.5, pytest.approx(0.7071, abs=1e-4)), (4, 61.5, pytest.approx(0.7071, abs=1e-4))])]
 
 
 def test_several_backbones_one_table_each_paper_rows_only_beside_vit_b_16(capsys, fixture_results):
