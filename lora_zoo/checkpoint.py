@@ -15,6 +15,8 @@ model, deterministically.
 ``load_adapters(model, path)`` into a model without adapters first injects
 them as saved; into an adapted model it checks that layer method, layer
 options, targets and per-layer ranks agree and names the first mismatch otherwise.
+Format-1 files (lora_zoo 0.1) are read, except VeRA and AIRA ``act_scale="batch"``
+ones: those layers compute something else from the same tensors now, so they are refused.
 """
 from __future__ import annotations
 
@@ -69,6 +71,16 @@ def save_adapters(model: nn.Module, path) -> Path:
     return path
 
 
+def _refuse_changed_since_v1(cfg_path: Path, layer: str, config: dict) -> None:
+    """One-line error for a format-1 checkpoint whose layers now compute something else from the same tensors."""
+    changed = {"vera": "VeRA's frozen pair is now drawn with bound sqrt(6/fan_in) (peft's), not 1/sqrt(fan_in)",
+               "aira": "AIRA's act_scale='batch' now averages |y| over each sample's tokens (the authors' "
+                       "formula), not over all tokens of the batch"}
+    if layer == "vera" or (layer == "aira" and config.get("act_scale") == "batch"):
+        raise ValueError(f"{cfg_path} is a format_version 1 {layer} checkpoint and cannot be loaded: {changed[layer]} "
+                         "since it was written, so it would compute a different model; retrain it")
+
+
 def read_adapter_config(path) -> dict[str, Any]:
     """The JSON config saved beside an adapter file (one-line error if it is missing or unreadable)."""
     cfg_path = config_path(path)
@@ -83,6 +95,7 @@ def read_adapter_config(path) -> dict[str, Any]:
         known = {f for f in get_method(layer).config_class.__dataclass_fields__}
         meta.update(format_version=FORMAT_VERSION, layer=layer,
                     config={k: v for k, v in meta["config"].items() if k in known})
+        _refuse_changed_since_v1(cfg_path, layer, meta["config"])
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{cfg_path} has format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
     # options added since it was written take the defaults its options resolve to (what built it)

@@ -5,6 +5,7 @@ whether it promises an unchanged output at init, and its trainable-parameter
 formula. A registered method without a row fails ``test_every_method_has_a_case``.
 """
 import copy
+import json
 
 import pytest
 import torch
@@ -218,11 +219,39 @@ def test_save_load_round_trip(case_id, images, texts, tmp_path):
     assert lz.layer_ranks(fresh) == lz.layer_ranks(model)
     # into an already adapted model with the same setup (and merged: it stays merged)
     _, same, _ = adapted(case_id, images, texts)
-    if lz.adapter_modules(same)[next(iter(lz.adapter_modules(same)))].mergeable:
+    mergeable = CASES[case_id].get("mergeable", True)
+    if mergeable:
         lz.merge_adapters(same)
     lz.load_adapters(same, tmp_path / "adapters.safetensors")
+    assert all(a.merged == mergeable for a in lz.adapter_modules(same).values())
     for a, b in zip(outputs(same, images, texts), expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_format_1_checkpoints_load_unless_their_layers_changed(images, texts, tmp_path):
+    """A format-1 file (lora_zoo 0.1: no "layer" key) loads; VeRA's frozen pair and AIRA's act_scale batch have
+    changed since, so theirs are refused with a one-line error naming the file."""
+    paths = {}
+    for case_id in ("lora", "vera", "aira_authors"):
+        _, model, _ = adapted(case_id, images, texts)
+        perturb(model)
+        paths[case_id] = lz.save_adapters(model, tmp_path / f"{case_id}.safetensors")
+        config = paths[case_id].with_suffix(".json")
+        meta = json.loads(config.read_text())
+        del meta["layer"]
+        config.write_text(json.dumps({**meta, "format_version": 1}))
+        if case_id == "lora":
+            expected = outputs(model, images, texts)
+    fresh = tiny_clip()
+    assert lz.load_adapters(fresh, paths["lora"])["format_version"] == 2
+    for a, b in zip(outputs(fresh, images, texts), expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for case_id, layer in (("vera", "vera"), ("aira_authors", "aira")):
+        with pytest.raises(ValueError) as err:
+            lz.load_adapters(tiny_clip(), paths[case_id])
+        message = str(err.value)
+        assert message.startswith(f"{tmp_path / case_id}.json is a format_version 1 {layer} checkpoint and cannot "
+                                  "be loaded: ") and message.endswith("retrain it") and "\n" not in message
 
 
 @pytest.mark.parametrize("change, message", [
