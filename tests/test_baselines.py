@@ -112,6 +112,18 @@ def test_lorafa_optimizer_freezes_the_input_side_of_any_method():
     assert trainable == {"lora_inner_B"}
 
 
+@pytest.mark.parametrize("structure", ["nested_full", "output_full"])
+def test_lorafa_refuses_layers_without_an_input_side(structure):
+    """NoRA's full structures train one matrix on the output side: LoRA-FA would freeze nothing."""
+    model = adapted("nora", variant="authors", inner_structure=structure, act_weighted=False, outer_rank=16)
+    before = lz.count_trainable(model)
+    with pytest.raises(ValueError, match=r"optimizer lorafa freezes input-side tensors, but \S+ \(nora\) has "
+                                         "none") as err:
+        lz.build_optimizer(model, lr=1e-3, optimizer="lorafa")
+    assert "\n" not in str(err.value)
+    assert lz.count_trainable(model) == before > 0  # nothing was frozen on the way
+
+
 # ---- VeRA -------------------------------------------------------------------------------------
 def test_vera_matrices_are_shared_and_regenerate_from_the_seed():
     model = adapted("vera", rank=16, projection_seed=7)
