@@ -57,7 +57,7 @@ from typing import Literal, Mapping, Optional
 import torch
 from torch import nn
 
-from .adapter import AdapterConfig, AdapterLinear, adapter_modules, positive_int
+from .adapter import AdapterConfig, AdapterLinear, adapter_modules, check_rank_fits, positive_int
 from .hooks import TrainingHooks
 from .options import Options, option
 from .registry import register_method
@@ -276,9 +276,7 @@ class AdaLoraLinear(AdapterLinear):
     def __init__(self, base_layer: nn.Linear, config: AdaLoraConfig, stats=None):
         super().__init__(base_layer, config, stats)
         rank, device = config.init_rank, base_layer.weight.device
-        if rank > min(self.in_features, self.out_features):
-            raise ValueError(f"adalora init_rank {rank} exceeds min(d_in, d_out) of a "
-                             f"{self.out_features}×{self.in_features} layer")
+        check_rank_fits("adalora", "init_rank", rank, self.in_features, self.out_features)
         self.scale = config.scale
         self.lora_P = nn.Parameter(0.02 * torch.randn(self.out_features, rank, device=device))
         self.lora_lambda = nn.Parameter(torch.zeros(rank, device=device))

@@ -20,6 +20,7 @@ What trains, is saved and is counted follows the ``lora_`` naming rule (``naming
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -55,6 +56,26 @@ class AdapterConfig(Options):
 def positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def fan_uniform(shape: tuple[int, ...], fan: int, scale: float = 1.0, device=None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A float32 tensor drawn from ``U(−scale/√fan, scale/√fan)``: Kaiming-uniform written by its bound.
+
+    ``scale=1`` is ``nn.Linear``'s init (``kaiming_uniform_(a=√5)`` over ``fan``), ``scale=√6`` is
+    ``kaiming_uniform_(a=0)`` (gain √2, as peft's VeRA and the authors' NoRA up-side factors draw).
+    Drawn with ``uniform_`` from ``generator`` (torch's default one when None), as ``nn.init`` draws,
+    so the numbers equal ``kaiming_uniform_``'s for the same generator state.
+    """
+    bound = scale / math.sqrt(fan)
+    return torch.empty(shape, device=device, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+
+
+def check_rank_fits(method: str, what: str, rank: int, in_features: int, out_features: int) -> None:
+    """One-line error when ``rank`` exceeds ``min(d_in, d_out)`` (a decomposition has no more directions)."""
+    if rank > min(in_features, out_features):
+        raise ValueError(f"{method} {what} {rank} exceeds min(d_in, d_out) = {min(in_features, out_features)} "
+                         f"of a {out_features}×{in_features} (d_out×d_in) layer")
 
 
 class AdapterLinear(nn.Module):

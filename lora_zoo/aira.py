@@ -9,11 +9,13 @@ A LoRA update ``ΔW = s · diag(m) B A`` with three switchable components
     LoRA does; ``init="authors_svd"`` reproduces the authors' CLIP code.
 (b) ``rank_alloc``: per-layer ranks from an importance per layer (outlier score
     or first-token output norm) by water-filling under a parameter budget
-    (``rank_allocation.py``); stored in the model's setup, saved with checkpoints.
+    (``rank_allocation.py``), clipped to min(d_in, d_out); stored in the model's
+    setup, saved with checkpoints.
 (c) ``act_scale=True``: ``m = (o / mean(o))^γ`` from the calibrated output
     statistic o, a fixed buffer, so the adapter stays mergeable.
     ``act_scale="batch"``: the authors' per-batch scaling of the live output
-    (``batch_output_scale``): predictions depend on the batch, not mergeable.
+    (``batch_output_scale``): predictions depend on the batch, not mergeable, and
+    with an SVD init no residual (it could not keep the model unchanged at init).
 
 ``variant`` picks the defaults of the options marked "variant" (``VARIANT_DEFAULTS``,
 resolved when the config is built, so a saved config holds explicit values):
@@ -31,8 +33,7 @@ from typing import Literal, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .adapter import AdapterConfig, AdapterLinear, positive_int
-from .lora import kaiming_rows
+from .adapter import AdapterConfig, AdapterLinear, check_rank_fits, fan_uniform, positive_int
 from .options import option
 from .rank_allocation import allocate_ranks, outlier_score
 from .registry import register_method
@@ -66,8 +67,9 @@ class AiraConfig(AdapterConfig):
         None, "owsvd (SVD of W diag(s)^beta) | lora | authors_svd (their plain SVD with A = first r rows of V); "
               "variant: paper owsvd, authors authors_svd")
     owsvd_beta: float = option(1.0, "beta of the owSVD weighting")
-    residual: Optional[bool] = option(None, "W <- W - dW(theta_0): the model is unchanged at init; "
-                                            "variant: paper true, authors false")
+    residual: Optional[bool] = option(None, "W <- W - dW(theta_0): the model is unchanged at init (refused with "
+                                            "act_scale batch and an SVD init, where it cannot be); variant: paper "
+                                            "true (false with act_scale batch), authors false")
     rank_alloc: bool = option(True, "per-layer ranks from layer importances (water-filling under the budget)")
     rank_importance: Optional[Literal["lod", "act"]] = option(
         None, "lod (outlier fraction) | act (mean first-token output L2 norm); variant: paper lod, authors act")
@@ -90,9 +92,17 @@ class AiraConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        residual_given = self.residual is not None
         for name, value in VARIANT_DEFAULTS[self.variant].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.act_scale == "batch" and self.init != "lora" and self.residual:
+            # W − ΔW(θ₀) + m̂ ⊙ ΔW(θ₀)x ≠ Wx: a batch-dependent m̂ cannot be taken out of the weight
+            if residual_given:
+                raise ValueError(f"aira residual=true with act_scale='batch' and init={self.init!r} changes the "
+                                 "output at init (the forward scales dW(theta_0) x by the batch's m, the residual "
+                                 "removes it unscaled); set residual=false or init='lora'")
+            self.residual = False
         positive_int("rank", self.rank)
         positive_int("rank_min", self.rank_min)
         positive_int("rank_max", self.rank_max)
@@ -133,9 +143,10 @@ def authors_svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, 
     are built, so the singular vectors' signs are the ones their run gets.
     """
     d_out, d_in = weight.shape
-    if d_in > d_out or rank > d_in:
-        raise ValueError(f"init='authors_svd' needs rank <= d_in <= d_out (their indexing gives A the wrong "
-                         f"shape otherwise); this layer has d_in={d_in}, d_out={d_out}, rank={rank}")
+    if d_in > d_out:
+        raise ValueError(f"aira init='authors_svd' needs d_in <= d_out (their indexing gives A the wrong "
+                         f"shape otherwise); this layer has d_in={d_in}, d_out={d_out}")
+    check_rank_fits("aira", "rank", rank, d_in, d_out)
     w = weight.detach().float().cpu()
     with _single_threaded(w.device):
         u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
@@ -181,6 +192,7 @@ class AiraLinear(AdapterLinear):
         self.scale = config.scale
         weight = base_layer.weight
         if config.init == "owsvd":
+            check_rank_fits("aira", "rank", self.rank, self.in_features, self.out_features)
             col_scale = _need_stats(stats, "init='owsvd'").input_abs_mean
             u, sigma, vt = weighted_svd(weight, self.rank, col_scale, config.owsvd_beta)
             root = sigma.sqrt()
@@ -191,7 +203,8 @@ class AiraLinear(AdapterLinear):
             self.lora_A = nn.Parameter(down)
             self.lora_B = nn.Parameter(up)
         else:
-            self.lora_A = nn.Parameter(kaiming_rows(self.rank, self.in_features, weight))
+            self.lora_A = nn.Parameter(fan_uniform((self.rank, self.in_features), self.in_features,
+                                                   device=weight.device))
             self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=weight.device))
         if config.act_scale is True:
             out_abs = _need_stats(stats, "act_scale=True").output_abs_mean.to(weight.device).float()
@@ -214,7 +227,8 @@ class AiraLinear(AdapterLinear):
         budget = config.rank_budget if config.rank_budget is not None else sum(costs) * config.rank
         ranks = allocate_ranks(scores, costs, budget, config.rank_min, config.rank_max, uniform_rank=config.rank,
                                rounding=config.rank_rounding)
-        return {n: {"rank": r} for n, r in zip(names, ranks)}
+        # a layer has no more than min(d_in, d_out) directions; what a clipped layer leaves is not reassigned
+        return {n: {"rank": min(r, linears[n].in_features, linears[n].out_features)} for n, r in zip(names, ranks)}
 
     def factors(self, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         up = self.scale * tensors["lora_B"]

@@ -14,7 +14,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from .adapter import AdapterConfig, AdapterLinear, positive_int
+from .adapter import AdapterConfig, AdapterLinear, fan_uniform, positive_int
 from .options import option
 from .registry import register_method
 
@@ -40,13 +40,6 @@ class LoraConfig(AdapterConfig):
         return self.scale_at(self.rank)
 
 
-def kaiming_rows(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    """A (rows × cols) matrix initialised like ``nn.Linear`` weights (Kaiming-uniform, a=√5)."""
-    weight = torch.empty(rows, cols, device=like.device, dtype=torch.float32)
-    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-    return weight
-
-
 # lr 2e-4: CLIP-LoRA's published learning rate (Zanella & Ben Ayed, CVPRW 2024)
 @register_method("lora", display_name="CLIP-LoRA", citation="Hu et al., ICLR 2022; Zanella & Ben Ayed, CVPRW 2024",
                  lr=2e-4)
@@ -60,7 +53,8 @@ class LoraLinear(AdapterLinear):
         super().__init__(base_layer, config, stats)
         weight = base_layer.weight
         self.scale = config.scale
-        self.lora_A = nn.Parameter(kaiming_rows(config.rank, self.in_features, weight))
+        # A as nn.Linear initialises a weight (Kaiming-uniform, a=√5: bound 1/√d_in)
+        self.lora_A = nn.Parameter(fan_uniform((config.rank, self.in_features), self.in_features, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, device=weight.device))
 
     def factors(self, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,8 @@ ablation tables A–C (``nora_structures.py``; docs/METHODS.md, "NoRA: the autho
 variant and the ablation tables A–C"): the SVD of ``diag(s) Wᵀ`` with their signs
 (``svd.weighted_svd(transposed=True)``), Σ inside the frozen factors, random
 inner factors, ``s = α / r_out`` (α = 1), W kept (no residual), and the bias
-added a second time, scaled by s (``double_bias``; folded into the bias on merge).
+added a second time, scaled by s (``double_bias``; folded into the bias on merge; off with
+``residual``, which could not remove it).
 
 Options whose default differs between the variants default to null and are
 resolved from ``VARIANT_DEFAULTS`` when the config is built, so a saved config
@@ -35,9 +36,8 @@ from typing import Literal, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .adapter import AdapterConfig, AdapterLinear
-from .lora import kaiming_rows
-from .nora_structures import OUTER_A, OUTER_B, STRUCTURES, authors_kaiming, sigma_sides, split_sides, uniform_by_rows
+from .adapter import AdapterConfig, AdapterLinear, check_rank_fits, fan_uniform
+from .nora_structures import OUTER_A, OUTER_B, STRUCTURES, authors_kaiming, sigma_sides, split_sides
 from .options import OptionError, option
 from .registry import register_method
 from .svd import sign_flips, weighted_svd
@@ -58,10 +58,8 @@ HALF_RANK = ("down_parallel", "up_parallel")
 
 def resolve_rank(rank: Union[int, float], in_features: int, out_features: int) -> int:
     """An int rank as is; a float in (0, 1] as ``floor(ratio · min(d_in, d_out))`` (at least 1)."""
-    full = min(in_features, out_features)
-    resolved = max(1, math.floor(rank * full)) if isinstance(rank, float) else rank
-    if not 1 <= resolved <= full:
-        raise ValueError(f"outer rank {rank!r} resolves to {resolved}, outside [1, {full}] for a {out_features}×{in_features} layer")
+    resolved = max(1, math.floor(rank * min(in_features, out_features))) if isinstance(rank, float) else rank
+    check_rank_fits("nora", "outer_rank", resolved, in_features, out_features)
     return resolved
 
 
@@ -84,8 +82,8 @@ class NoraConfig(AdapterConfig):
     inner_init: Optional[Literal["sigma", "lora", "randn", "kaiming_authors"]] = option(
         None, "paper: sigma (B'A' = diag(top r_in singular values)) | lora | randn; authors: randn (N(0,1), table C) "
               "| kaiming_authors (table B); null: sigma / randn")
-    residual: Optional[bool] = option(None, "W <- W - dW(theta_0), the model unchanged at init; null: paper true, "
-                                            "authors false")
+    residual: Optional[bool] = option(None, "W <- W - dW(theta_0), the model unchanged at init (then double_bias "
+                                            "defaults to false); null: paper true, authors false")
     act_weighted: Optional[bool] = option(None, "outer SVD of W diag(s)^beta (s: calibrated input mean |x|); null: "
                                                 "paper false, authors true")
     act_beta: float = option(1.0, "beta of the activation weighting")
@@ -100,7 +98,8 @@ class NoraConfig(AdapterConfig):
         None, "authors: svd, or kaiming_authors (their init_method 1 of tables A/B: kaiming down, zero up; "
               "inner_structure up_parallel or none only); paper: svd")
     double_bias: Optional[bool] = option(None, "authors: add scale * bias a second time, as their forward does "
-                                               "(folded into the bias on merge); null: authors true; paper: false")
+                                               "(folded into the bias on merge; refused with residual true); null: "
+                                               "authors true (false with residual true); paper: false")
     calibration: Optional[Literal["standard", "authors"]] = option(
         None, "which data the activation scale s comes from (read by the pipeline): standard (all few-shot "
               "images, class prompts without padding) | authors (one augmented batch, one prompt with padding); "
@@ -117,6 +116,13 @@ class NoraConfig(AdapterConfig):
                 if getattr(self, name) != value:
                     raise OptionError(f"{name}={getattr(self, name)!r} exists only for variant='authors' "
                                       f"(the paper's NoRA has {name}={value!r})")
+        if self.residual and self.double_bias:
+            # W − ΔW(θ₀) leaves the extra scale·b in the output at init; removing it from the frozen bias as
+            # well would cancel it for good, i.e. compute exactly what double_bias=false computes
+            if "double_bias" in given:
+                raise OptionError("nora residual=true with double_bias=true changes the output at init by "
+                                  "scale * bias (the residual removes dW(theta_0) only); set one of them false")
+            self.double_bias = False
         if self.outer_init == "kaiming_authors":
             self._resolve_kaiming_outer(given)
         self._resolve_inner(STRUCTURES[self.inner_structure], given)
@@ -204,7 +210,7 @@ class NoraLinear(AdapterLinear):
         weight, r_out = self.base_layer.weight, self.outer_rank
         if config.outer_init == "kaiming_authors":  # their lora_B = 0, lora_A kaiming(a=√5) on (d_in × r)
             return (torch.zeros(self.out_features, r_out, device=weight.device),
-                    uniform_by_rows((r_out, self.in_features), 1.0, weight), None, None)
+                    fan_uniform((r_out, self.in_features), r_out, device=weight.device), None, None)
         col_scale = None
         if config.act_weighted:
             if stats is None:
@@ -238,7 +244,7 @@ class NoraLinear(AdapterLinear):
             root = torch.diag(sigma.sqrt())
             return {"lora_inner_B": root[:, :r_in].clone(), "lora_inner_A": root[:r_in, :].clone()}
         return {"lora_inner_B": torch.zeros(r_out, r_in, device=like.device),
-                "lora_inner_A": kaiming_rows(r_in, r_out, like)}
+                "lora_inner_A": fan_uniform((r_in, r_out), r_out, device=like.device)}
 
     def factors(self, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         outer_P, outer_Q = self._frozen_outer()

@@ -36,6 +36,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from .adapter import fan_uniform
+
 Tensors = Mapping[str, torch.Tensor]
 #: factors(P, Q, trainable tensors) -> (up, down) without the scale
 Factors = Callable[[torch.Tensor, torch.Tensor, Tensors], tuple[torch.Tensor, torch.Tensor]]
@@ -96,15 +98,9 @@ def split_sides(shapes: Mapping[str, tuple[tuple[int, int], str]]) -> tuple[tupl
             tuple(n for n, (_, side) in shapes.items() if side == "down"))
 
 
-def uniform_by_rows(shape: tuple[int, int], gain: float, like: torch.Tensor) -> torch.Tensor:
-    """``U(−gain/√rows, gain/√rows)``: ``kaiming_uniform_`` applied to the transposed (authors') layout,
-    whose fan is its second dimension; gain 1 is their ``a=√5``, gain √6 their default ``a=0``."""
-    bound = gain / math.sqrt(shape[0])
-    return (torch.rand(shape, device=like.device) * 2 - 1) * bound
-
-
 def authors_kaiming(shapes: Mapping[str, tuple[tuple[int, int], str]], like: torch.Tensor) -> dict[str, torch.Tensor]:
     """Table B's inner init: input-side and full tensors with their ``a=√5`` bound (1/√fan), output-side
-    tensors with ``a=0`` (√(6/fan)), the fan being the authors' second dimension (our rows)."""
-    return {name: uniform_by_rows(shape, math.sqrt(6) if side == "up" else 1.0, like)
+    tensors with ``a=0`` (√(6/fan)); their ``kaiming_uniform_`` runs on the transposed (their) layout, so the
+    fan is their second dimension, our rows."""
+    return {name: fan_uniform(shape, shape[0], math.sqrt(6) if side == "up" else 1.0, device=like.device)
             for name, (shape, side) in shapes.items()}

@@ -17,6 +17,7 @@ from typing import Optional
 
 from torch import nn
 
+from .adapter import check_rank_fits
 from .lora import LoraConfig, LoraLinear
 from .options import option
 from .registry import register_method
@@ -37,9 +38,7 @@ class PissaLinear(LoraLinear):
 
     def __init__(self, base_layer: nn.Linear, config: PissaConfig, stats=None):
         super().__init__(base_layer, config, stats)
-        if config.rank > min(self.in_features, self.out_features):
-            raise ValueError(f"pissa rank {config.rank} exceeds min(d_in, d_out) of a "
-                             f"{self.out_features}×{self.in_features} layer")
+        check_rank_fits("pissa", "rank", config.rank, self.in_features, self.out_features)
         u, sigma, vt = weighted_svd(base_layer.weight, config.rank, beta=0.0)
         root = (sigma / self.scale).sqrt()
         self.lora_A.data.copy_(root[:, None] * vt)

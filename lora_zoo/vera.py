@@ -28,17 +28,11 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from .adapter import AdapterConfig, AdapterLinear, positive_int
+from .adapter import AdapterConfig, AdapterLinear, fan_uniform, positive_int
 from .options import option
 from .registry import register_method
 
 _SHARED: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
-
-
-def _kaiming(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
-    """Kaiming-uniform with gain √2 over fan_in = cols, ``U(−√(6/cols), √(6/cols))``, from ``generator``."""
-    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(cols)
-    return torch.empty(rows, cols).uniform_(-bound, bound, generator=generator)
 
 
 def shared_projections(seed: int, rank: int, max_out: int, max_in: int, device, dtype=torch.float32):
@@ -47,8 +41,9 @@ def shared_projections(seed: int, rank: int, max_out: int, max_in: int, device, 
     pair = _SHARED.get(key + ("A",)), _SHARED.get(key + ("B",))
     if pair[0] is None or pair[1] is None:
         generator = torch.Generator().manual_seed(seed)
-        down = _kaiming(rank, max_in, generator)
-        up = _kaiming(max_out, rank, generator)
+        # Kaiming-uniform with gain √2 over fan_in = columns: U(−√(6/fan_in), √(6/fan_in)), A then B
+        down = fan_uniform((rank, max_in), max_in, math.sqrt(6), generator=generator)
+        up = fan_uniform((max_out, rank), rank, math.sqrt(6), generator=generator)
         pair = down.to(device=device, dtype=dtype), up.to(device=device, dtype=dtype)
         _SHARED[key + ("A",)], _SHARED[key + ("B",)] = pair
     return pair

@@ -73,7 +73,8 @@ def test_variant_defaults_resolve_to_explicit_values():
             paper["rank_rounding"], paper["rank_max"], paper["calibration"]) == (
         "paper", 8, "owsvd", True, True, "greedy", 32, "standard")
     assert lz.build_config("aira", variant="authors").scale == 2.0  # alpha, not alpha / r
-    assert lz.build_config("aira", variant="authors", residual=True).residual is True  # an explicit value wins
+    # an explicit value wins (a residual needs act_scale other than batch, or init lora: see below)
+    assert lz.build_config("aira", variant="authors", residual=True, act_scale=False).residual is True
     # a saved config rebuilds the same layer config, even with the other variant's defaults around
     assert lz.build_config("aira", **authors).to_dict() == authors
 
@@ -90,6 +91,31 @@ def test_bad_options_fail_in_one_line(options, message):
     with pytest.raises(ValueError, match=message) as error:
         lz.build_config("aira", **options)
     assert "\n" not in str(error.value)
+
+
+def test_per_batch_scaling_has_no_residual_unless_the_init_is_zero():
+    """W − ΔW(θ₀) + m̂ ⊙ ΔW(θ₀)x ≠ Wx: with act_scale batch a residual cannot keep the model at init."""
+    assert lz.build_config("aira", act_scale="batch").residual is False  # the paper variant's default yields
+    with pytest.raises(ValueError, match="residual=true with act_scale='batch' and init='authors_svd' changes the "
+                                         "output at init") as error:
+        lz.build_config("aira", variant="authors", residual=True)
+    assert "\n" not in str(error.value)
+    # what it would compute: the output moves at init by (m̂ − 1) ⊙ ΔW(θ₀)x (m̂ of the residual's output)
+    torch.manual_seed(0)
+    linear, x = nn.Linear(24, 32), batch_first_tokens()
+    adapter = lz.wrap_linear(copy.deepcopy(linear), "aira", rank=4, **AUTHORS)
+    delta = adapter.delta_weight()
+    with torch.no_grad():
+        adapter.base_layer.weight.sub_(delta)  # the residual it would have taken
+        moved = adapter(x) - linear(x)
+        expected = (batch_output_scale(adapter.base_layer(x)) - 1) * (x @ delta.t())  # m̂ of W − ΔW(θ₀)
+    torch.testing.assert_close(moved, expected, atol=1e-5, rtol=1e-4)
+    assert moved.abs().max() > 1e-2
+    # init lora: ΔW(θ₀) = 0, so the residual is exact and allowed
+    zero_init = lz.wrap_linear(copy.deepcopy(linear), "aira", rank=4, init="lora", residual=True, **AUTHORS)
+    assert zero_init.has_residual
+    with torch.no_grad():
+        torch.testing.assert_close(zero_init(x), linear(x), atol=0, rtol=0)
 
 
 def test_bad_layers_fail_in_one_line():

@@ -1,5 +1,6 @@
 """Core behaviour: attention split, calibration statistics, NoRA/AIRA maths, rank allocation."""
 import copy
+import math
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ from torch import nn
 
 import lora_zoo as lz
 from conftest import tiny_clip
+from lora_zoo.adapter import fan_uniform
+from lora_zoo.aira import AiraLinear
 from lora_zoo.calibration import LayerStats
 from lora_zoo.rank_allocation import allocate_ranks, outlier_score
 
@@ -143,7 +146,7 @@ def test_nora_outer_rank_int_or_ratio_and_errors():
     linear = nn.Linear(50, 20)
     assert lz.wrap_linear(copy.deepcopy(linear), "nora", outer_rank=0.8).outer_rank == 16
     assert lz.wrap_linear(copy.deepcopy(linear), "nora", outer_rank=18).outer_rank == 18
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match=r"nora outer_rank 21 exceeds min\(d_in, d_out\) = 20 of a 20×50"):
         lz.wrap_linear(copy.deepcopy(linear), "nora", outer_rank=21)
     with pytest.raises(ValueError, match="inner_rank 16 exceeds outer_rank 10"):
         lz.wrap_linear(copy.deepcopy(linear), "nora", outer_rank=10)
@@ -228,6 +231,51 @@ def test_rank_allocation_edges():
     assert allocate_ranks([0.0, 0.3], [10, 10], budget=60, r_min=1, r_max=8) == [1, 5]
     with pytest.raises(ValueError, match="below the minimum"):
         allocate_ranks([0.1, 0.2], [10, 10], budget=30, r_min=2, r_max=8)
+
+
+@pytest.mark.parametrize("method, options, what", [
+    ("nora", dict(outer_rank=21), "outer_rank"),
+    ("pissa", dict(rank=21), "rank"),
+    ("adalora", dict(init_rank=21), "init_rank"),
+    ("aira", dict(rank=21, rank_alloc=False, act_scale=False), "rank"),
+])
+def test_a_rank_above_the_layer_size_is_refused_alike(method, options, what):
+    stats = LayerStats(torch.ones(50), torch.ones(50), torch.ones(20), tokens=4)
+    with pytest.raises(ValueError) as err:
+        lz.wrap_linear(nn.Linear(50, 20), method, stats=stats, **options)
+    assert str(err.value) == f"{method} {what} 21 exceeds min(d_in, d_out) = 20 of a 20×50 (d_out×d_in) layer"
+    at_the_limit = lz.wrap_linear(nn.Linear(50, 20), method, stats=stats, **{**options, what: 20})
+    assert at_the_limit(torch.ones(3, 50)).shape == (3, 20)
+
+
+def test_aira_allocation_never_exceeds_a_layer_s_size():
+    torch.manual_seed(0)
+    linears = {"wide": nn.Linear(48, 32), "narrow": nn.Linear(6, 40)}
+    stats = {name: LayerStats(torch.rand(l.in_features) + 0.5, torch.rand(l.in_features) + 0.5,
+                              torch.rand(l.out_features) + 0.5, tokens=4) for name, l in linears.items()}
+    config = lz.build_config("aira", rank=8, rank_min=8, rank_max=16, act_scale=False)
+    plan = AiraLinear.plan_layers(linears, stats, config)
+    assert plan["narrow"] == {"rank": 6}  # the allocation's 8 or more, clipped to min(d_in, d_out)
+    assert 8 <= plan["wide"]["rank"] <= 16
+    adapter = lz.wrap_linear(linears["narrow"], "aira", stats=stats["narrow"], act_scale=False, rank_alloc=False,
+                             **plan["narrow"])
+    assert adapter.lora_A.shape == (6, 6) and adapter.lora_B.shape == (40, 6)
+
+
+def test_fan_uniform_draws_what_kaiming_uniform_draws():
+    """Bit for bit: ``nn.init.kaiming_uniform_`` with a=√5 (nn.Linear's, bound 1/√fan) and a=0 (√(6/fan))."""
+    for shape, scale, a in [((8, 768), 1.0, math.sqrt(5)), ((24, 512), 1.0, math.sqrt(5)),
+                            ((256, 48), math.sqrt(6), 0.0), ((7, 3), math.sqrt(6), 0.0)]:
+        expected = torch.empty(shape)
+        nn.init.kaiming_uniform_(expected, a=a, generator=torch.Generator().manual_seed(1))
+        drawn = fan_uniform(shape, shape[1], scale, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(drawn, expected)
+        bound = scale / math.sqrt(shape[1])
+        assert drawn.abs().max() <= bound and drawn.abs().max() > 0.9 * bound
+    torch.manual_seed(2)  # without a generator: torch's default one, as nn.Linear's init
+    expected = nn.Linear(40, 6).weight.detach()
+    torch.manual_seed(2)
+    assert torch.equal(fan_uniform((6, 40), 40), expected)
 
 
 def test_load_rejects_missing_or_bad_files(tmp_path):

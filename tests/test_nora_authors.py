@@ -197,6 +197,28 @@ def test_bad_combinations_fail_in_one_line(options, message):
     assert "\n" not in str(err.value)
 
 
+def test_residual_turns_the_double_bias_off_and_keeps_the_model_at_init():
+    """W − ΔW(θ₀) leaves the authors' extra scale·b; with residual=true double_bias defaults to false (removing
+    scale·b from the frozen bias too would compute exactly that), and asking for both is refused."""
+    torch.manual_seed(0)
+    linear, x = nn.Linear(D_IN, D_OUT), torch.randn(6, D_IN)
+    options = dict(variant="authors", act_weighted=False, outer_rank=24)
+    assert lz.build_config("nora", **options).double_bias is True  # their defaults are untouched
+    adapter = lz.wrap_linear(copy.deepcopy(linear), "nora", residual=True, **options)
+    assert adapter.config.double_bias is False and adapter.extra_bias() is None and adapter.has_residual
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(x), linear(x), atol=1e-5, rtol=1e-5)
+        # what both together would give: off by exactly scale·b
+        both = lz.wrap_linear(copy.deepcopy(linear), "nora", residual=False, **options)
+        both._make_residual()
+        torch.testing.assert_close(both(x) - linear(x), (both.scale * linear.bias).expand(6, -1), atol=1e-5, rtol=1e-5)
+        assert both.scale * linear.bias.abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"residual=true with double_bias=true changes the output at init by "
+                                         r"scale \* bias") as err:
+        lz.build_config("nora", residual=True, double_bias=True, **options)
+    assert "\n" not in str(err.value)
+
+
 def test_saved_svd_signs_decide_the_update(monkeypatch):
     """The frozen factors are rebuilt canonical from W; the signs LAPACK gave where the adapter was built
     are saved with it, so another LAPACK (other signs) loading the tensors gets the same ΔW."""
