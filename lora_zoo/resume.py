@@ -35,9 +35,16 @@ def capture(model: nn.Module, optimizer, scheduler, scaler, hooks, step: int, hi
         "adapters": {k: v.detach().cpu().clone() for k, v in adapter_state_dict(model).items()},
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "hooks": hooks.state_dict(), "history": {k: list(v) for k, v in history.items()},
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "rng": {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
+
+
+def _numpy_state() -> dict:
+    """NumPy's global RNG state in types ``torch.load(weights_only=True)`` reads (no NumPy arrays)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
 
 
 def save(path, state: dict) -> Path:
@@ -51,7 +58,7 @@ def load(path, setting: tuple = ()) -> Optional[dict]:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
         raise ValueError(f"cannot read the run's checkpoint {path} ({type(err).__name__}); delete it to "
                          "start the run again") from None
@@ -83,7 +90,9 @@ def restore(model: nn.Module, optimizer, scheduler, scaler, hooks, state: dict) 
     scaler.load_state_dict(state["scaler"])
     hooks.load_state_dict(state["hooks"])
     random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
+    saved = state["rng"]["numpy"]
+    np.random.set_state((saved["kind"], saved["keys"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
+                         saved["cached"]))
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])

@@ -276,6 +276,22 @@ def test_killed_run_resumes_and_ends_bit_identical(method, data_root, tmp_path, 
     assert not (killed / "result.json").exists() and (killed / "checkpoint.pt").is_file()
 
 
+class Planted:
+    def __reduce__(self):  # what a pickle can make torch.load run: here, leave a file behind
+        return (open, ("/tmp/lora_zoo_planted_checkpoint_ran", "w"))
+
+
+def test_a_planted_checkpoint_runs_no_code(tmp_path):
+    from lora_zoo import resume
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"step": 1, "setting": (), "payload": Planted()}, path)
+    if os.path.exists("/tmp/lora_zoo_planted_checkpoint_ran"):
+        os.unlink("/tmp/lora_zoo_planted_checkpoint_ran")
+    with pytest.raises(ValueError, match=f"cannot read the run's checkpoint {re.escape(str(path))}"):
+        resume.load(path)
+    assert not os.path.exists("/tmp/lora_zoo_planted_checkpoint_ran")
+
+
 def test_a_finished_run_with_other_settings_is_an_error_not_a_no_op(data_root, tmp_path, capsys):
     args = ["--root_path", data_root, "--output_dir", tmp_path, *TINY]
     assert run(capsys, args, "lora")[0] == 0
