@@ -213,9 +213,11 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
 
     started = time.perf_counter()
     out = run_dir(cfg)
-    saved_config = _saved_run(out, cfg) if eval_only else None
     if not eval_only and not overwrite and is_finished(out, cfg):
-        raise RunFinishedError(f"run already finished: {out / RESULT_FILE} exists")
+        if export_path is None:
+            raise RunFinishedError(f"run already finished: {out / RESULT_FILE} exists")
+        eval_only = True  # exporting a finished run: its saved adapters, evaluated and exported, not retrained
+    saved_config = _saved_run(out, cfg) if eval_only else None
     spec, method_config, schedule_options = method_options(cfg.method, cfg.method_options)
     if export_path is not None:
         _check_export(cfg.method, method_config, export_path)

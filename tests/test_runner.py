@@ -269,3 +269,20 @@ def test_zero_shot_is_computed_once_per_dataset_and_prompts(data_root, tmp_path)
         path.write_text(json.dumps(entry))
     again = run_experiment(small_config(data_root, tmp_path, method="lora", seed=3), progress=False)
     assert again["zero_shot_cached"] is False and again["zero_shot_accuracy"] == first["zero_shot_accuracy"]
+
+
+def test_export_of_a_finished_run_exports_its_adapters_without_training(runs, tmp_path, images):
+    out, _, done = runs
+    folder, result, _ = done["nora"]
+    before = (folder / "result.json").read_bytes()
+    proc = cli("main_nora.py", "--root_path", done["nora"][1]["config"]["root_path"], "--output_dir", out, *SMALL,
+               "--export_merged", tmp_path / "nora.pt")
+    assert proc.returncode == 0, proc.stderr
+    assert (folder / "result.json").read_bytes() == before  # not trained again
+    assert json.loads((folder / "eval.json").read_text())["accuracy"] == result["accuracy"]
+    plain = build_clip("tiny-vit", seed=0).model
+    plain.load_state_dict(torch.load(tmp_path / "nora.pt", weights_only=True), strict=True)
+    adapted = fresh_adapted(folder)
+    lora_zoo.merge_adapters(adapted)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.encode_image(images), adapted.encode_image(images), rtol=1e-4, atol=1e-5)
