@@ -51,9 +51,9 @@ def save(path, state: dict) -> Path:
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load(path, setting: tuple = ()) -> Optional[dict]:
-    """The checkpoint at ``path``, or None when there is none. A damaged one, or one written by a run with another
-    ``setting`` (``results.setting_of``: every option that changes a number), is an error naming it."""
+def load(path, setting: Optional[tuple] = None) -> Optional[dict]:
+    """The checkpoint at ``path``, or None when there is none. A damaged one, or (given ``setting``) one written by a
+    run with another setting (``results.setting_of``: every option that changes a number), is an error naming it."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -62,7 +62,7 @@ def load(path, setting: tuple = ()) -> Optional[dict]:
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
         raise ValueError(f"cannot read the run's checkpoint {path} ({type(err).__name__}); delete it to "
                          "start the run again") from None
-    difference = first_difference(state.get("setting", ()), setting)
+    difference = None if setting is None else first_difference(state.get("setting", ()), setting)
     if difference:
         raise ValueError(f"the checkpoint {path} was written with other settings ({difference}); rerun with its "
                          "settings to resume it, or with --overwrite to start again")
