@@ -44,6 +44,7 @@ from .metrics import Sinks, check_sinks, write_curves
 from .models import build_clip, weights_file
 from .provenance import RunLog, environment, peak_memory
 from .results import first_difference, setting_of
+from .targets import check_layers
 from .train import evaluate, prepare_device, train_adapters
 
 logger = logging.getLogger(__name__)
@@ -59,10 +60,17 @@ class RunFinishedError(ValueError):
     """The run already has a readable ``result.json``; training it again needs ``overwrite``."""
 
 
+def dataset_name(cfg: ExperimentConfig) -> str:
+    """The dataset as results name it: the registered name, and for ``imagefolder`` the folder's name too
+    (``imagefolder-birds``), since there the folder is the dataset."""
+    return f"imagefolder-{Path(cfg.root_path).resolve().name}" if cfg.dataset == "imagefolder" else cfg.dataset
+
+
 def run_dir(cfg: ExperimentConfig) -> Path:
-    """``output_dir/<backbone>/<dataset>/<shots>shots/seed<seed>/<method>[-<run_name>]`` (the sweep uses it too)."""
+    """``output_dir/<backbone>/<dataset>/<shots>shots/seed<seed>/<method>[-<run_name>]`` (the sweep uses it too);
+    ``<dataset>`` is ``dataset_name(cfg)``."""
     leaf = cfg.method if cfg.run_name is None else f"{cfg.method}-{cfg.run_name}"
-    return (Path(cfg.output_dir) / cfg.backbone.replace("/", "-") / cfg.dataset / f"{cfg.shots}shots"
+    return (Path(cfg.output_dir) / cfg.backbone.replace("/", "-") / dataset_name(cfg) / f"{cfg.shots}shots"
             / f"seed{cfg.seed}" / leaf)
 
 
@@ -230,6 +238,7 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
         ds = build_dataset(cfg.dataset, cfg.root_path, shots=cfg.shots, seed=cfg.seed)
         backbone = build_clip(cfg.backbone, cfg.pretrained, device, seed=cfg.backbone_seed)
         model = backbone.model
+        check_layers(model, cfg.encoders, cfg.layers)  # before the zero-shot pass, not after it
         prompts = ds.prompts(cfg.template)
         class_tokens = backbone.tokenizer(prompts)
         test_transform = build_test_transform(model)
@@ -246,7 +255,7 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
         state = None if eval_only else resume_state.load(state_path, setting)
         log.attach(out / ("eval.log" if eval_only else "train.log"), append=state is not None)
         logger.info("run %s | %s on %s (%d threads, %d loader workers)", out, cfg.method, device, threads, workers)
-        result: dict[str, Any] = {"method": cfg.method, "dataset": cfg.dataset, "shots": cfg.shots, "seed": cfg.seed,
+        result: dict[str, Any] = {"method": cfg.method, "dataset": dataset_name(cfg), "shots": cfg.shots, "seed": cfg.seed,
                                   "run_name": cfg.run_name, "backbone": cfg.backbone, "pretrained": cfg.pretrained,
                                   "device": str(device), "threads": threads, "num_workers": workers}
         if eval_only:
@@ -311,10 +320,12 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
         result.update(peak_memory(device), wall_seconds=time.perf_counter() - started,
                       config=saved_config if eval_only else cfg.to_dict(), **environment())
         zero_shot = result.get("zero_shot_accuracy")
-        result["summary"] = (f"{cfg.method} {cfg.dataset} {cfg.shots}-shot seed {cfg.seed} ({cfg.backbone}): "
+        result["summary"] = (f"{cfg.method} {dataset_name(cfg)} {cfg.shots}-shot seed {cfg.seed} ({cfg.backbone}): "
                              + (f"zero-shot {zero_shot:.2f}% -> " if zero_shot is not None else "eval only: ")
                              + f"top-1 {result['accuracy']:.2f}%"
-                             + (f" | {result['iterations']} it in {result['train_seconds']:.1f}s "
+                             + (f" | {result['iterations'] - result['resumed_from']} it"
+                                + (f" (resumed at {result['resumed_from']})" if result["resumed_from"] else "")
+                                + f" in {result['train_seconds']:.1f}s "
                                 f"({result['iterations_per_second']:.2f} it/s), {result['trainable_params']:,} "
                                 "trainable params" if not eval_only else "") + f" | {out}")
         write_json(out / (EVAL_FILE if eval_only else RESULT_FILE), result)  # last: its presence = finished

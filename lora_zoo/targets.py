@@ -42,6 +42,12 @@ def _block_indices(count: int, layers: Optional[Iterable[int]], encoder: str) ->
     return sorted(set(chosen))
 
 
+def check_layers(model: nn.Module, encoders=ENCODERS, layers: Optional[Iterable[int]] = None) -> None:
+    """A one-line ``ValueError`` for a block index a chosen tower does not have (before any work is spent)."""
+    for encoder in encoders:
+        _block_indices(len(encoder_blocks(model, encoder)[1]), layers, encoder)
+
+
 def find_target_linears(model: nn.Module, encoders=ENCODERS, targets=("q", "k", "v"),
                         layers: Optional[Iterable[int]] = None) -> dict[str, nn.Module]:
     """``{qualified name: module}`` for every target of every chosen block (attention must be split)."""

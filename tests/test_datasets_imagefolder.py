@@ -140,3 +140,26 @@ def test_check_does_not_write_the_split(tmp_path):
     (root / "yellow_waves" / "yellow_waves_0002.jpg").unlink()
     result = check()
     assert result.returncode == 1 and "imagefolder: images in" in result.stdout and "1 removed" in result.stdout
+
+
+def test_two_image_folders_are_two_datasets_in_results_and_tables(tmp_path, capsys):
+    """The folder is the dataset: runs on two folders get their own run folders and table columns."""
+    import main
+    from scripts import make_table
+
+    out = tmp_path / "out"
+    accuracy = {}
+    for name in ("birds", "cars"):
+        root = own_folder(tmp_path / name)
+        code = main.run(["--method", "lora", "--dataset", "imagefolder", "--root_path", str(root), "--shots", "1",
+                         "--backbone", "tiny-vit", "--n_iters", "2", "--batch_size", "4", "--num_workers", "0",
+                         "--eval_batch_size", "16", "--threads", "1", "--output_dir", str(out), "--quiet"])
+        assert code == 0, capsys.readouterr().err
+        result = json.loads((out / f"tiny-vit/imagefolder-{name}/1shots/seed1/lora/result.json").read_text())
+        assert result["dataset"] == f"imagefolder-{name}" and result["config"]["root_path"] == str(root)
+        accuracy[name] = result["accuracy"]
+    capsys.readouterr()
+    assert make_table.main([str(out), "--format", "csv"]) == 0
+    table = capsys.readouterr().out
+    assert "Method,imagefolder-birds 1-shot,imagefolder-cars 1-shot,Average 1-shot" in table
+    assert f'"CLIP-LoRA (ours, lora)",{accuracy["birds"]:.2f},{accuracy["cars"]:.2f},' in table
