@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -259,7 +260,12 @@ def run(argv=None, method=None) -> int:
         return 1
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # kill, a scheduler's time limit: stop as Ctrl-C does, with its message
+
+
 def main(argv=None, method=None) -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     start = time.perf_counter()
     code = run(argv, method)
     logging.getLogger(__name__).debug("finished in %.1fs", time.perf_counter() - start)

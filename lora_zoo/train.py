@@ -62,7 +62,9 @@ class TrainResult:
 
     @property
     def iterations_per_second(self) -> float:
-        return self.iterations / self.seconds if self.seconds > 0 else float("nan")
+        """Of this process: ``seconds`` counts only the iterations after ``resumed_from``."""
+        done = self.iterations - self.resumed_from
+        return done / self.seconds if self.seconds > 0 else float("nan")
 
 
 def autocast(device: torch.device, amp: bool):

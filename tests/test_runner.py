@@ -5,6 +5,7 @@ Everything runs on CPU with the tiny open_clip backbone and a synthetic 32-px da
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -286,3 +287,22 @@ def test_export_of_a_finished_run_exports_its_adapters_without_training(runs, tm
     lora_zoo.merge_adapters(adapted)
     with torch.no_grad():
         torch.testing.assert_close(plain.encode_image(images), adapted.encode_image(images), rtol=1e-4, atol=1e-5)
+
+
+def test_terminated_run_says_how_to_resume(data_root, tmp_path):
+    """SIGTERM (kill, a scheduler's time limit) stops a run as Ctrl-C does: one line, its checkpoint kept."""
+    args = [*SMALL[:SMALL.index("--n_iters")], "--n_iters", "5000", "--checkpoint_every", "2",
+            *SMALL[SMALL.index("--n_iters") + 2:]]
+    proc = subprocess.Popen([sys.executable, "main_nora.py", "--root_path", str(data_root), "--output_dir",
+                             str(tmp_path), *map(str, args)], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "tiny-vit" / "dtd" / "2shots" / "seed1" / "nora" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted before the run finished (no result.json); "
+                                                   "the same command resumes it")
+    assert checkpoint.is_file() and not checkpoint.with_name("result.json").exists()
