@@ -61,9 +61,9 @@ def sample_few_shot(items: Sequence[Datum], shots: int, rng: random.Random, spli
         if len(group) >= shots:
             sampled.extend(rng.sample(group, shots))
         else:
-            logger.warning(
-                "class '%s' (label %d) has %d %s images, fewer than %d shots: sampling with replacement",
-                group[0].classname, label, len(group), split, shots)
+            logger.warning("class '%s' (label %d) has %d %s images, fewer than the %d %s: sampling with replacement",
+                           group[0].classname, label, len(group), split, shots,
+                           "shots" if split == "train" else "validation images drawn (min(shots, 4))")
             sampled.extend(rng.choices(group, k=shots))
     return sampled
 

@@ -85,17 +85,16 @@ def classnames_from_splits(splits: Splits, source: Path) -> List[str]:
             if known != item.classname:
                 raise DatasetError(
                     f"split file {source}: label {item.label} is named both '{known}' and '{item.classname}'")
-    labels = sorted(names)
-    if labels != list(range(len(labels))):
-        bad = next(label for label in labels if label < 0 or label >= len(labels))
-        missing = sorted(set(range(len(labels))) - set(labels))
-        raise DatasetError(f"split file {source}: label {bad} is out of range: {len(labels)} classes need labels "
-                           f"0..{len(labels) - 1} (missing: {', '.join(map(str, missing[:5]))})")
+    labels, count = sorted(names), len(set(names.values()))
     first_label: Dict[str, int] = {}
     for label in labels:
         other = first_label.setdefault(names[label], label)
         if other != label:
             raise DatasetError(f"split file {source}: class '{names[label]}' has two labels, {other} and {label}")
+    for label in labels:
+        if not 0 <= label < count:
+            raise DatasetError(f"split file {source}: label {label} (class '{names[label]}') is out of range: its "
+                               f"{count} classes need labels 0..{count - 1}")
     return [names[label] for label in labels]
 
 

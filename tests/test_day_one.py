@@ -172,12 +172,15 @@ def test_command_line_values_reach_the_option_as_typed(argv, key, value):
 
 # 9 -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("entries, message", [
-    ([["a.jpg", 0, "cat"], ["b.jpg", 1, "dog"], ["c.jpg", 7, "cow"]], "label 7 is out of range"),
+    ([["a.jpg", 0, "cat"], ["b.jpg", 1, "dog"], ["c.jpg", 7, "cow"]],
+     "label 7 (class 'cow') is out of range: its 3 classes need labels 0..2"),
+    ([["a.jpg", 0, "cat"], ["b.jpg", 1, "dog"], ["c.jpg", 7, "dog"]],  # one entry relabelled
+     "class 'dog' has two labels, 1 and 7"),
     ([["a.jpg", 0, "cat"], ["b.jpg", 1, "dog"], ["c.jpg", 2, "cat"]], "class 'cat' has two labels, 0 and 2"),
 ])
 def test_bad_split_labels_are_named(entries, message, tmp_path):
     splits = parse_split({"train": entries, "val": [], "test": entries[:1]}, tmp_path / "split.json", tmp_path)
-    with pytest.raises(DatasetError, match=message):
+    with pytest.raises(DatasetError, match=re.escape(message)):
         classnames_from_splits(splits, tmp_path / "split.json")
 
 
@@ -206,6 +209,7 @@ def test_readme_commands_use_the_virtual_environment():
 @pytest.mark.parametrize("bad, message", [
     (["--seed", "-3"], "seed must be in [0, 2**32), got -3"),
     (["--dataset", "food101"], "dataset folder not found"),
+    (["--layers", "99"], "layer index 99 out of range for the vision tower with 2 blocks"),  # before zero-shot
 ])
 def test_failed_runs_leave_no_folder(bad, message, data_root, tmp_path, capsys):
     line = one_line(capsys, ["--root_path", data_root, "--output_dir", tmp_path] + TINY + bad, "lora")
@@ -265,6 +269,9 @@ def test_killed_run_resumes_and_ends_bit_identical(method, data_root, tmp_path, 
     assert run(capsys, args + ["--output_dir", tmp_path / "killed"], method)[0] == 0
     whole, resumed = read_result(tmp_path / f"whole/tiny-vit/dtd/2shots/seed1/{method}"), read_result(killed)
     assert resumed["resumed_from"] == 5 and whole["resumed_from"] == 0  # the checkpoint before the kill
+    # speed of this process: the iterations it ran (after the checkpoint) over the time it ran them
+    assert resumed["iterations_per_second"] == pytest.approx((resumed["iterations"] - 5) / resumed["train_seconds"])
+    assert f"{resumed['iterations'] - 5} it (resumed at 5) in" in resumed["summary"]
     for key in ("accuracy", "final_loss", "loss_history", "hooks_summary"):
         assert whole[key] == resumed[key], key
     assert (killed / "adapters.safetensors").read_bytes() == \
