@@ -83,12 +83,16 @@ def read_result(folder: Path) -> dict[str, Any] | None:
     return result if isinstance(result, dict) and isinstance(result.get("accuracy"), (int, float)) else None
 
 
+def recorded_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The optimizer and the resolved method options (layer and schedule) as ``result.json`` records them."""
+    _, method_config, schedule_options = method_options(cfg.method, cfg.method_options)
+    return {"optimizer": cfg.optimizer,
+            "method_config": {**method_config.to_dict(), **(schedule_options.to_dict() if schedule_options else {})}}
+
+
 def run_setting(cfg: ExperimentConfig) -> tuple:
     """The options that define ``cfg``'s numbers, as ``result.json`` records them (``results.setting_of``)."""
-    _, method_config, schedule_options = method_options(cfg.method, cfg.method_options)
-    return setting_of({"config": cfg.to_dict(), "optimizer": cfg.optimizer,
-                       "method_config": {**method_config.to_dict(),
-                                         **(schedule_options.to_dict() if schedule_options else {})}})
+    return setting_of({"config": cfg.to_dict(), **recorded_options(cfg)})
 
 
 def is_finished(folder: Path, cfg: Optional[ExperimentConfig] = None) -> bool:
@@ -226,7 +230,7 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
             raise RunFinishedError(f"run already finished: {out / RESULT_FILE} exists")
         eval_only = True  # exporting a finished run: its saved adapters, evaluated and exported, not retrained
     saved_config = _saved_run(out, cfg) if eval_only else None
-    spec, method_config, schedule_options = method_options(cfg.method, cfg.method_options)
+    method_config = method_options(cfg.method, cfg.method_options)[1]
     if export_path is not None:
         _check_export(cfg.method, method_config, export_path)
     check_sinks(cfg.log_to)
@@ -295,9 +299,7 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
                           iterations=trained.iterations, resumed_from=trained.resumed_from,
                           train_seconds=trained.seconds, iterations_per_second=trained.iterations_per_second,
                           final_loss=trained.final_loss, loss_history=trained.loss_history,
-                          hooks_summary=trained.hooks_summary, optimizer=cfg.optimizer,
-                          method_config={**method_config.to_dict(),
-                                         **(schedule_options.to_dict() if schedule_options else {})})
+                          hooks_summary=trained.hooks_summary, **recorded_options(cfg))
         mergeable = all(a.mergeable for a in adapter_modules(model).values())
         if mergeable:
             merge_adapters(model)
