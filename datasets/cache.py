@@ -29,7 +29,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
 from lora_zoo.files import atomic_write
-from lora_zoo.provenance import available_cpus
+from lora_zoo.host import available_cpus
 
 from .base import DatasetError, Datum, load_image
 

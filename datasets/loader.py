@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from lora_zoo.provenance import available_cpus
+from lora_zoo.host import available_cpus
 
 from .base import DatasetError, Datum, load_image
 

@@ -13,28 +13,51 @@ Public API::
     save_adapters(model, path), load_adapters(model, path)
 
 Methods register themselves (``@register_method`` beside each adapter class,
-``register_preset`` for a layer + optimizer pair); every module of the package
-is imported when the registry is first asked, so a method is one file.
+``register_preset`` for a layer + optimizer pair); the modules that register
+something are imported when the registry is first asked, so a method is one file.
+
+Imports are lazy: ``import lora_zoo`` (or any of its modules, e.g. ``lora_zoo.files``
+from ``datasets``) loads no torch; each name above is imported from its module on
+first use, and ``lora_zoo.<module>`` works for every module of the package. The
+package's layers (entry points > pipeline > loop > methods > adapter base >
+primitives) are import contracts in ``.importlinter``, checked by the test suite.
 """
-__version__ = "0.2.0"
+import importlib
 
-from .adapter import AdapterConfig, AdapterLinear, adapter_modules
-from .attention import SplitAttention, split_attention
-from .calibration import LayerStats, collect_activation_stats
-from .checkpoint import load_adapters, read_adapter_config, save_adapters
-from .hooks import TrainingHooks, training_hooks
-from .inject import apply_adapters, build_config, layer_ranks, merge_adapters, unmerge_adapters, wrap_linear
-from .naming import (adapter_state_dict, count_trainable, is_adapter_tensor, named_trainable_parameters,
-                     trainable_parameters)
-from .optim import build_optimizer, get_optimizer, list_optimizers, param_groups, register_optimizer
-from .registry import MethodSpec, get_method, list_methods, register_method, register_preset
+from .host import __version__
 
-__all__ = [
-    "AdapterConfig", "AdapterLinear", "LayerStats", "MethodSpec", "SplitAttention", "TrainingHooks",
-    "adapter_modules", "adapter_state_dict", "apply_adapters", "build_config", "build_optimizer",
-    "collect_activation_stats", "count_trainable", "get_method", "get_optimizer", "is_adapter_tensor",
-    "layer_ranks", "list_methods", "list_optimizers", "load_adapters", "merge_adapters",
-    "named_trainable_parameters", "param_groups", "read_adapter_config", "register_method", "register_optimizer",
-    "register_preset", "save_adapters", "split_attention", "trainable_parameters", "training_hooks",
-    "unmerge_adapters", "wrap_linear",
-]
+#: public name -> the module of the package that defines it
+_EXPORTS = {
+    "AdapterConfig": "adapter", "AdapterLinear": "adapter", "adapter_modules": "adapter",
+    "SplitAttention": "attention", "split_attention": "attention",
+    "LayerStats": "calibration", "collect_activation_stats": "calibration",
+    "load_adapters": "checkpoint", "read_adapter_config": "checkpoint", "save_adapters": "checkpoint",
+    "TrainingHooks": "hooks", "training_hooks": "hooks",
+    "apply_adapters": "inject", "build_config": "inject", "layer_ranks": "inject", "merge_adapters": "inject",
+    "unmerge_adapters": "inject", "wrap_linear": "inject",
+    "adapter_state_dict": "naming", "count_trainable": "naming", "is_adapter_tensor": "naming",
+    "named_trainable_parameters": "naming", "trainable_parameters": "naming",
+    "build_optimizer": "optim", "get_optimizer": "optim", "list_optimizers": "optim", "param_groups": "optim",
+    "register_optimizer": "optim",
+    "MethodSpec": "registry", "get_method": "registry", "list_methods": "registry", "register_method": "registry",
+    "register_preset": "registry",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """``lora_zoo.<name>``: a public name imported from its module, or a module of the package."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    try:
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as err:
+        if err.name != f"{__name__}.{name}":
+            raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -26,12 +26,11 @@ from typing import Any, Iterable, Literal, Mapping, Optional
 
 import yaml
 
-from .inject import method_options
-from .models import list_backbones, resolve_pretrained
-from .optim import get_optimizer
+from datasets.base import check_template
+from datasets.registry import get_spec as dataset_spec
+
 from .options import Options, field_names, option
 from .registry import get_method
-from .targets import check_targets
 
 RUN_NAME = re.compile(r"[A-Za-z0-9._=,+-]{1,120}")
 #: keys that hold a mapping of options rather than one value
@@ -111,8 +110,12 @@ class ExperimentConfig(Options):
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop's settings"})
 
     def __post_init__(self):
-        from datasets.base import check_template  # the repository's few-shot datasets package
-        from datasets.registry import get_spec as dataset_spec
+        # checked against the libraries they name, imported here: reading this module (results, make_table)
+        # must not load torch or open_clip
+        from .inject import method_options
+        from .models import list_backbones, resolve_pretrained
+        from .optim import get_optimizer
+        from .targets import check_targets
 
         if self.layers in ("all", ""):
             self.layers = None

@@ -10,53 +10,10 @@ import logging.handlers
 import os
 import platform
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import open_clip
-import torch
-import torchvision
-
-from . import __version__
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not available on macOS / Windows
-        return os.cpu_count() or 1
-
-
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy jiffies of the whole machine, jiffies of this process) from /proc."""
-    with open("/proc/stat") as handle:
-        fields = [int(v) for v in handle.readline().split()[1:]]
-    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
-    with open("/proc/self/stat") as handle:
-        own = handle.read().rsplit(")", 1)[1].split()
-    return busy, int(own[11]) + int(own[12])  # utime + stime
-
-
-def cpus_busy_elsewhere(window: float = 0.3) -> float:
-    """How many CPUs other processes keep busy, measured over ``window`` seconds (0.0 where /proc is absent)."""
-    try:
-        busy0, own0 = _cpu_jiffies()
-        start = time.perf_counter()
-        time.sleep(window)
-        busy1, own1 = _cpu_jiffies()
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    ticks = os.sysconf("SC_CLK_TCK") * (time.perf_counter() - start)
-    return max(0.0, ((busy1 - busy0) - (own1 - own0)) / ticks)
-
-
-def versions() -> dict[str, str]:
-    """Versions of Python and of the packages a result depends on."""
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "open_clip": open_clip.__version__, "numpy": np.__version__, "lora_zoo": __version__}
+from .host import versions
 
 
 def environment() -> dict[str, Any]:
@@ -75,9 +32,11 @@ def environment() -> dict[str, Any]:
     return info
 
 
-def peak_memory(device: torch.device) -> dict[str, Any]:
+def peak_memory(device) -> dict[str, Any]:
     """CUDA max allocated on a GPU, the process's max RSS elsewhere (MiB)."""
     if device.type == "cuda":
+        import torch
+
         return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20, "peak_memory_kind": "cuda_allocated"}
     import resource
     return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_memory_kind": "cpu_maxrss"}

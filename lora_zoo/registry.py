@@ -13,15 +13,18 @@ name (tables), the citation (docs, ``--help``), the protocol learning rate (the
 runner's default), the optimizer builder the method trains with, and the
 training schedule (AdaLoRA's rank allocator, DyLoRA's rank sampler), if any.
 
-Every module of the ``lora_zoo`` package is imported the first time the
-registry is asked (``list_methods``, ``get_method``), so adding a method is one
-new file in ``lora_zoo/``: nothing lists methods by hand.
+Every module of the ``lora_zoo`` package that registers something (a top-level
+``@register_method``, ``register_preset`` or ``@register_optimizer``) is imported
+the first time the registry is asked (``list_methods``, ``get_method``), so adding
+a method is one new file in ``lora_zoo/``: nothing lists methods by hand, and a
+lookup never imports the pipeline.
 """
 from __future__ import annotations
 
 import importlib
-import pkgutil
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .options import OptionError, field_names
@@ -105,13 +108,25 @@ def register_preset(name: str, *, layer: str, display_name: str, citation: str, 
     return spec
 
 
+#: a line that registers a method, a preset or an optimizer builder at a module's top level
+REGISTRATION = re.compile(r"^(@register_method|@register_optimizer|register_preset)\(", re.MULTILINE)
+
+
+def registering_modules() -> list[str]:
+    """The package's modules that register something, found by reading their source (nothing is imported)."""
+    folder = Path(__file__).resolve().parent
+    return sorted(path.stem for path in folder.glob("*.py") if REGISTRATION.search(path.read_text(encoding="utf-8")))
+
+
 def discover() -> None:
-    """Import every module of the package once, so each registers what it defines."""
+    """Import, once, every module of the package that registers a method, preset or optimizer builder.
+
+    Only those: a method lookup loads the methods (and torch), never the pipeline or open_clip.
+    """
     global _DISCOVERED
     if _DISCOVERED:
         return
-    package = importlib.import_module(__package__)
-    for module in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
+    for module in registering_modules():
         importlib.import_module(f"{__package__}.{module}")  # a module that fails to import fails every lookup
     _DISCOVERED = True
 

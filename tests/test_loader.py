@@ -93,7 +93,7 @@ def test_unreadable_image_is_one_clean_error(dataset, tmp_path, workers):
 def test_cpu_threads_leave_room_for_other_processes_and_workers(monkeypatch):
     """The default thread count is the cores other processes leave free, split with the loader workers."""
     import lora_zoo.train as train
-    from lora_zoo import provenance
+    from lora_zoo import host
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(train, "available_cpus", lambda: 4)
@@ -116,6 +116,6 @@ def test_cpu_threads_leave_room_for_other_processes_and_workers(monkeypatch):
     spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
     try:
         time.sleep(0.3)
-        assert 0.7 < provenance.cpus_busy_elsewhere(0.5) < provenance.available_cpus() + 0.5
+        assert 0.7 < host.cpus_busy_elsewhere(0.5) < host.available_cpus() + 0.5
     finally:
         spinner.kill()
