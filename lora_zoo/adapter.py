@@ -16,6 +16,10 @@ its update is parameterised and initialised, once:
   input-side (A-like) trainable tensors, for optimizer builders such as LoRA+ and
   LoRA-FA that treat the two sides differently.
 
+Weights change in one place, ``apply_delta``: merging and unmerging, the residual
+init, DoRA, NoRA's double bias, the export of merged weights and checkpoint loading
+all add or remove an adapter's ``delta()`` — its ``(ΔW, Δb)`` — through it.
+
 What trains, is saved and is counted follows the ``lora_`` naming rule (``naming.py``).
 """
 from __future__ import annotations
@@ -71,6 +75,24 @@ def fan_uniform(shape: tuple[int, ...], fan: int, scale: float = 1.0, device=Non
     return torch.empty(shape, device=device, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
 
 
+@torch.no_grad()
+def apply_delta(weight: torch.Tensor, bias: Optional[torch.Tensor], weight_delta: Optional[torch.Tensor],
+                bias_delta: Optional[torch.Tensor] = None, sign: int = 1) -> None:
+    """The one place an adapter's update reaches a weight: ``W += sign·ΔW`` and ``b += sign·Δb``, in place.
+
+    Each delta is cast to its target's dtype and device; None adds nothing. ``sign=-1`` removes the update
+    again (to within the rounding of one addition: merge then unmerge restores W to about 1 ulp).
+    """
+    if sign not in (1, -1):
+        raise ValueError(f"sign must be 1 or -1, got {sign}")
+    for target, delta in ((weight, weight_delta), (bias, bias_delta)):
+        if delta is None:
+            continue
+        if target is None:
+            raise ValueError("the adapter has a bias update but its base layer has no bias")
+        target.add_(delta.to(device=target.device, dtype=target.dtype), alpha=sign)
+
+
 def check_rank_fits(method: str, what: str, rank: int, in_features: int, out_features: int) -> None:
     """One-line error when ``rank`` exceeds ``min(d_in, d_out)`` (a decomposition has no more directions)."""
     if rank > min(in_features, out_features):
@@ -121,9 +143,11 @@ class AdapterLinear(nn.Module):
         return up @ down
 
     def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
-        """The adapter's additive term for input ``x`` (already through dropout)."""
+        """The adapter's additive term for input ``x`` (already through dropout): ``ΔW x + Δb``."""
         up, down = self.factors(self.trainable_tensors())
-        return (x @ down.t().to(x.dtype)) @ up.t().to(x.dtype)
+        out = (x @ down.t().to(x.dtype)) @ up.t().to(x.dtype)
+        extra = self.extra_bias()
+        return out if extra is None else out + extra.to(out.dtype)
 
     # ---- shared machinery ---------------------------------------------------------------
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
@@ -131,9 +155,14 @@ class AdapterLinear(nn.Module):
         return {n: p for n, p in self.named_parameters(recurse=False) if is_adapter_tensor(n)}
 
     def extra_bias(self) -> Optional[torch.Tensor]:
-        """A bias term the unmerged forward adds besides ``ΔW x`` (folded into the bias on merge); None for
-        most methods (the authors' NoRA adds ``scale · b`` again)."""
+        """Δb: a bias term the forward adds besides ``ΔW x`` (``adapter_output`` adds it unmerged, ``merge``
+        folds it into the bias); None for most methods (the authors' NoRA adds ``scale · b`` again)."""
         return None
+
+    def delta(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(ΔW, Δb)``: what this adapter adds to its base layer's weight and bias (``apply_delta``). Merged, it
+        is the update that was merged (the same tensors, for a method whose ΔW depends on W: DoRA)."""
+        return self.delta_weight(), self.extra_bias()
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW(θ) for the current trainable tensors."""
@@ -152,12 +181,7 @@ class AdapterLinear(nn.Module):
         """Snapshot θ₀ as persistent buffers and set ``W ← W − ΔW(θ₀)`` (function-preserving init)."""
         for name, tensor in self.trainable_tensors().items():
             self.register_buffer(name + "_init", tensor.detach().clone())
-        self._add_to_weight(-self.initial_delta_weight())
-
-    @torch.no_grad()
-    def _add_to_weight(self, delta: torch.Tensor) -> None:
-        weight = self.base_layer.weight
-        weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+        apply_delta(self.base_layer.weight, None, self.initial_delta_weight(), sign=-1)
 
     def original_weight(self) -> torch.Tensor:
         """The weight this adapter was built on (W, before the residual was subtracted)."""
@@ -180,20 +204,20 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ΔW into the base weight. Idempotent: merging a merged adapter does nothing."""
+        """Fold ΔW (and Δb) into the base layer. Idempotent: merging a merged adapter does nothing."""
         if self.merged:
             return
         if not self.mergeable:
             raise RuntimeError(f"{self.method_name} with this config is not mergeable (its update depends on the batch)")
-        self._add_to_weight(self.delta_weight())
+        apply_delta(self.base_layer.weight, self.base_layer.bias, *self.delta())
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take ΔW back out of the base weight. Does nothing on an unmerged adapter."""
+        """Take ΔW (and Δb) back out of the base layer. Does nothing on an unmerged adapter."""
         if not self.merged:
             return
-        self._add_to_weight(-self.delta_weight())
+        apply_delta(self.base_layer.weight, self.base_layer.bias, *self.delta(), sign=-1)
         self.merged = False
 
     def num_trainable(self) -> int:

@@ -28,12 +28,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter import adapter_modules
+from .adapter import adapter_modules, apply_delta
 from .calibration import LayerStats
 from .files import atomic_write, write_json
 from .inject import AdapterSetup, apply_adapters
 from .naming import adapter_state_dict, is_adapter_tensor
-from .provenance import versions
+from .host import versions
 from .registry import get_method
 
 FORMAT_VERSION = 2
@@ -156,15 +156,16 @@ def load_adapters(model: nn.Module, path) -> dict:
             raise ValueError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
                              f"the model expects {tuple(expected[name].shape)}")
     for prefix, adapter in adapter_modules(model).items():
+        # back to the weight the adapter was built on, the tensors swapped, then as it was (apply_delta each time)
         was_merged = adapter.merged
-        original = adapter.original_weight()
+        adapter.unmerge()
+        if adapter.has_residual:
+            apply_delta(adapter.base_layer.weight, None, adapter.initial_delta_weight())
         for name, tensor in adapter.state_dict().items():
             if is_adapter_tensor(name):
                 getattr(adapter, name).copy_(tensors[f"{prefix}.{name}"])
-        adapter.base_layer.weight.copy_(original)
-        adapter.merged = False
         if adapter.has_residual:
-            adapter._add_to_weight(-adapter.initial_delta_weight())
+            apply_delta(adapter.base_layer.weight, None, adapter.initial_delta_weight(), sign=-1)
         if was_merged:
             adapter.merge()
     return meta

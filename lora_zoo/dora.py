@@ -16,8 +16,9 @@ the formula of the DoRA authors' code and peft: dropout reaches the magnitude
 term too, and the bias is never scaled by g. In training with dropout this
 costs one extra ``x̃ Wᵀ``; in eval, or without dropout, x̃ = x and ``x Wᵀ`` is
 taken from the base output (minus the bias), so y = g ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + bias.
-Merging is not additive: ``merge`` keeps the weight it overwrote (a
-non-persistent buffer) and ``unmerge`` restores it exactly.
+ΔW depends on the weight it is added to, so ``merge`` keeps the ΔW it merged (a
+non-persistent buffer) and ``unmerge`` takes that same ΔW out again (``apply_delta``,
+like every method: W comes back to within the rounding of one addition).
 Defaults: the CLIP-LoRA preset (DoRA is LoRA plus the magnitude vector).
 Trainable parameters per matrix: ``r · (d_in + d_out) + d_out``.
 """
@@ -40,11 +41,12 @@ class DoraLinear(LoraLinear):
     def __init__(self, base_layer: nn.Linear, config: LoraConfig, stats=None):
         super().__init__(base_layer, config, stats)
         self.lora_magnitude = nn.Parameter(base_layer.weight.detach().float().norm(dim=1))
-        # W as it was before merge() overwrote it; None while unmerged
-        self.register_buffer("lora_unmerged_weight", None, persistent=False)
+        # the ΔW merge() added to W (computed against the unmerged W); None while unmerged
+        self.register_buffer("lora_merged_delta", None, persistent=False)
 
     def _frozen_weight(self) -> torch.Tensor:
-        return self.lora_unmerged_weight if self.merged else self.base_layer.weight
+        weight = self.base_layer.weight
+        return weight if self.lora_merged_delta is None else weight - self.lora_merged_delta.to(weight.dtype)
 
     def _effective_weight(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         combined = self._frozen_weight().float() + self.scale * (tensors["lora_B"] @ tensors["lora_A"])
@@ -69,20 +71,18 @@ class DoraLinear(LoraLinear):
     def original_weight(self) -> torch.Tensor:
         return self._frozen_weight().detach().float()
 
+    def delta(self):
+        """Merged, the ΔW that was merged (recomputing it from the merged W would give another one)."""
+        merged = self.lora_merged_delta
+        return (merged, None) if merged is not None else super().delta()
+
     @torch.no_grad()
     def merge(self) -> None:
-        if self.merged:
-            return
-        weight = self.base_layer.weight
-        effective = self._effective_weight(self.trainable_tensors())
-        self.lora_unmerged_weight = weight.detach().clone()
-        weight.copy_(effective.to(weight.dtype))
-        self.merged = True
+        if not self.merged:
+            self.lora_merged_delta = self.delta_weight()
+        super().merge()
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.base_layer.weight.copy_(self.lora_unmerged_weight)
-        self.lora_unmerged_weight = None
-        self.merged = False
+        super().unmerge()
+        self.lora_merged_delta = None

@@ -1,7 +1,8 @@
 """Export an adapted model as a plain open_clip state dict (loadable with no lora_zoo installed).
 
-``fused_state_dict(model)`` folds every adapter's ΔW into its weight (the
-effective weight ``W_frozen + ΔW(θ)``, whether or not the adapter is merged)
+``fused_state_dict(model)`` folds every adapter's ΔW (and Δb) into its weight
+(the effective weight ``W_frozen + ΔW(θ)``, whether or not the adapter is merged,
+through ``adapter.apply_delta``)
 and undoes ``split_attention``: the q/k/v weights and biases of each
 ``SplitAttention`` are concatenated back into ``attn.in_proj_weight`` /
 ``attn.in_proj_bias`` and ``o`` becomes ``attn.out_proj`` — the fused layout
@@ -18,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .adapter import AdapterLinear
+from .adapter import AdapterLinear, apply_delta
 from .attention import SplitAttention
 from .files import atomic_write
 from .naming import is_adapter_tensor
@@ -39,12 +40,8 @@ def fused_state_dict(model: nn.Module, reference: Optional[nn.Module] = None) ->
         if not adapter.mergeable:
             raise ValueError(f"{name}: {adapter.method_name} with this config depends on the batch and cannot be "
                              "folded into a plain open_clip checkpoint")
-        if not adapter.merged:
-            weight = state[f"{name}.weight"]
-            state[f"{name}.weight"] = weight + adapter.delta_weight().to(weight.device, weight.dtype)
-            extra = adapter.extra_bias()
-            if extra is not None:
-                state[f"{name}.bias"] = state[f"{name}.bias"] + extra.to(weight.device, weight.dtype)
+        if not adapter.merged:  # the state's tensors are copies: the update goes into them, not the model
+            apply_delta(state[f"{name}.weight"], state.get(f"{name}.bias"), *adapter.delta())
     for name, attn in ((n, m) for n, m in model.named_modules() if isinstance(m, SplitAttention)):
         prefix = f"{name}." if name else ""
         state[prefix + "in_proj_weight"] = torch.cat([state.pop(f"{prefix}{p}.weight") for p in "qkv"])

@@ -198,7 +198,7 @@ class NoraLinear(AdapterLinear):
         for name, tensor in initial.items():
             setattr(self, name, nn.Parameter(tensor.contiguous()))
         if config.double_bias and base_layer.bias is not None:
-            # the bias as built: merging sets base bias = (1 + scale)·b, unmerging sets it back (idempotent)
+            # the bias as built: Δb = scale·b whatever the base bias holds (merged, it holds (1 + scale)·b)
             self.register_buffer("lora_base_bias", base_layer.bias.detach().clone(), persistent=False)
         if config.residual:
             self._make_residual()
@@ -253,24 +253,7 @@ class NoraLinear(AdapterLinear):
 
     # ---- the authors' double bias: y = x (W + ΔW)ᵀ + (1 + scale)·b, merged or not --------------
     def extra_bias(self) -> Optional[torch.Tensor]:
-        """``scale · b`` when ``double_bias`` (their forward adds the bias again in the adapter branch)."""
-        # (overrides AdapterLinear.extra_bias; export adds it for an unmerged adapter)
+        """``scale · b`` when ``double_bias`` (their forward adds the bias again in the adapter branch): the base
+        class adds it to the unmerged output, folds it into the bias on merge and takes it out on unmerge."""
         bias = getattr(self, "lora_base_bias", None)
         return None if bias is None else self.scale * bias
-
-    def adapter_output(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
-        out = super().adapter_output(x, base_output)
-        extra = self.extra_bias()
-        return out if extra is None else out + extra.to(out.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        super().merge()
-        if self.extra_bias() is not None:
-            self.base_layer.bias.copy_(self.lora_base_bias + self.extra_bias())
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        super().unmerge()
-        if self.extra_bias() is not None:
-            self.base_layer.bias.copy_(self.lora_base_bias)

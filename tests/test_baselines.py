@@ -361,10 +361,12 @@ def test_dora_merged_rows_have_the_magnitude_norms():
     layer.merge()
     torch.testing.assert_close(layer.base_layer.weight.norm(dim=1), layer.lora_magnitude.detach())
     torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.original_weight(), original, rtol=0, atol=0)
+    torch.testing.assert_close(layer.original_weight(), original, rtol=0, atol=1e-6)
+    merged_delta = layer.lora_merged_delta.clone()  # the ΔW merged: unmerge takes out this one, not a recomputed one
+    torch.testing.assert_close(layer.base_layer.weight, original + merged_delta, rtol=0, atol=0)
     layer.unmerge()
-    assert torch.equal(layer.base_layer.weight, original)  # exact, not within tolerance
-    assert layer.lora_unmerged_weight is None
+    torch.testing.assert_close(layer.base_layer.weight, original, rtol=0, atol=1e-6)  # one rounding of W + ΔW − ΔW
+    assert layer.lora_merged_delta is None
 
 
 def test_dora_norm_is_constant_in_backward():
