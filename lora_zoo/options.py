@@ -75,7 +75,7 @@ def coerce(name: str, value: Any, kind) -> Any:
         raise OptionError(f"{name} must be {_describe(kind)}, got {value!r}")
     if origin is tuple:
         if isinstance(value, str):  # "0,1,2": each part read as YAML reads a scalar, so it is the number 0
-            value = [_scalar(part.strip()) for part in value.split(",") if part.strip()]
+            value = [_list_item(part.strip()) for part in value.split(",") if part.strip()]
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -122,12 +122,24 @@ def coerce(name: str, value: Any, kind) -> Any:
     raise OptionError(f"{name} must be {_describe(kind)}, got {value!r}")
 
 
-def _scalar(text: str):
+def yaml_value(text: str):
+    """A value as typed on a command line (a flag, ``--set``, a grid) or in a list: read as YAML reads it,
+    with ``1e-3``-style numbers (text to YAML 1.1) read as floats; text YAML cannot read stays text."""
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    return value if isinstance(value, (int, float, bool, str)) and value is not None else text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _list_item(text: str):
+    value = yaml_value(text)
+    return value if isinstance(value, (int, float, bool, str)) else text
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,12 +11,13 @@ part of it. ``scripts/make_table.py`` groups runs by setting; so can a notebook.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import bookkeeping_keys
+from .config import OPTION_GROUPS, bookkeeping_keys
 
 ABSENT = "n/a"  # the value of an option a method does not have
 AXES = ("method", "run_name", "dataset", "shots", "seed", "backbone")
@@ -46,6 +47,27 @@ def frozen(value):
     if isinstance(value, dict):
         return tuple(sorted((k, frozen(v)) for k, v in value.items()))
     return value
+
+
+def short_key(key: str) -> str:
+    """A key as run names and table labels spell it: ``method_options.inner_rank`` → ``inner_rank``."""
+    group, _, name = key.partition(".")
+    return name if group in OPTION_GROUPS and name else key
+
+
+def value_text(value) -> str:
+    """A value as YAML writes it (``true``, ``null``, ``1e-3``); lists joined with ``+``."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return "+".join(map(value_text, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def run_name_of(pairs) -> str | None:
+    """The run name of a grid point ``[(key, value), ...]``: ``lr=0.001_inner_rank=8`` (filesystem-safe), None
+    for no pairs."""
+    if not pairs:
+        return None
+    return "_".join(f"{short_key(key)}={re.sub(r'[^A-Za-z0-9._=,+-]', '-', value_text(value))}" for key, value in pairs)
 
 
 def setting_of(result: dict) -> tuple:

@@ -17,7 +17,7 @@ the NoRA/AIRA papers (Li et al., ICCV 2025):
   ``regularizer``, ``after_backward`` on unscaled gradients, ``after_step``,
   ``finish``, ``summary``), seeded from the run's seed.
 
-A non-finite loss stops training with ``NonFiniteLossError`` naming the iteration.
+A non-finite loss stops training with ``NonFiniteError`` naming the iteration.
 """
 from __future__ import annotations
 
@@ -33,19 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
+from .errors import NonFiniteError
 from .hooks import training_hooks
 from .naming import count_trainable
 from .optim import build_optimizer
 from .registry import get_method
-from .provenance import available_cpus, cpus_busy_elsewhere
+from .host import available_cpus, cpus_busy_elsewhere
 from .text import encode_text
 
 LOGIT_SCALE = 100.0
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; nothing should be saved as a result."""
 
 
 @dataclass
@@ -186,7 +183,7 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
     to continue from (``loader`` must then start at its step); ``checkpoint(state)`` is called every
     ``config.checkpoint_every`` iterations. ``on_log(step, loss, lr)`` is called every
     ``config.log_every`` iterations (default: about 20 entries per run) with the mean loss since the
-    last call. Raises ``NonFiniteLossError`` at the first non-finite loss.
+    last call. Raises ``NonFiniteError`` at the first non-finite loss.
     """
     from tqdm.auto import tqdm
 
@@ -230,7 +227,7 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
                                    class_tokens, optimizer, hooks, step, device, amp, scaler, fixed_features)
         if not math.isfinite(loss_value):
             bar.close()
-            raise NonFiniteLossError(f"training loss is {loss_value} at iteration {step + 1}/{iterations}; "
+            raise NonFiniteError(f"training loss is {loss_value} at iteration {step + 1}/{iterations}; "
                                      "stopped, nothing saved as a result (try a lower lr)")
         scheduler.step()
         history["loss"].append(loss_value)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from lora_zoo.results import ABSENT, AXES, load_results, mean_std  # noqa: E402
+from lora_zoo.results import ABSENT, AXES, load_results, mean_std, short_key, value_text  # noqa: E402
 
 MISSING = "—"
 PAPER_BACKBONE = "ViT-B-16"
@@ -45,7 +45,7 @@ def canonical_key(key: str | None, runs, role: str, refused=("dataset", "shots",
     if name.startswith("method_config."):
         name = "method_options." + name.removeprefix("method_config.")
     group, _, option = name.partition(".")
-    grouped = {k for r in runs for k, _ in r.setting if short(k) == name and k != name}
+    grouped = {k for r in runs for k, _ in r.setting if short_key(k) == name and k != name}
     if not option and name not in config_keys() and len(grouped) == 1:  # inner_rank → method_options.inner_rank
         return canonical_key(grouped.pop(), runs, role, refused)
     known = (name in AXES or name in config_keys() or (group in OPTION_GROUPS and option)
@@ -56,24 +56,13 @@ def canonical_key(key: str | None, runs, role: str, refused=("dataset", "shots",
     return name
 
 
-def short(key: str) -> str:
-    """``method_options.inner_rank`` → ``inner_rank`` (as run names spell keys)."""
-    return key.split(".", 1)[1] if key.startswith(("method_options.", "optimizer_options.")) else key
-
-
-def text_of(value) -> str:
-    if isinstance(value, bool) or value is None:
-        return {True: "true", False: "false", None: "null"}[value]
-    return "+".join(map(text_of, value)) if isinstance(value, tuple) else str(value)
-
-
 def order_of(value):
     """Sort key across types: n/a and null, then numbers, then text."""
     if value in (ABSENT, None):
         return (0, 0, "")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (1, value, "")
-    return (2, 0, text_of(value))
+    return (2, 0, value_text(value))
 
 
 def determines(runs, keys, key) -> bool:
@@ -154,7 +143,7 @@ def settings(runs, layout: Layout):
 
 
 def label(ident) -> str:
-    options = ", ".join(f"{short(k)}={text_of(v)}" for k, v in ident[1:])
+    options = ", ".join(f"{short_key(k)}={value_text(v)}" for k, v in ident[1:])
     return f"{display_name(ident[0])} (ours, {ident[0]})" + (f": {options}" if options else "")
 
 
@@ -187,8 +176,8 @@ def our_rows(runs, layout: Layout, columns: list) -> list[tuple[str, list[str]]]
                 if not found:
                     return {}, ""
                 _, _, p, value = max(found, key=lambda f: f[:2])
-                return p, f" ({short(layout.best)}={text_of(value)})"
-            rows.append((f"best {short(layout.best)} per cell, selected on the test split: {label(group)}",
+                return p, f" ({short_key(layout.best)}={value_text(value)})"
+            rows.append((f"best {short_key(layout.best)} per cell, selected on the test split: {label(group)}",
                          cells(best)))
     return rows
 
@@ -309,7 +298,7 @@ def tables(runs, args, backbone: str) -> list[tuple[str, list[str], list[str], l
                                reported_datasets(args.reported) if paper else [])
     notes = []
     if args.best_over:
-        notes.append(f"'best {short(args.best_over)} per cell' rows: in each cell the {short(args.best_over)} with the "
+        notes.append(f"'best {short_key(args.best_over)} per cell' rows: in each cell the {short_key(args.best_over)} with the "
                      "highest mean test accuracy, selected on the test split (as a W&B grid reports it): optimistic, "
                      "not a protocol result")
     if args.cols == "dataset":
@@ -340,7 +329,7 @@ def tables(runs, args, backbone: str) -> list[tuple[str, list[str], list[str], l
         in_dataset = [r for r in mine if r.dataset == dataset]
         values = sorted({r.value(args.cols) for r in in_dataset}, key=order_of)
         out.append((title(f"{backbone}, {dataset_label(dataset)}"), groups,
-                    [f"{short(args.cols)}={text_of(v)}" for v in values], our_rows(in_dataset, layout, values)))
+                    [f"{short_key(args.cols)}={value_text(v)}" for v in values], our_rows(in_dataset, layout, values)))
     return out
 
 

@@ -16,7 +16,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -102,28 +101,10 @@ def split_top_level(text: str) -> list[str]:
     return parts + [current]
 
 
-def short_key(key: str) -> str:
-    """The key as a run name spells it: option groups dropped (``method_options.inner_rank`` → ``inner_rank``)."""
-    from lora_zoo.config import OPTION_GROUPS
-    group, _, name = key.partition(".")
-    return name if group in OPTION_GROUPS and name else key
-
-
-def value_text(value) -> str:
-    """A value as a run name spells it: YAML-like, filesystem-safe (``RUN_NAME`` characters)."""
-    if isinstance(value, bool) or value is None:
-        text = {True: "true", False: "false", None: "null"}[value]
-    elif isinstance(value, (list, tuple)):
-        text = "+".join(value_text(v) for v in value)
-    else:
-        text = str(value)
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "-", text)
-
-
 def parse_grid(specs) -> list[tuple[str, list[str]]]:
     """``["lr=1e-3,5e-4"]`` → ``[("lr", ["1e-3", "5e-4"])]`` (value texts as given; keys checked)."""
     from lora_zoo.config import merge_values
-    from main import yaml_value
+    from lora_zoo.options import yaml_value
     grid = []
     for spec in specs:
         key, sep, values = spec.partition("=")
@@ -152,10 +133,10 @@ def grid_points(grid) -> list[list[tuple[str, str]]]:
 
 
 def run_name(point) -> str | None:
-    from main import yaml_value
-    if not point:
-        return None
-    return "_".join(f"{short_key(key)}={value_text(yaml_value(text))}" for key, text in point)
+    """The run name of a grid point: its keys and values (``lr=0.001_inner_rank=8``), None without a grid."""
+    from lora_zoo.options import yaml_value
+    from lora_zoo.results import run_name_of
+    return run_name_of([(key, yaml_value(text)) for key, text in point])
 
 
 @dataclass
@@ -175,13 +156,13 @@ def refuse(message):
 
 def axes(args, root: Path) -> tuple[list[str], list[str], list[int], list[int]]:
     """Methods, datasets, shots and seeds of the request, each checked; ``SweepError`` otherwise."""
-    import lora_zoo
     from datasets.registry import BENCHMARK_DATASETS, DatasetError, locate_dataset
+    from lora_zoo.registry import list_methods
 
-    methods = words(args.methods, "methods") if args.methods else lora_zoo.list_methods()
-    unknown = [m for m in methods if m not in lora_zoo.list_methods()]
+    methods = words(args.methods, "methods") if args.methods else list_methods()
+    unknown = [m for m in methods if m not in list_methods()]
     if unknown:
-        raise SweepError(f"unknown method {unknown[0]!r} (registered: {', '.join(lora_zoo.list_methods())})")
+        raise SweepError(f"unknown method {unknown[0]!r} (registered: {', '.join(list_methods())})")
     datasets = []
     for name in words(args.datasets, "datasets") if args.datasets else BENCHMARK_DATASETS:
         try:
@@ -198,8 +179,8 @@ def axes(args, root: Path) -> tuple[list[str], list[str], list[int], list[int]]:
 
 def plan(args, extra: list[str]) -> list[Run]:
     """Every run of the sweep, each configuration built and checked; ``SweepError`` on the first bad one."""
-    import main
-    from lora_zoo.experiment import run_dir
+    from lora_zoo.cli import parse_config
+    from lora_zoo.runs import run_dir
 
     root = Path(os.path.abspath(args.root_path))
     if not root.is_dir():
@@ -223,10 +204,10 @@ def plan(args, extra: list[str]) -> list[Run]:
         argv += [arg for key, text in point for arg in ("--set", f"{key}={text}")]  # last: they win
         label = f"{method} {dataset} {k}-shot seed {seed}" + (f" [{name}]" if name else "")
         try:
-            cfg = main.parse_config(argv, on_error=refuse)  # exactly what main.run(argv) will run
+            cfg = parse_config(argv, on_error=refuse)  # exactly what main.run(argv) will run
             if name:  # a preset's run name (configs/nora_authors.yaml: authors) leads the grid point's
                 argv += ["--run_name", f"{cfg.run_name}-{name}" if cfg.run_name else name]
-                cfg = main.parse_config(argv, on_error=refuse)
+                cfg = parse_config(argv, on_error=refuse)
         except (ValueError, TypeError, OSError) as err:
             raise SweepError(f"{label}: {' '.join(str(err).split())}") from None
         folder = run_dir(cfg)
@@ -248,14 +229,14 @@ def visible_gpus() -> list[str]:
 
 
 def run_in_process(pending: list[Run]) -> int:
-    """Each run through ``main.run`` in this process; returns the number that failed."""
-    import main
+    """Each run through ``main.py``'s ``run`` in this process; returns the number that failed."""
+    from lora_zoo.cli import run as run_main
 
     failed = 0
     for run in pending:
         print(f"sweep: start {run.label}", file=sys.stderr, flush=True)
         try:
-            code = main.run(run.argv)
+            code = run_main(run.argv)
         except Exception:  # an unexpected crash of one run: shown in full, and the sweep goes on
             traceback.print_exc()
             code = 1
@@ -270,7 +251,7 @@ def run_in_process(pending: list[Run]) -> int:
 def run_in_processes(pending: list[Run], jobs: int, log_dir: Path) -> int:
     """``jobs`` main.py processes at once, one GPU each (on CPU, CPUs // jobs threads each); returns the number
     that failed."""
-    from lora_zoo.provenance import available_cpus
+    from lora_zoo.host import available_cpus
     gpus, queue, running, failed = visible_gpus(), list(pending), {}, 0
     log_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -304,7 +285,7 @@ def run_in_processes(pending: list[Run], jobs: int, log_dir: Path) -> int:
 
 def write_slurm(pending: list[Run], path: Path, header: str, log_dir: Path) -> None:
     """An sbatch job array, one task per pending run; a task whose run has finished meanwhile exits at once."""
-    finished = "import sys; from lora_zoo.experiment import is_finished; sys.exit(0 if is_finished(sys.argv[1]) else 1)"
+    finished = "import sys; from lora_zoo.runs import is_finished; sys.exit(0 if is_finished(sys.argv[1]) else 1)"
     lines = ["#!/usr/bin/env bash", "#SBATCH --job-name=lora_zoo_sweep", f"#SBATCH --array=0-{len(pending) - 1}",
              "#SBATCH --gres=gpu:1", "#SBATCH --cpus-per-task=8", f"#SBATCH --output={log_dir}/%A_%a.out",
              *([header] if header else []),
@@ -333,10 +314,6 @@ def reexec_with(python: str, argv: list[str]) -> None:
     os.execv(found, [found, str(Path(__file__).resolve()), *argv])
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -346,7 +323,7 @@ def main(argv=None) -> int:
             reexec_with(args.python, argv)
         sys.path.insert(0, str(REPO))
         try:
-            import lora_zoo  # noqa: F401  (torch, open_clip: the first heavy import)
+            import open_clip  # noqa: F401  (and torch: what every run needs, from the Python that runs them)
         except ImportError as err:
             raise SweepError(f"cannot import lora_zoo with {sys.executable} ({err}); create the venv (README) "
                              "or pass --python PY") from None
@@ -354,7 +331,8 @@ def main(argv=None) -> int:
     except SweepError as err:
         print(f"sweep: error: {err}", file=sys.stderr)
         return 2
-    from lora_zoo.experiment import is_finished
+    from lora_zoo.cli import sigterm_as_interrupt
+    from lora_zoo.runs import is_finished
 
     try:
         pending = [run for run in runs if not is_finished(run.folder, run.cfg)]
@@ -375,14 +353,12 @@ def main(argv=None) -> int:
         write_slurm(pending, path, args.slurm_header, log_dir)
         print(f"sweep: wrote {path} (array of {len(pending)}); submit with: sbatch {path}", file=sys.stderr)
         return 0
-    previous = signal.signal(signal.SIGTERM, interrupt)  # a kill stops the sweep the way Ctrl-C does
     try:
-        failed = (run_in_process(pending) if args.jobs == 1 else run_in_processes(pending, args.jobs, log_dir))
+        with sigterm_as_interrupt():  # a kill stops the sweep the way Ctrl-C does
+            failed = (run_in_process(pending) if args.jobs == 1 else run_in_processes(pending, args.jobs, log_dir))
     except KeyboardInterrupt:
         print("sweep: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     if failed:
         print(f"sweep: {failed} of {len(pending)} runs failed", file=sys.stderr)
         return 1
