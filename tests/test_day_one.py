@@ -24,7 +24,7 @@ from datasets import write_synthetic_dataset
 from datasets.base import DatasetError
 from datasets.splits import classnames_from_splits, parse_split
 from lora_zoo.config import load_config
-from lora_zoo.experiment import read_result, run_dir
+from lora_zoo.runs import read_result, run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "tiny-vit", "--shots", "2", "--n_iters", "3", "--batch_size", "4", "--num_workers", "0",

@@ -15,7 +15,8 @@ import torch
 import lora_zoo
 import lora_zoo as lz
 from lora_zoo.config import load_config
-from lora_zoo.experiment import run_dir, run_experiment
+from lora_zoo.experiment import run_experiment
+from lora_zoo.runs import run_dir
 from lora_zoo.export import fused_state_dict
 from lora_zoo.models import build_clip
 
