@@ -54,7 +54,8 @@ class TrainConfig(Options):
     eta_min: float = option(1e-6, "final learning rate of the cosine schedule (stepped every iteration)")
     optimizer: Optional[str] = option(None, "optimizer builder: adamw, loraplus, lorafa, ... (null: the method's)")
     optimizer_options: dict = option({}, "options of the optimizer builder, e.g. lr_ratio for loraplus")
-    amp: bool = option(True, "fp16 autocast + GradScaler on CUDA (CPU always runs in fp32)")
+    precision: Optional[Literal["fp32", "fp16", "bf16"]] = option(
+        None, "fp32, or fp16 / bf16 autocast (fp16 with a GradScaler); null: fp16 on CUDA, fp32 elsewhere")
     log_every: int = option(0, "iterations between loss log entries (0: about 20 entries per run)",
                             affects_result=False)
     checkpoint_every: int = option(500, "iterations between checkpoints a killed run resumes from (0: none)",
@@ -144,6 +145,8 @@ class ExperimentConfig(Options):
         spec = method_options(self.method, self.method_options)[0]  # unknown method / bad option → one line
         if self.train.lr is None:
             self.train = dataclasses.replace(self.train, lr=spec.lr)
+        if self.train.precision is None:  # resolved here: the setting a run records, compares and resumes
+            self.train = dataclasses.replace(self.train, precision=default_precision(self.device))
         get_optimizer(self.optimizer).options(self.train.optimizer_options)
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
@@ -165,6 +168,15 @@ class ExperimentConfig(Options):
                 return {k: plain(v) for k, v in value.items()}
             return value
         return plain(dataclasses.asdict(self))
+
+
+def default_precision(device: str) -> str:
+    """What ``precision: null`` means on ``device`` (a name: auto, cpu, cuda:1): fp16 on CUDA, fp32 elsewhere."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "fp16" if device.startswith("cuda") else "fp32"
 
 
 EXPERIMENT_KEYS = [k for k in field_names(ExperimentConfig) if k not in ("train", "method_options")]

@@ -68,7 +68,7 @@ def zero_shot_accuracy(cfg: ExperimentConfig, model, loader, evaluation: Evaluat
     key = {"backbone": cfg.backbone, "weights": _weights_identity(cfg.backbone, cfg.pretrained),
            "backbone_seed": cfg.backbone_seed if cfg.pretrained is None else None, "dataset": evaluation.dataset,
            "prompts": digest(list(evaluation.prompts)), "test": digest([(d.impath, d.label) for d in evaluation.test]),
-           "device": device.type, "amp": bool(cfg.train.amp and device.type == "cuda")}
+           "device": device.type, "precision": cfg.train.precision}
     path = Path(cfg.output_dir) / ".cache" / "zero_shot" / f"{digest(key)}.json"
     try:
         cached = json.loads(path.read_text())
@@ -76,6 +76,6 @@ def zero_shot_accuracy(cfg: ExperimentConfig, model, loader, evaluation: Evaluat
             return float(cached["accuracy"]), True
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    accuracy = evaluate(model, loader, class_tokens, device, cfg.train.amp)
+    accuracy = evaluate(model, loader, class_tokens, device, cfg.train.precision)
     write_json(path, {"key": key, "accuracy": accuracy})
     return accuracy, False

@@ -44,7 +44,7 @@ from .export import export_merged
 from .files import write_json
 from .inject import apply_adapters, layer_ranks, merge_adapters, method_options
 from .metrics import Sinks, check_sinks, write_curves
-from .models import Backbone, build_clip
+from .models import Backbone, build_clip, check_weights
 from .provenance import RunLog, environment, peak_memory
 from .runs import (ADAPTER_FILE, EVAL_FILE, RANKS_FILE, RESULT_FILE, STATE_FILE, dataset_name, is_finished,
                    recorded_options, run_dir, run_setting, saved_config)
@@ -219,6 +219,7 @@ def train(cfg: ExperimentConfig, model, class_tokens: torch.Tensor, stream, stat
     return dict(trainable_params=trained.trainable_params, optimizer_groups=trained.optimizer_groups,
                 iterations=trained.iterations, resumed_from=trained.resumed_from, train_seconds=trained.seconds,
                 iterations_per_second=trained.iterations_per_second, final_loss=trained.final_loss,
+                precision=cfg.train.precision, skipped_steps=trained.skipped_steps,
                 loss_history=trained.loss_history, hooks_summary=trained.hooks_summary, **recorded_options(cfg))
 
 
@@ -229,7 +230,7 @@ def evaluate_plan(cfg: ExperimentConfig, model, evaluator: Evaluator, device: to
         merge_adapters(model)
     record: dict[str, Any] = {"merged": mergeable}
     for evaluation, tokens, loader in zip(evaluator.plan, evaluator.tokens, evaluator.loaders):
-        record[f"{evaluation.prefix}accuracy"] = evaluate(model, loader, tokens, device, cfg.train.amp)
+        record[f"{evaluation.prefix}accuracy"] = evaluate(model, loader, tokens, device, cfg.train.precision)
         record[f"{evaluation.prefix}test_images"] = len(evaluation.test)
     return record
 
@@ -300,6 +301,7 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
     if export_path is not None:
         _check_export(cfg.method, method_options(cfg.method, cfg.method_options)[1], export_path)
     check_sinks(cfg.log_to)
+    check_weights(cfg.backbone, cfg.pretrained)  # missing weights offline: one line now, not after the data
     device = resolve_device(cfg.device)
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
     threads = prepare_device(device, cfg.threads, workers)

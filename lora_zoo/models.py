@@ -32,7 +32,7 @@ from typing import Callable, Optional, Union
 
 import open_clip
 from open_clip.model import set_model_preprocess_cfg
-from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 import torch
 from torch import nn
 
@@ -67,7 +67,6 @@ DEFAULT_TAG = "openai"
 @dataclass
 class Backbone:
     model: nn.Module
-    preprocess: Callable       # open_clip's evaluation transform for this model
     tokenizer: Callable        # list[str] -> LongTensor of token ids
     name: str
     pretrained: Optional[str]
@@ -139,15 +138,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _open_clip(backbone: str, pretrained: Optional[str]):
-    """``(model, eval preprocess)`` for an open_clip model name and a tag, file, cache folder or None."""
-    if pretrained is None:
-        with _quiet_logging():
-            model, _, preprocess = open_clip.create_model_and_transforms(backbone, pretrained=None)
-        return model, preprocess
+def _tag_and_cache(backbone: str, pretrained: str) -> tuple[str, Optional[str]]:
+    """``(tag, cache folder or None)`` that ``pretrained`` (a tag or a cache folder) names for an open_clip model;
+    a one-line error for a missing weights file or a tag open_clip does not know."""
     path = Path(pretrained).expanduser()
-    if path.is_file():
-        return open_clip.create_model_and_transforms(backbone, pretrained=str(path))[::2]
     tag, cache_dir = (DEFAULT_TAG, str(path)) if path.is_dir() else (pretrained, None)
     if tag not in open_clip.list_pretrained_tags_by_model(backbone):
         if any(sep in pretrained for sep in "/\\") or path.suffix in (".pt", ".bin", ".safetensors", ".pth"):
@@ -155,22 +149,55 @@ def _open_clip(backbone: str, pretrained: Optional[str]):
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(backbone)) or "none"
         raise WeightsNotFoundError(f"unknown pretrained tag {tag!r} for {backbone}; open_clip knows: {tags} "
                                    "(or give a weights file or cache folder)")
+    return tag, cache_dir
+
+
+def _offline_error(backbone: str, tag: str, cache_dir: Optional[str]) -> WeightsNotFoundError:
+    where = cache_dir or "the default open_clip / Hugging Face cache (~/.cache/huggingface)"
+    return WeightsNotFoundError(
+        f"no {backbone} weights '{tag}' in {where}, and {HUB_HOST} cannot be reached: set pretrained to a local "
+        f"weights file, or to a folder holding a populated cache, or use a tiny-* backbone (random init) for a dry run")
+
+
+def check_weights(backbone: str, pretrained: Optional[str]) -> None:
+    """Fail at once, before any data is read or model built, when ``pretrained`` names weights that are neither
+    on disk nor downloadable (no cached copy of a tag and the hub unreachable); does nothing otherwise."""
+    pretrained = resolve_pretrained(backbone, pretrained)
+    if backbone not in open_clip.list_models() or pretrained is None or Path(pretrained).expanduser().is_file():
+        return  # tiny backbones, random init and files are checked where they load
+    tag, cache_dir = _tag_and_cache(backbone, pretrained)
+    try:
+        with _quiet_logging(), _hub_offline(True):
+            if open_clip.pretrained.download_pretrained(open_clip.pretrained.get_pretrained_cfg(backbone, tag),
+                                                        cache_dir=cache_dir):
+                return
+    except Exception:  # noqa: BLE001 - not cached: open_clip raises what the hub client raises
+        pass
+    if not _hub_reachable():
+        raise _offline_error(backbone, tag, cache_dir)
+
+
+def _open_clip(backbone: str, pretrained: Optional[str]):
+    """The open_clip model for a model name and a tag, file, cache folder or None (its preprocessing config set:
+    ``datasets.build_test_transform`` reads it)."""
+    if pretrained is None:
+        with _quiet_logging():
+            return open_clip.create_model(backbone, pretrained=None)
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return open_clip.create_model(backbone, pretrained=str(path))
+    tag, cache_dir = _tag_and_cache(backbone, pretrained)
     for offline in (True, False):
         if not offline and not _hub_reachable():
             break
         try:
             with _quiet_logging(), _hub_offline(offline):
-                model, _, preprocess = open_clip.create_model_and_transforms(backbone, pretrained=tag,
-                                                                             cache_dir=cache_dir)
-            return model, preprocess
+                return open_clip.create_model(backbone, pretrained=tag, cache_dir=cache_dir)
         except Exception as err:  # noqa: BLE001 - open_clip wraps hub errors in RuntimeError/FileNotFoundError
             if not offline:
                 raise WeightsNotFoundError(f"cannot download {backbone} weights '{tag}': "
                                            f"{' '.join(str(err).split())[:300]}") from None
-    where = cache_dir or "the default open_clip / Hugging Face cache (~/.cache/huggingface)"
-    raise WeightsNotFoundError(
-        f"no {backbone} weights '{tag}' in {where}, and {HUB_HOST} cannot be reached: set pretrained to a local "
-        f"weights file, or to a folder holding a populated cache, or use a tiny-* backbone (random init) for a dry run")
+    raise _offline_error(backbone, tag, cache_dir)
 
 
 def checksum_file(weights: Union[str, Path]) -> Path:
@@ -226,13 +253,12 @@ def build_clip(backbone: str = "ViT-B-16", pretrained: Optional[str] = DEFAULT_T
         size = TINY_CONFIGS[backbone]["vision_cfg"]["image_size"]
         preprocess_cfg = merge_preprocess_dict(asdict(PreprocessCfg()), {"size": (size, size)})
         set_model_preprocess_cfg(model, preprocess_cfg)  # as open_clip's factory does for named models
-        preprocess = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
         context = TINY_CONFIGS[backbone]["text_cfg"]["context_length"]
         tokenizer = open_clip.SimpleTokenizer(context_length=context)
     elif backbone in open_clip.list_models():
-        model, preprocess = _open_clip(backbone, pretrained)
+        model = _open_clip(backbone, pretrained)
         tokenizer = open_clip.get_tokenizer(backbone)
     else:
         raise ValueError(f"unknown backbone {backbone!r}; expected an open_clip model name (e.g. ViT-B-16) "
                          f"or one of {', '.join(sorted(TINY_CONFIGS))}")
-    return Backbone(model.to(device).eval(), preprocess, tokenizer, backbone, pretrained)
+    return Backbone(model.to(device).eval(), tokenizer, backbone, pretrained)

@@ -156,10 +156,14 @@ def decay_toward_init_hook(sources: Mapping[int, tuple[nn.Module, str]]):
     return hook
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 1e-2, betas: Sequence[float] = (0.9, 0.999),
+def build_optimizer(model: nn.Module, lr: float, *, weight_decay: float, betas: Sequence[float],
                     optimizer: Optional[str] = None, decay_to_init: bool = False, **options) -> torch.optim.AdamW:
     """AdamW over ``param_groups(model, ...)``; each group is logged (name, tensors, scalars, lr).
-    ``decay_to_init``: decay tensors that have a θ₀ snapshot toward θ₀ instead of 0 (module docstring)."""
+
+    ``weight_decay`` and ``betas`` have their defaults in one place, ``config.TrainConfig``. ``decay_to_init``:
+    decay tensors that have a θ₀ snapshot toward θ₀ instead of 0 (module docstring). On CUDA the fused
+    kernel steps every tensor in one launch (the same update; the step's host work off the GPU's path).
+    """
     groups = param_groups(model, lr, weight_decay, optimizer, **options)
     sources = initial_value_sources(model) if decay_to_init else {}
     if sources:
@@ -169,7 +173,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 1e-2, bet
                     group.get("name", "?"), len(group["params"]), sum(p.numel() for p in group["params"]),
                     group["lr"], group.get("decay_to_init", group["weight_decay"]),
                     " toward init" if "decay_to_init" in group else "")
-    adamw = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None)
     if any("decay_to_init" in g for g in groups):
         adamw.register_step_pre_hook(decay_toward_init_hook(sources))
     return adamw

@@ -74,7 +74,9 @@ def setting_of(result: dict) -> tuple:
     """The options that define a run, flat: config and train fields, ``method_options.*`` (resolved, with
     defaults, from ``method_config``), ``optimizer_options.*`` and the optimizer it trained with."""
     config = result.get("config") if isinstance(result.get("config"), dict) else {}
-    train = config.get("train") or {}
+    train = dict(config.get("train") or {})
+    if "amp" in train and "precision" not in train:  # lora_zoo 0.2 records: amp meant fp16 autocast on CUDA only
+        train["precision"] = "fp16" if train.pop("amp") and str(result.get("device", "")).startswith("cuda") else "fp32"
     flat = {k: v for k, v in {**config, **train}.items()
             if k not in (*AXES, *bookkeeping_keys(), "train", "method_options", "optimizer_options")}
     flat.update({f"optimizer_options.{k}": v for k, v in (train.get("optimizer_options") or {}).items()})

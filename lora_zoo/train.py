@@ -7,17 +7,25 @@ the NoRA/AIRA papers (Li et al., ICCV 2025):
   (the logit scale is fixed, not learned), cross-entropy on the labels;
 - AdamW on the parameter groups of the run's optimizer builder (``optim.py``:
   the method's by default, e.g. LoRA+'s; with ``decay_to_init`` residual-initialised
-  tensors decay toward θ₀ instead of 0), cosine schedule to ``eta_min`` stepped
-  every iteration; the train loader is cycled until the requested number of
+  tensors decay toward θ₀ instead of 0; fused on CUDA), cosine schedule to ``eta_min``
+  stepped every iteration; the train loader is cycled until the requested number of
   iterations; every loop setting comes from one ``TrainConfig``;
 - class text features are recomputed with gradients every step when the text
   tower is adapted, computed once under ``no_grad`` otherwise;
-- autocast (fp16) + GradScaler on CUDA only, plain fp32 elsewhere;
+- ``precision``: fp32, or fp16 / bf16 autocast (fp16 with a GradScaler), on any device;
+  the default is fp16 on CUDA (as CLIP-LoRA and the authors run) and fp32 elsewhere;
 - a method's schedule runs through ``lora_zoo.hooks`` (``before_forward``,
   ``regularizer``, ``after_backward`` on unscaled gradients, ``after_step``,
   ``finish``, ``summary``), seeded from the run's seed.
 
-A non-finite loss stops training with ``NonFiniteError`` naming the iteration.
+A step the GradScaler skips (inf/NaN gradients under fp16) is still an iteration, as in
+CLIP-LoRA's loop: the cosine schedule and the step count advance and DyLoRA's sampler
+draws as usual; the adapters do not change and AdaLoRA's importance takes nothing from
+it (it counts the step in ``adalora_skipped_importance_steps``). The host waits for the
+device only every ``log_every`` iterations (and at checkpoints): the losses of the steps
+in between are checked then, so a non-finite loss stops training with ``NonFiniteError``
+naming its iteration within ``log_every`` steps, before anything is saved from it; the
+adapters are checked before each checkpoint and at the end.
 """
 from __future__ import annotations
 
@@ -32,16 +40,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig
+from .config import TrainConfig, default_precision
 from .errors import NonFiniteError
 from .hooks import training_hooks
-from .naming import count_trainable
+from .host import available_cpus, cpus_busy_elsewhere
+from .naming import count_trainable, named_trainable_parameters
 from .optim import build_optimizer
 from .registry import get_method
-from .host import available_cpus, cpus_busy_elsewhere
 from .text import encode_text
 
 LOGIT_SCALE = 100.0
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 logger = logging.getLogger(__name__)
 
 
@@ -56,6 +65,7 @@ class TrainResult:
     hooks_summary: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, list] = field(default_factory=dict)  # per-iteration "loss" and "lr"
     resumed_from: int = 0                                   # iterations done before this process (resume)
+    skipped_steps: int = 0                                  # steps the GradScaler skipped (fp16), this process
 
     @property
     def iterations_per_second(self) -> float:
@@ -64,10 +74,10 @@ class TrainResult:
         return done / self.seconds if self.seconds > 0 else float("nan")
 
 
-def autocast(device: torch.device, amp: bool):
-    """fp16 autocast on CUDA when ``amp``; a disabled context elsewhere (CPU runs in fp32)."""
-    enabled = amp and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=enabled)
+def autocast(device: torch.device, precision: str):
+    """Autocast to fp16 or bf16 for ``precision`` on ``device``; a disabled context for fp32."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def text_features(model: nn.Module, class_tokens: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
@@ -90,23 +100,32 @@ def clip_logits(model: nn.Module, images: torch.Tensor, class_features: torch.Te
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, class_tokens: torch.Tensor, device: torch.device,
-             amp: bool = True) -> float:
-    """Top-1 accuracy (%) of zero-shot-style CLIP classification over ``loader``."""
+             precision: str = "fp32") -> float:
+    """Top-1 accuracy (%) of zero-shot-style CLIP classification over ``loader``.
+
+    Logits that are not all finite (NaN adapters, an overflow) raise ``NonFiniteError``: argmax over NaNs
+    would pick class 0 and report its share as an accuracy. The host waits for the device once, at the end.
+    """
     was_training = model.training
     model.eval()
-    correct = total = 0
+    correct, finite, total = torch.zeros((), dtype=torch.long, device=device), torch.ones((), dtype=torch.bool,
+                                                                                          device=device), 0
     try:
-        with autocast(device, amp):
+        with autocast(device, precision):
             features = text_features(model, class_tokens.to(device))
             for images, labels in loader:
                 logits = clip_logits(model, images.to(device, non_blocking=True), features)
-                correct += (logits.argmax(dim=-1).cpu() == labels).sum().item()
+                finite &= logits.isfinite().all()
+                correct += (logits.argmax(dim=-1) == labels.to(device, non_blocking=True)).sum()
                 total += labels.numel()
     finally:
         model.train(was_training)
     if total == 0:
         raise ValueError("evaluation loader is empty")
-    return 100.0 * correct / total
+    if not bool(finite):
+        raise NonFiniteError(f"the model's logits are not finite on {total} test images ({precision}); no "
+                             "accuracy recorded (non-finite adapter tensors, or an overflow)")
+    return 100.0 * int(correct) / total
 
 
 def cycle(loader: Iterable) -> Iterator:
@@ -142,18 +161,15 @@ def prepare_device(device: torch.device, threads: int | None = None, workers: in
 
 
 def training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, class_tokens: torch.Tensor,
-                  optimizer, hooks, step: int, device: torch.device, amp: bool, scaler=None,
-                  fixed_features: torch.Tensor | None = None) -> float:
-    """One optimizer step with the method's hooks; returns the loss. ``optimizer=None`` only runs
-    backward (the frozen lower bound of ``scripts/bench.py``). A non-finite loss is returned before
-    any backward, so the caller can stop with nothing changed by it."""
+                  optimizer, hooks, step: int, device: torch.device, precision: str = "fp32", scaler=None,
+                  fixed_features: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimizer step with the method's hooks; returns the loss (a detached tensor: reading it waits for the
+    device). ``optimizer=None`` only runs backward (the frozen lower bound of ``scripts/bench.py``). With a
+    ``scaler`` (fp16), the hooks see unscaled gradients and a step with inf/NaN gradients is skipped."""
     hooks.before_forward(step)
-    with autocast(device, amp):
+    with autocast(device, precision):
         features = fixed_features if fixed_features is not None else text_features(model, class_tokens)
         loss = F.cross_entropy(clip_logits(model, images, features), labels) + hooks.regularizer()
-    loss_value = loss.item()
-    if not math.isfinite(loss_value):
-        return loss_value
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -167,9 +183,76 @@ def training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         else:
             optimizer.step()
     hooks.after_step(step)
-    return loss_value
+    return loss.detach()
 
 
+@dataclass
+class Loop:
+    """What the loop steps: the optimizer and its schedule, the GradScaler, the method's hooks."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    hooks: Any
+    lr: float
+    groups: list[dict[str, Any]]
+
+
+def build_loop(model: nn.Module, config: TrainConfig, iterations: int, device: torch.device, seed: int,
+               precision: str) -> Loop:
+    """The optimizer of the run's builder at its lr (``config.lr = None``: the method's registered one), the
+    cosine schedule over ``iterations``, a GradScaler (enabled for fp16) and the method's schedule hooks."""
+    lr = (config.lr if config.lr is not None else get_method(model.lora_zoo_setup.method).lr) * config.lr_scale
+    optimizer = build_optimizer(model, lr, weight_decay=config.weight_decay, betas=config.betas,
+                                optimizer=config.optimizer, decay_to_init=config.decay_to_init,
+                                **config.optimizer_options)
+    groups = [{"name": g.get("name", "?"), "tensors": len(g["params"]), "parameters": sum(p.numel() for p in g["params"]),
+               "lr": g["lr"]} for g in optimizer.param_groups]
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=config.eta_min)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return Loop(optimizer, scheduler, scaler, training_hooks(model, iterations, seed), lr, groups)
+
+
+def check_finite_adapters(model: nn.Module, when: str) -> None:
+    """``NonFiniteError`` naming ``when`` if any trainable adapter tensor holds a NaN or an infinity."""
+    tensors = named_trainable_parameters(model)
+    if tensors and not bool(torch.stack([t.isfinite().all() for t in tensors.values()]).all()):
+        bad = next(name for name, t in tensors.items() if not bool(t.isfinite().all()))
+        raise NonFiniteError(f"adapter tensor {bad} is not finite {when}; stopped, nothing saved as a result "
+                             "(try a lower lr)")
+
+
+def record_losses(pending: list[torch.Tensor], history: dict[str, list], first_step: int, iterations: int,
+                  lr: float) -> None:
+    """Move the losses of steps ``first_step``, ... into ``history`` (one wait for the device); a non-finite one
+    stops the run with ``NonFiniteError`` naming its iteration."""
+    if not pending:
+        return
+    values = torch.stack(pending).float().tolist()
+    pending.clear()
+    for offset, value in enumerate(values):
+        if not math.isfinite(value):
+            raise NonFiniteError(f"training loss is {value} at iteration {first_step + offset + 1}/{iterations} "
+                                 f"(lr {lr:.3g}); stopped, nothing saved as a result (try a lower lr)")
+    history["loss"].extend(values)
+
+
+def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Steps the optimizer took (AdamW's per-tensor count; a step the GradScaler skips is not one)."""
+    counts = [int(state["step"]) for state in optimizer.state.values() if "step" in state]
+    return max(counts, default=0)
+
+
+def loss_entries(losses: list[float], log_every: int, iterations: int) -> list[tuple[int, float]]:
+    """``(iteration, mean loss since the last entry)`` every ``log_every`` iterations and at the end."""
+    entries = [(k, sum(losses[max(0, k - log_every):k]) / len(losses[max(0, k - log_every):k]))
+               for k in range(log_every, iterations + 1, log_every)]
+    if iterations % log_every:
+        entries.append((iterations, sum(losses[-(iterations % log_every):]) / (iterations % log_every)))
+    return entries
+
+
+# long: the loop reads top to bottom as one iteration; each part of it is a function above
 def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tensor, config: TrainConfig | None = None,
                    *, iterations: int, device: torch.device, seed: int = 0, text_adapted: bool = True,
                    progress: bool = True, resume: dict | None = None,
@@ -177,13 +260,12 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
                    ) -> TrainResult:
     """Train the adapters of ``model`` (from ``apply_adapters``) for ``iterations`` steps with ``config``.
 
-    ``config.lr = None`` uses the method's registered learning rate. ``seed`` seeds the method's
-    schedule (DyLoRA's rank sampler). ``loader`` yields training batches (an endless stream such as
-    ``datasets.loader.TrainStream`` or any loader, cycled). ``resume``: a state from ``resume.capture``
-    to continue from (``loader`` must then start at its step); ``checkpoint(state)`` is called every
-    ``config.checkpoint_every`` iterations. ``on_log(step, loss, lr)`` is called every
-    ``config.log_every`` iterations (default: about 20 entries per run) with the mean loss since the
-    last call. Raises ``NonFiniteError`` at the first non-finite loss.
+    ``seed`` seeds the method's schedule (DyLoRA's rank sampler). ``loader`` yields training batches (an
+    endless stream such as ``datasets.loader.TrainStream`` or any loader, cycled). ``resume``: a state from
+    ``resume.capture`` to continue from (``loader`` must then start at its step); ``checkpoint(state)`` is
+    called every ``config.checkpoint_every`` iterations. ``on_log(step, loss, lr)`` is called every
+    ``config.log_every`` iterations (default: about 20 entries per run) with the mean loss since the last
+    call. Raises ``NonFiniteError`` for a non-finite loss (within ``log_every`` steps) or adapter tensor.
     """
     from tqdm.auto import tqdm
 
@@ -192,66 +274,58 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
     config = config or TrainConfig()
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
-    lr = (config.lr if config.lr is not None else get_method(model.lora_zoo_setup.method).lr) * config.lr_scale
-    optimizer = build_optimizer(model, lr, config.weight_decay, config.betas, config.optimizer,
-                                decay_to_init=config.decay_to_init, **config.optimizer_options)
-    trainable = count_trainable(model)
-    groups = [{"name": g.get("name", "?"), "tensors": len(g["params"]), "parameters": sum(p.numel() for p in g["params"]),
-               "lr": g["lr"]} for g in optimizer.param_groups]
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=config.eta_min)
-    amp = config.amp
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
-    hooks = training_hooks(model, iterations, seed)
+    precision = config.precision or default_precision(device.type)
+    loop = build_loop(model, config, iterations, device, seed, precision)
     history: dict[str, list] = {"loss": [], "lr": []}  # per iteration
     start = 0
     if resume is not None:
-        start = resume_state.restore(model, optimizer, scheduler, scaler, hooks, resume)
+        start = resume_state.restore(model, loop.optimizer, loop.scheduler, loop.scaler, loop.hooks, resume)
         history = {k: list(v) for k, v in resume["history"].items()}
         logger.info("resuming at iteration %d/%d", start, iterations)
-    logger.info("%d trainable parameters, lr %.3g, %d iterations", trainable, lr, iterations)
+    trainable = count_trainable(model)
+    logger.info("%d trainable parameters, lr %.3g, %d iterations, %s", trainable, loop.lr, iterations, precision)
     class_tokens = class_tokens.to(device)
     fixed_features = None
     if not text_adapted:
-        with torch.no_grad(), autocast(device, amp):
+        with torch.no_grad(), autocast(device, precision):
             fixed_features = text_features(model, class_tokens)
     log_every = config.log_every or max(1, iterations // 20)
-    batches = cycle(loader)
+    batches, pending, steps_before = cycle(loader), [], optimizer_steps(loop.optimizer)
     model.train()
     bar = tqdm(range(start, iterations), desc="train", disable=not progress, dynamic_ncols=True, leave=False,
                initial=start, total=iterations)
     started = time.perf_counter()
     for step in bar:
         images, labels = next(batches)
-        lr_now = optimizer.param_groups[0]["lr"]
-        loss_value = training_step(model, images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
-                                   class_tokens, optimizer, hooks, step, device, amp, scaler, fixed_features)
-        if not math.isfinite(loss_value):
-            bar.close()
-            raise NonFiniteError(f"training loss is {loss_value} at iteration {step + 1}/{iterations}; "
-                                     "stopped, nothing saved as a result (try a lower lr)")
-        scheduler.step()
-        history["loss"].append(loss_value)
+        lr_now = loop.optimizer.param_groups[0]["lr"]
+        pending.append(training_step(model, images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                                     class_tokens, loop.optimizer, loop.hooks, step, device, precision, loop.scaler,
+                                     fixed_features))
+        loop.scheduler.step()
         history["lr"].append(lr_now)
-        if progress:
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}", refresh=False)
-        if (step + 1) % log_every == 0 or step + 1 == iterations:
+        done = step + 1
+        saving = checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0
+        if done % log_every == 0 or done == iterations or saving:
+            record_losses(pending, history, len(history["loss"]), iterations, loop.lr)
             window = history["loss"][-((step % log_every) + 1):]
-            logger.debug("iteration %d/%d  loss %.4f  lr %.3e", step + 1, iterations, sum(window) / len(window), lr_now)
-            if on_log is not None:
-                on_log(step + 1, sum(window) / len(window), lr_now)
-        if checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
-                and step + 1 < iterations:
-            checkpoint(resume_state.capture(model, optimizer, scheduler, scaler, hooks, step + 1, history))
+            if progress:
+                bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", lr=f"{lr_now:.2e}", refresh=False)
+            if done % log_every == 0 or done == iterations:
+                logger.debug("iteration %d/%d  loss %.4f  lr %.3e", done, iterations, sum(window) / len(window), lr_now)
+                if on_log is not None:
+                    on_log(done, sum(window) / len(window), lr_now)
+        if saving and done < iterations:
+            check_finite_adapters(model, f"after iteration {done}/{iterations} (lr {loop.lr:.3g})")
+            checkpoint(resume_state.capture(model, loop.optimizer, loop.scheduler, loop.scaler, loop.hooks, done,
+                                            history))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
     bar.close()
-    hooks.finish()
+    check_finite_adapters(model, f"after the last iteration ({iterations}, lr {loop.lr:.3g})")
+    skipped = (iterations - start) - (optimizer_steps(loop.optimizer) - steps_before)
+    loop.hooks.finish()
     model.eval()
-    losses = history["loss"]
-    entries = [(k, sum(losses[max(0, k - log_every):k]) / len(losses[max(0, k - log_every):k]))
-               for k in range(log_every, iterations + 1, log_every)]
-    if iterations % log_every:
-        entries.append((iterations, sum(losses[-(iterations % log_every):]) / (iterations % log_every)))
-    return TrainResult(trainable, groups, iterations, seconds, losses[-1], entries, dict(hooks.summary()),
-                       history, start)
+    return TrainResult(trainable, loop.groups, iterations, seconds, history["loss"][-1],
+                       loss_entries(history["loss"], log_every, iterations), dict(loop.hooks.summary()), history,
+                       start, skipped if precision == "fp16" else 0)

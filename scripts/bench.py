@@ -101,7 +101,7 @@ class Variant:
         else:
             stats = calibrate(self.model) if lz.build_config(method, **options).needs_calibration else None
             lz.apply_adapters(self.model, method, stats=stats, **options)
-            self.optimizer = lz.build_optimizer(self.model, lr=1e-4, weight_decay=1e-2)  # the method's builder
+            self.optimizer = lz.build_optimizer(self.model, lr=1e-4, **pipeline.ADAMW)  # the method's builder
             self.trainable = lz.count_trainable(self.model)  # after the builder (LoRA-FA freezes A)
             self.hooks = lz.training_hooks(self.model, steps)
         self.init_seconds = time.perf_counter() - start
@@ -120,7 +120,7 @@ def train_step(variant: Variant, images, tokens, labels, device, amp: bool) -> N
     """One step of the runner's own ``training_step`` (same loss, hooks and optimizer handling)."""
     variant.model.train()
     training_step(variant.model, images, labels, tokens, variant.optimizer, variant.hooks, variant.step_index,
-                  device, amp, variant.scaler)
+                  device, "fp16" if amp else "fp32", variant.scaler)
     variant.step_index += 1
 
 
@@ -193,7 +193,7 @@ def run_benchmark(model_name="ViT-B-16", batch=4, classes=10, image_size=None, d
     contenders = [("plain open_clip", plain)] + [(v.name, v.model) for v in variants if v.name in eval_times]
 
     def encode(model):
-        with torch.no_grad(), autocast(device, amp):
+        with torch.no_grad(), autocast(device, "fp16" if amp else "fp32"):
             model.encode_image(images)
 
     for name, model in contenders:

@@ -34,7 +34,10 @@ from datasets.cache import DecodedImages
 from datasets.loader import TrainStream
 from datasets.registry import BENCHMARK_SIZES
 from datasets.transforms import build_train_transform
+from lora_zoo.config import TrainConfig
 from lora_zoo.text import short_context_length
+
+ADAMW = {"weight_decay": TrainConfig().weight_decay, "betas": TrainConfig().betas}  # the protocol's AdamW settings
 
 WORDS = ("red", "spotted", "garden", "lizard", "apple", "pie", "baby", "back", "ribs", "sea", "salt", "crab",
          "brown", "bread", "pudding", "golden", "eagle", "stone", "bridge", "mountain", "bike", "frozen", "yogurt")
@@ -111,7 +114,7 @@ def step_context(model, tokenizer, prompts: int, batch: int, reps: int, device, 
     for name in ("full", "cut"):
         adapted = copy.deepcopy(model)
         lz.apply_adapters(adapted, "lora", dropout=0.0)  # no dropout: both variants see the same numbers
-        runs[name] = (adapted, lz.build_optimizer(adapted, lr=1e-4), lz.training_hooks(adapted, 10))
+        runs[name] = (adapted, lz.build_optimizer(adapted, lr=1e-4, **ADAMW), lz.training_hooks(adapted, 10))
     losses = {}
 
     def run(name):
@@ -120,8 +123,8 @@ def step_context(model, tokenizer, prompts: int, batch: int, reps: int, device, 
         def step():
             adapted.train()
             with full_context() if name == "full" else nullcontext():
-                losses.setdefault(name, train.training_step(adapted, images, labels, tokens, optimizer, hooks, 0,
-                                                            device, amp))
+                losses.setdefault(name, float(train.training_step(adapted, images, labels, tokens, optimizer, hooks,
+                                                                  0, device, "fp16" if amp else "fp32")))
         return step
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -161,7 +164,7 @@ def eval_throughput(model, batch: int, reps: int, device, amp: bool) -> float:
     images = torch.randn(batch, 3, size, size).to(device)
 
     def encode():
-        with torch.no_grad(), train.autocast(device, amp):
+        with torch.no_grad(), train.autocast(device, "fp16" if amp else "fp32"):
             model.encode_image(images)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -75,7 +75,7 @@ def zero_shot(model, tokenizer, task_roots: dict) -> dict:
     for task, root in task_roots.items():
         dataset = build_dataset(f"scenes_{task}", root, shots=1, seed=1)
         loader = build_data_loader(dataset.test, build_test_transform(model), batch_size=300, num_workers=0)
-        accuracies[task] = evaluate(model, loader, tokenizer(dataset.prompts()), torch.device("cpu"), amp=False)
+        accuracies[task] = evaluate(model, loader, tokenizer(dataset.prompts()), torch.device("cpu"))
     return accuracies
 
 

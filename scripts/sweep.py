@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="scripts/sweep.sh", description=__doc__.split("\n\n")[0], allow_abbrev=False,
         epilog="Finished runs are skipped: run the same command again to continue a killed sweep. "
-               "After the options, '--' passes the rest to every main.py run, e.g. -- --n_iters 2 --set amp=false. "
+               "After the options, '--' passes the rest to every main.py run, e.g. -- --n_iters 2 --set precision=fp32. "
                "Example: scripts/sweep.sh --root_path DATA --methods nora --datasets dtd --shots 4 "
                "--grid lr=1e-3,5e-4 --grid method_options.inner_rank=8,16")
     parser.add_argument("--root_path", required=True, help="folder holding the datasets (DATASET.md)")

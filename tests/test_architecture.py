@@ -115,7 +115,7 @@ def test_every_method_has_its_metadata_and_its_options_as_flags():
 
 # ---- what is saved is what rebuilds the layer ---------------------------------------------------
 def train_steps(model, images, texts, steps=3, **optimizer):
-    opt = lz.build_optimizer(model, lr=1e-2, weight_decay=0.0, **optimizer)
+    opt = lz.build_optimizer(model, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.999), **optimizer)
     hooks = lz.training_hooks(model, steps)
     model.train()
     for step in range(steps):

@@ -78,7 +78,7 @@ def test_loraplus_groups_carry_the_lr_ratio():
 def test_loraplus_optimizer_works_with_any_method(method, fast, slow, images, texts):
     options = {"nora": dict(outer_rank=0.5, inner_rank=4)}.get(method, dict(rank=2))
     model = adapted(method, **options)
-    optimizer = lz.build_optimizer(model, lr=1e-3, weight_decay=0.0, optimizer="loraplus", lr_ratio=8.0)
+    optimizer = lz.build_optimizer(model, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), optimizer="loraplus", lr_ratio=8.0)
     names = {id(p): n.rsplit(".", 1)[-1] for n, p in model.named_parameters()}
     by_lr = {round(g["lr"], 9): {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
     assert by_lr == {8e-3: fast, 1e-3: slow}
@@ -107,7 +107,7 @@ def test_lorafa_a_never_changes(images, texts, tmp_path):
 
 def test_lorafa_optimizer_freezes_the_input_side_of_any_method():
     model = adapted("nora", outer_rank=0.5, inner_rank=4)
-    lz.build_optimizer(model, lr=1e-3, optimizer="lorafa")
+    lz.build_optimizer(model, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), optimizer="lorafa")
     trainable = {n.rsplit(".", 1)[-1] for n in lz.named_trainable_parameters(model)}
     assert trainable == {"lora_inner_B"}
 
@@ -119,7 +119,7 @@ def test_lorafa_refuses_layers_without_an_input_side(structure):
     before = lz.count_trainable(model)
     with pytest.raises(ValueError, match=r"optimizer lorafa freezes input-side tensors, but \S+ \(nora\) has "
                                          "none") as err:
-        lz.build_optimizer(model, lr=1e-3, optimizer="lorafa")
+        lz.build_optimizer(model, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), optimizer="lorafa")
     assert "\n" not in str(err.value)
     assert lz.count_trainable(model) == before > 0  # nothing was frozen on the way
 
@@ -451,7 +451,7 @@ def test_decay_to_init_keeps_theta0_with_no_task_gradient(method):
     runs = {}
     for decay_to_init in (False, True):
         model, layer = residual_layer(method, **RESIDUAL[method])
-        optimizer = lz.build_optimizer(model, lr, wd, decay_to_init=decay_to_init)
+        optimizer = lz.build_optimizer(model, lr, weight_decay=wd, betas=(0.9, 0.999), decay_to_init=decay_to_init)
         for _ in range(steps):
             for p in lz.trainable_parameters(model):
                 p.grad = torch.zeros_like(p)  # zero task gradient: only the decay acts
@@ -471,7 +471,7 @@ def test_decay_to_init_keeps_theta0_with_no_task_gradient(method):
 def test_decay_to_init_is_adamw_centred_on_theta0():
     lr, wd, steps = 1e-2, 0.1, 6
     model, layer = residual_layer("nora", **RESIDUAL["nora"])
-    optimizer = lz.build_optimizer(model, lr, wd, decay_to_init=True)
+    optimizer = lz.build_optimizer(model, lr, weight_decay=wd, betas=(0.9, 0.999), decay_to_init=True)
     groups = {g["name"]: g for g in optimizer.param_groups}
     assert list(groups) == ["adapters, decay toward init"]
     assert groups["adapters, decay toward init"]["weight_decay"] == 0.0
@@ -498,7 +498,7 @@ def test_decay_to_init_changes_nothing_without_a_residual(method, options):
     for decay_to_init in (False, True):
         model, layer = residual_layer(method, **options)
         assert not layer.has_residual
-        optimizer = lz.build_optimizer(model, 1e-2, 0.1, decay_to_init=decay_to_init)
+        optimizer = lz.build_optimizer(model, 1e-2, weight_decay=0.1, betas=(0.9, 0.999), decay_to_init=decay_to_init)
         assert [(g["name"], g["weight_decay"]) for g in optimizer.param_groups] == [("adapters", 0.1)]
         assert not optimizer._optimizer_step_pre_hooks
         g = torch.Generator().manual_seed(0)
@@ -548,7 +548,7 @@ def test_main_runs_a_few_iterations(method, data_root, tmp_path, capsys):
     options = result["method_config"]
     model = tiny_clip()
     lz.load_adapters(model, run / "adapters.safetensors")
-    lz.build_optimizer(model, lr=1.0, optimizer=result["optimizer"])  # LoRA-FA's builder freezes A
+    lz.build_optimizer(model, lr=1.0, weight_decay=0.0, betas=(0.9, 0.999), optimizer=result["optimizer"])  # LoRA-FA's builder freezes A
     assert lz.count_trainable(model) == result["trainable_params"] > 0
     assert result["config"]["train"]["lr"] == lz.get_method(method).lr  # the registered protocol lr
     if method == "adalora":  # the run ends at the target budget and records the final ranks

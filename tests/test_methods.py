@@ -104,7 +104,7 @@ def adapted(case_id, images, texts, seed=0):
     stats = lz.collect_activation_stats(base, [images], [texts], targets=("q", "k", "v"))
     model = copy.deepcopy(base)
     lz.apply_adapters(model, case_method(case_id), stats=stats, **CASES[case_id]["options"])
-    optimizer = lz.build_optimizer(model, lr=1e-2, weight_decay=0.0)
+    optimizer = lz.build_optimizer(model, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.999))
     return base, model, optimizer
 
 
