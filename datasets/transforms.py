@@ -9,7 +9,6 @@ normalisation. Mean, std and size are always read from open_clip, never re-typed
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any, Mapping, Optional, Tuple, Union
 
 import torch
@@ -68,8 +67,3 @@ def build_test_transform(model_or_preprocess: Any):
         return model_or_preprocess
     cfg = resolve_preprocess_cfg(model_or_preprocess)
     return image_transform_v2(cfg, is_train=False)
-
-
-def describe_preprocess(source: Any) -> dict:
-    """The resolved preprocessing fields, for logs."""
-    return asdict(resolve_preprocess_cfg(source))

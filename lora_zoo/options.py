@@ -87,29 +87,9 @@ def coerce(name: str, value: Any, kind) -> Any:
                 raise OptionError(f"{name} must be a list of {len(args)} values, got {value!r}")
             return tuple(coerce(name, v, k) for v, k in zip(value, args))
         return tuple(coerce(name, v, item) for v in value)
-    if kind is type(None):
-        if value is None:
-            return None
-    elif kind is bool:
-        if isinstance(value, bool):
-            return value
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif kind is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):  # run_name: 16 means the text "16"
-            return str(value)
-    elif kind is dict or origin is dict:
+    if kind is type(None) or kind in (bool, int, float, str):
+        return _scalar(name, value, kind)
+    if kind is dict or origin is dict:
         if isinstance(value, Mapping):
             return dict(value)
     elif dataclasses.is_dataclass(kind):
@@ -119,6 +99,24 @@ def coerce(name: str, value: Any, kind) -> Any:
             return from_mapping(kind, value, name)
     else:
         raise TypeError(f"{name}: unsupported option annotation {kind!r}")
+    raise OptionError(f"{name} must be {_describe(kind)}, got {value!r}")
+
+
+def _scalar(name: str, value, kind):
+    """``value`` as None, a bool, an int, a float (ints and numeric text too) or a str (an int too: run_name 16)."""
+    if kind is type(None) and value is None:
+        return None
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is str and (isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))):
+        return str(value)
     raise OptionError(f"{name} must be {_describe(kind)}, got {value!r}")
 
 

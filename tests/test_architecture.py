@@ -24,38 +24,82 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCES = ["lora_zoo", "datasets", "scripts", "configs", "main.py", "main_nora.py", "main_aira.py", "pyproject.toml"]
 
 
-# ---- no import cycle, no large file ------------------------------------------------------------
-def package_imports(package: Path) -> dict[str, set[str]]:
-    """``{module: modules of the same package it imports}``, function-local imports included."""
-    graph = {}
-    for path in sorted(package.glob("*.py")):
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(package.name + "."):
-                deps.add(node.module.split(".")[1])
-        graph[path.stem] = {d for d in deps if d != path.stem and (package / f"{d}.py").is_file()} - {"__init__"}
-    return graph
+# ---- layers as import contracts (pyproject.toml [tool.importlinter]), no large file or function -----------
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")  # import-linter: tests/requirements.txt
+PLANTED = {  # where, what is appended, the contract that must break
+    "upward import (the adapter base imports the loop)":
+        ("lora_zoo/adapter.py", "\n\ndef _planted():\n    from .train import evaluate\n", "lora_zoo is layered"),
+    "a module placed in no layer": ("lora_zoo/planted.py", "from .files import write_json\n", "lora_zoo is layered"),
+    "a cycle through the package root (__init__)":
+        ("lora_zoo/provenance.py", "\n\ndef _planted():\n    from lora_zoo import load_adapters\n", "the lora_zoo package root"),
+    "datasets importing the adapter library":
+        ("datasets/splits.py", "\n\ndef _planted():\n    from lora_zoo.adapter import AdapterLinear\n",
+         "datasets reads data"),
+    "an import cycle inside datasets": ("datasets/folders.py", "\nfrom .registry import get_spec\n", "no import cycle"),
+}
 
 
-@pytest.mark.parametrize("package", ["lora_zoo", "datasets"])
-def test_no_import_cycle(package):
-    graph = package_imports(REPO / package)
-    assert len(graph) > 5
-    state = {}
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=root, capture_output=True, text=True, timeout=300)
 
-    def visit(module, path):
-        state[module] = "open"
-        for dep in sorted(graph[module]):
-            assert state.get(dep) != "open", "import cycle: " + " -> ".join(path + [dep])
-            if dep not in state:
-                visit(dep, path + [dep])
-        state[module] = "done"
 
-    for module in graph:
-        if module not in state:
-            visit(module, [module])
+def test_import_contracts_hold():
+    proc = lint_imports(REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "Contracts: 4 kept, 0 broken." in proc.stdout
+
+
+@pytest.mark.parametrize("case", sorted(PLANTED))
+def test_import_contracts_catch_a_planted_violation(case, tmp_path):
+    """Function-level imports and imports of the package root count: each plant breaks its contract."""
+    for name in ("lora_zoo", "datasets", "pyproject.toml"):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, tmp_path / name)
+    where, code, contract = PLANTED[case]
+    with open(tmp_path / where, "a") as handle:
+        handle.write(code)
+    proc = lint_imports(tmp_path)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert contract in proc.stdout.split("Broken contracts")[1], proc.stdout[-2000:]  # (an upward import is a cycle too)
+
+
+def imported_after(code: str, cwd: Path = REPO) -> set[str]:
+    """The top-level packages and lora_zoo modules a fresh interpreter has imported after running ``code``."""
+    script = code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    modules = json.loads(proc.stdout.splitlines()[-1])
+    return {m.split(".")[0] for m in modules} | {m for m in modules if m.startswith("lora_zoo.")}
+
+
+def test_reading_a_dataset_imports_neither_torch_open_clip_nor_the_adapter_library(data_root):
+    loaded = imported_after(f"import datasets; ds = datasets.build_dataset('dtd', {str(data_root)!r}, shots=2, seed=1)"
+                            f"\nfrom datasets.check import main; main(['--root_path', {str(data_root)!r}])")
+    assert not loaded & {"torch", "open_clip", "torchvision"}
+    assert {m for m in loaded if m.startswith("lora_zoo.")} <= {"lora_zoo.files", "lora_zoo.host"}
+
+
+def test_a_method_lookup_imports_methods_not_the_pipeline():
+    loaded = imported_after("from lora_zoo.registry import get_method; assert get_method('nora').lr > 0")
+    assert "lora_zoo.nora" in loaded and "torch" in loaded  # the methods, which need torch
+    assert not loaded & {"open_clip", "torchvision", "lora_zoo.experiment", "lora_zoo.train", "lora_zoo.cli",
+                         "lora_zoo.config", "lora_zoo.inject"}
+
+
+def test_reading_results_imports_no_torch():
+    assert not imported_after("import lora_zoo.results, lora_zoo.runs") & {"torch", "open_clip", "numpy"}
+
+
+def test_no_function_over_60_lines_without_a_reason():
+    """A function longer than 60 lines says why on the line above it (``# long: ...``)."""
+    long = []
+    for path in [p for d in ("lora_zoo", "datasets") for p in (REPO / d).glob("*.py")]:
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if not lines[first - 2].strip().startswith("# long:"):
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}")
+    assert not long, long
 
 
 def test_no_file_over_400_lines():
