@@ -335,7 +335,8 @@ def test_metrics_sinks_are_optional_and_checked_first(data_root, tmp_path, capsy
 
 def test_readme_library_api_block_runs(tmp_path, monkeypatch, images, texts):
     """README's Python block, run as written, with a tiny model where it loads ViT-B-16 with OpenAI weights."""
-    block = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)[0]
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    block = next(b for b in blocks if "import lora_zoo as lz" in b)  # the Library API block
     loading = 'open_clip.create_model("ViT-B-16", pretrained="openai")'
     assert loading in block
     monkeypatch.chdir(tmp_path)
