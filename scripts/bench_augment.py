@@ -136,21 +136,20 @@ def run(images: int, size: int, batch: int, count: int, reps: int, seed: int, ro
 
 
 def markdown(result: dict) -> str:
-    speed = result["images_per_s"]
+    r, speed = result, result["images_per_s"]
     names = {"pil": "PIL path: decoded cache + torchvision transform per sample",
              "device_uint8": "device path on CPU tensors (uint8 resampling, its CPU default)",
              "device_float": "device path on CPU tensors (float resampling, its CUDA arithmetic)"}
-    lines = [f"Train augmentation, {result['images']} synthetic {result['size']}-px JPEGs, batches of {result['batch']} "
-             f"to 224 px, {result['threads']} thread, median of {result['reps']} × {result['batches']} batches", "",
+    lines = [f"Train augmentation, {r['images']} synthetic {r['size']}-px JPEGs, batches of {r['batch']} to 224 px, "
+             f"{r['threads']} thread, median of {r['reps']} × {r['batches']} batches", "",
              "| path | images/s per core | ms per image | × PIL path |", "|---|---:|---:|---:|"]
     for key, name in names.items():
         lines.append(f"| {name} | {speed[key]:.0f} | {1000 / speed[key]:.2f} | {speed[key] / speed['pil']:.2f} |")
-    lines += ["", f"Same {result['draws']} samples: crop boxes identical: {result['boxes_identical']}; flips identical: "
-              f"{result['flips_identical']} ({result['flipped']} flipped); labels identical: {result['labels_identical']}.",
-              f"Pixels after normalisation against the PIL path: uint8 max |Δ| {result['uint8_max_abs']:.4f}, mean "
-              f"{result['uint8_mean_abs']:.1e}, identical {100 * result['uint8_identical_fraction']:.3f}%; float max |Δ| "
-              f"{result['float_max_abs']:.4f}, mean {result['float_mean_abs']:.1e}, identical "
-              f"{100 * result['float_identical_fraction']:.3f}%."]
+    lines += ["", f"Same {r['draws']} samples: crop boxes identical: {r['boxes_identical']}; flips identical: "
+              f"{r['flips_identical']} ({r['flipped']} flipped); labels identical: {r['labels_identical']}.",
+              "Pixels after normalisation against the PIL path: "
+              + "; ".join(f"{kind} max |Δ| {r[f'{kind}_max_abs']:.4f}, mean {r[f'{kind}_mean_abs']:.1e}, identical "
+                          f"{100 * r[f'{kind}_identical_fraction']:.3f}%" for kind in ("uint8", "float")) + "."]
     return "\n".join(lines)
 
 
