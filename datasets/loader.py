@@ -43,6 +43,16 @@ def mix_seed(*values: int) -> int:
     return state >> 1
 
 
+def seed_augmentation(seed: int, epoch: int, index: int) -> None:
+    """Seed the CPU generator for the augmentation draws of sample ``index`` in ``epoch`` (``mix_seed``).
+
+    Both augmentation paths call it (``AugmentedImages`` and ``device_augment``), so a sample's crop
+    and flip do not depend on where its pixels are processed. Only the CPU generator is seeded: the
+    CUDA one (dropout on the device) is left alone when augmenting in the training process.
+    """
+    torch.default_generator.manual_seed(mix_seed(seed, epoch, index))
+
+
 class Unreadable(NamedTuple):
     """What a worker returns for an image it cannot read (raised as ``DatasetError`` by the caller)."""
 
@@ -98,7 +108,7 @@ class AugmentedImages(ImageList):
         except DatasetError as err:
             return Unreadable(str(err))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, epoch, index))
+            seed_augmentation(self.seed, epoch, index)
             return self.transform(image), self.data[index].label
 
 
