@@ -94,7 +94,10 @@ def check_files_exist(items: Sequence[Datum], what: str) -> None:
 class FewShotDataset:
     """A dataset after few-shot sampling: ``train_x`` (K/class), ``val`` (min(K,4)/class), full ``test``.
 
-    ``templates`` maps "default" and "dataset" to prompt templates.
+    ``templates`` maps "default" and "dataset" to prompt templates. ``shots`` is 0 for a test split alone
+    (``build_test_dataset``: ``train_x`` and ``val`` empty). ``subsample`` is "all", or "base"/"new" for one half
+    of the classes, relabelled 0..k-1; ``class_split`` (``base2new.ClassSplit``) then gives both halves as
+    original labels and names.
     """
 
     name: str
@@ -108,6 +111,8 @@ class FewShotDataset:
     template: str = DEFAULT_TEMPLATE
     templates: Dict[str, str] = field(
         default_factory=lambda: {"default": DEFAULT_TEMPLATE, "dataset": DEFAULT_TEMPLATE})
+    subsample: str = "all"
+    class_split: Optional["ClassSplit"] = None  # noqa: F821 (datasets.base2new, which imports this module)
 
     @property
     def num_classes(self) -> int:
@@ -126,6 +131,7 @@ class FewShotDataset:
     def __repr__(self) -> str:
         return (f"FewShotDataset({self.name!r}, classes={self.num_classes}, shots={self.shots}, seed={self.seed}, "
                 f"train={len(self.train_x)}, val={len(self.val)}, test={len(self.test)}, "
+                + (f"subsample={self.subsample!r}, " if self.subsample != "all" else "") +
                 f"dir={str(self.dataset_dir)!r})")
 
 
