@@ -24,8 +24,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import bookkeeping_keys
-
 ABSENT = "n/a"  # the value of an option a method does not have
 AXES = ("method", "run_name", "dataset", "shots", "seed", "backbone")
 PROTOCOLS = ("fewshot", "base2new", "cross_dataset", "domain")
@@ -61,6 +59,7 @@ def frozen(value):
 def setting_of(result: dict) -> tuple:
     """The options that define a run, flat: config and train fields, ``method_options.*`` (resolved, with
     defaults, from ``method_config``), ``optimizer_options.*`` and the optimizer it trained with."""
+    from .config import bookkeeping_keys  # here, not at the top: the protocol tables read records without it
     config = result.get("config") if isinstance(result.get("config"), dict) else {}
     train = config.get("train") or {}
     flat = {k: v for k, v in {**config, **train}.items()

@@ -6,6 +6,9 @@ few-shot run folder, one ``eval_on/<target>.json`` per target. Expected cells ar
 """
 import csv
 import json
+import subprocess
+import sys
+import textwrap
 from io import StringIO
 from pathlib import Path
 
@@ -202,3 +205,26 @@ def test_unreadable_records_are_counted(capsys, transfer_root):
     assert code == 0 and f"warning: skipping unreadable {broken}" in err
     assert "1 unreadable record(s) skipped" in out.split("\n\n", 1)[0]
     assert csv_table(out)[2][1][5] == "—"
+
+
+def test_protocol_tables_need_no_torch(transfer_root):
+    """The layouts and record readers import neither torch nor open_clip nor numpy (lora_zoo's __init__, which
+    loads the training pipeline, is stubbed out: only the modules the tables use are imported)."""
+    repo = Path(__file__).resolve().parents[1]
+    script = textwrap.dedent(f"""
+        import sys, types
+        from argparse import Namespace
+        stub = types.ModuleType("lora_zoo")
+        stub.__path__ = [{str(repo / "lora_zoo")!r}]
+        sys.modules["lora_zoo"] = stub
+        from scripts.protocol_tables import protocol_main
+        args = Namespace(results=__import__("pathlib").Path({str(transfer_root)!r}), protocol="domain",
+                         source="imagenet", backbone=None, methods=None, datasets=None, shots=None, seeds=None,
+                         format="csv")
+        assert protocol_main(args) == 0
+        print("heavy:", [m for m in ("torch", "open_clip", "numpy") if m in sys.modules])
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "nora,71.00 ± 1.41,61.00 ± 1.41,—,32.00 ± 2.83,—,46.50 ± 2.12 [2/4 datasets]" in proc.stdout
+    assert proc.stdout.rstrip().endswith("heavy: []")
