@@ -138,7 +138,8 @@ def load_base2new(root: Path) -> tuple[list[Base2NewRun], int]:
     def parse(r, path):
         if r.get("protocol") != "base2new":
             return None
-        return Base2NewRun(str(r["backbone"]), str(r["method"]), r.get("run_name"), str(r["dataset"]),
+        run_name = r.get("run_name", (r.get("config") or {}).get("run_name"))
+        return Base2NewRun(str(r["backbone"]), str(r["method"]), run_name, str(r["dataset"]),
                            int(r["shots"]), int(r["seed"]), float(r["base_accuracy"]), float(r["new_accuracy"]),
                            optional_float(r.get("zero_shot_base_accuracy")),
                            optional_float(r.get("zero_shot_new_accuracy")))

@@ -248,7 +248,14 @@ def protocol_main(args, method_label=lambda method: method) -> int:
 
     ``method_label(method)`` names a method in a row (make_table passes its display names)."""
     label = lambda method, run_name: method_label(method) + (f": {run_name}" if run_name else "")
+    fewshot_only = [flag for flag, used in (("--rows", getattr(args, "rows", None)),
+                                            ("--cols", getattr(args, "cols", "dataset") != "dataset"),
+                                            ("--best_over", getattr(args, "best_over", None)),
+                                            ("--plot_dir", getattr(args, "plot_dir", None))) if used]
     try:
+        if fewshot_only:
+            raise ProtocolTableError(f"{fewshot_only[0]} lays out the few-shot table only; the {args.protocol} "
+                                     "table has a fixed layout")
         shown = protocol_tables(args, label)
     except ProtocolTableError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -123,6 +123,9 @@ def test_base2new_options_formats_and_errors(capsys, base2new_root, tmp_path):
     code, out, err = table(capsys, tmp_path / "empty", "--protocol", "base2new")
     assert code == 2 and out == "" and err == ('error: no base-to-new results (result.json with "protocol": '
                                                f'"base2new") under {tmp_path / "empty"}\n')
+    code, out, err = table(capsys, base2new_root, "--protocol", "base2new", "--rows", "lr")
+    assert code == 2 and err == "error: --rows lays out the few-shot table only; the base2new table has a fixed " \
+                                "layout\n"
     code, out, err = table(capsys, base2new_root, "--protocol", "base2new", "--backbone", "RN50")
     assert code == 2 and err == f"error: no base2new results for backbone RN50 under {base2new_root} " \
                                 "(found: ViT-B-16)\n"
