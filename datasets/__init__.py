@@ -17,8 +17,7 @@ Names needing torch, open_clip or numpy are imported on first use, so that
 
 import importlib
 
-from .base import DEFAULT_TEMPLATE, DatasetError, Datum, FewShotDataset
-from .base2new import SUBSAMPLES, ClassSplit
+from .base import DEFAULT_TEMPLATE, SUBSAMPLES, ClassSplit, DatasetError, Datum, FewShotDataset
 from .registry import (BENCHMARK_DATASETS, DOMAIN_DATASETS, DatasetSpec, build_dataset, build_test_dataset, get_spec,
                        list_datasets)
 

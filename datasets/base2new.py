@@ -23,45 +23,10 @@ are all of the dataset's, ``0..C-1``, and the test-only view of a dataset
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import replace
+from typing import List, Sequence
 
-from .base import DatasetError, Datum, FewShotDataset
-
-SUBSAMPLES = ("all", "base", "new")
-
-
-@dataclass(frozen=True)
-class ClassSplit:
-    """The base and new halves of a dataset's classes, as original labels (sorted) of ``classnames``."""
-
-    classnames: Tuple[str, ...]   # every class of the dataset, by original label
-    base_labels: Tuple[int, ...]
-    new_labels: Tuple[int, ...]
-
-    def labels(self, subsample: str) -> Tuple[int, ...]:
-        """The original labels kept by ``subsample``; position = new label."""
-        check_subsample(subsample)
-        return {"all": tuple(range(len(self.classnames))), "base": self.base_labels,
-                "new": self.new_labels}[subsample]
-
-    @property
-    def base_classes(self) -> List[str]:
-        return [self.classnames[label] for label in self.base_labels]
-
-    @property
-    def new_classes(self) -> List[str]:
-        return [self.classnames[label] for label in self.new_labels]
-
-    def as_record(self) -> Dict[str, list]:
-        """What a run records: the original labels and class names of both halves."""
-        return {"base_labels": list(self.base_labels), "new_labels": list(self.new_labels),
-                "base_classes": self.base_classes, "new_classes": self.new_classes}
-
-
-def check_subsample(subsample) -> None:
-    if subsample not in SUBSAMPLES:
-        raise DatasetError(f"subsample must be one of {', '.join(SUBSAMPLES)}, got {subsample!r}")
+from .base import ClassSplit, DatasetError, Datum, FewShotDataset, check_subsample
 
 
 def split_classes(name: str, classnames: Sequence[str]) -> ClassSplit:

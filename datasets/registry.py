@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple, Union
 
-from .base import DEFAULT_TEMPLATE, DatasetError, FewShotDataset, check_files_exist, check_shots, sample_dataset_splits
-from .base2new import check_subsample, subsample_classes
+from .base import (DEFAULT_TEMPLATE, DatasetError, FewShotDataset, check_files_exist, check_shots, check_subsample,
+                   sample_dataset_splits)
+from .base2new import subsample_classes
 from .imagefolder import prepare_split
 from .imagenet import TRAIN_FOLDER, imagenet_test, read_class_folders, sample_imagenet
 from .imagenet_variants import VARIANT_FORMATS, read_variant
