@@ -12,7 +12,8 @@ whole. This reproduces ``random.seed(seed)`` followed by CLIP-LoRA's calls.
 
 Prompts: ``"a photo of a {}."`` by default, as CLIP-LoRA prompts every dataset;
 ``prompts("dataset")`` uses the dataset's own CoOp template ("a photo of a {},
-a type of pet." ...).
+a type of pet." ...). ``ClassSplit`` holds the base and new halves of a
+dataset's classes (made by ``base2new.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import random
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 MAX_VAL_SHOTS = 4
+SUBSAMPLES = ("all", "base", "new")  # which classes a dataset keeps: all, or one base-to-new half
 
 
 class DatasetError(ValueError):
@@ -90,11 +92,47 @@ def check_files_exist(items: Sequence[Datum], what: str) -> None:
             f"`python -m datasets.check` lists them)")
 
 
+def check_subsample(subsample) -> None:
+    if subsample not in SUBSAMPLES:
+        raise DatasetError(f"subsample must be one of {', '.join(SUBSAMPLES)}, got {subsample!r}")
+
+
+@dataclass(frozen=True)
+class ClassSplit:
+    """The base and new halves of a dataset's classes (``base2new.py``), as original labels of ``classnames``."""
+
+    classnames: Tuple[str, ...]   # every class of the dataset, by original label
+    base_labels: Tuple[int, ...]
+    new_labels: Tuple[int, ...]
+
+    def labels(self, subsample: str) -> Tuple[int, ...]:
+        """The original labels kept by ``subsample``; position = new label."""
+        check_subsample(subsample)
+        return {"all": tuple(range(len(self.classnames))), "base": self.base_labels,
+                "new": self.new_labels}[subsample]
+
+    @property
+    def base_classes(self) -> List[str]:
+        return [self.classnames[label] for label in self.base_labels]
+
+    @property
+    def new_classes(self) -> List[str]:
+        return [self.classnames[label] for label in self.new_labels]
+
+    def as_record(self) -> Dict[str, list]:
+        """What a run records: the original labels and class names of both halves."""
+        return {"base_labels": list(self.base_labels), "new_labels": list(self.new_labels),
+                "base_classes": self.base_classes, "new_classes": self.new_classes}
+
+
 @dataclass
 class FewShotDataset:
     """A dataset after few-shot sampling: ``train_x`` (K/class), ``val`` (min(K,4)/class), full ``test``.
 
-    ``templates`` maps "default" and "dataset" to prompt templates.
+    ``templates`` maps "default" and "dataset" to prompt templates. ``shots`` is 0 for a test split alone
+    (``build_test_dataset``: ``train_x`` and ``val`` empty). ``subsample`` is "all", or "base"/"new" for one half
+    of the classes, relabelled 0..k-1; ``class_split`` (``ClassSplit``) then gives both halves as
+    original labels and names.
     """
 
     name: str
@@ -108,6 +146,8 @@ class FewShotDataset:
     template: str = DEFAULT_TEMPLATE
     templates: Dict[str, str] = field(
         default_factory=lambda: {"default": DEFAULT_TEMPLATE, "dataset": DEFAULT_TEMPLATE})
+    subsample: str = "all"
+    class_split: Optional[ClassSplit] = None
 
     @property
     def num_classes(self) -> int:
@@ -126,6 +166,7 @@ class FewShotDataset:
     def __repr__(self) -> str:
         return (f"FewShotDataset({self.name!r}, classes={self.num_classes}, shots={self.shots}, seed={self.seed}, "
                 f"train={len(self.train_x)}, val={len(self.val)}, test={len(self.test)}, "
+                + (f"subsample={self.subsample!r}, " if self.subsample != "all" else "") +
                 f"dir={str(self.dataset_dir)!r})")
 
 

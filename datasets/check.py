@@ -3,8 +3,8 @@
     python -m datasets.check --root_path /data [--dataset dtd] [--decode]
     python -m datasets.check --root_path /data/my_images --dataset imagefolder
 
-For each dataset (every benchmark found under the root when ``--dataset`` is
-not given) it prints the folder and convention used, the number of classes,
+For each dataset (every benchmark and test-only ImageNet variant found under
+the root when ``--dataset`` is not given) it prints the folder and convention used, the number of classes,
 per-split counts and the first problems found: missing folders or split files,
 malformed split files, classes unknown to the class list, class folders without
 images, images listed in a split but absent on disk and, with ``--decode``,
@@ -22,8 +22,9 @@ from typing import Dict, Iterable, List, Optional
 from .base import DatasetError, load_image
 from .folders import list_image_files
 from .imagenet import TEST_FOLDER, TRAIN_FOLDER, read_class_folders
-from .registry import (BENCHMARK_DATASETS, Location, get_spec, list_datasets, listing_file, locate_dataset,
-                       read_splits)
+from .imagenet_variants import variant_classes
+from .registry import (BENCHMARK_DATASETS, DOMAIN_DATASETS, Location, get_spec, list_datasets, listing_file,
+                       locate_dataset, read_splits)
 from .splits import SPLIT_NAMES
 
 MAX_LISTED = 10
@@ -84,14 +85,33 @@ def _check_class_folders(location: Location, decode: bool, problems: List[str], 
             print(f"  val: drawn from {TRAIN_FOLDER}/ with the training shots, min(K, 4) per class", file=out)
 
 
-def check_dataset(name: str, root_path: str, decode: bool = False, out=sys.stdout) -> List[str]:
-    """Print a report for one dataset and return its problems (empty when all is well)."""
+def _check_test_only(name: str, location: Location, decode: bool, problems: List[str], out) -> None:
+    """An ImageNet variant: its classes and the images of each class folder (the test split, all it has)."""
+    folders, _ = variant_classes(get_spec(name).split_format, location.image_dir, location.split_path)
+    print(f"  classes: {len(folders)} (names from {location.split_path.name}); test only", file=out)
+    counts: Dict[int, int] = {}
+    for label, folder in enumerate(folders):
+        try:
+            names = list_image_files(location.image_dir / folder)
+        except DatasetError as exc:
+            problems.append(str(exc))
+            continue
+        counts[label] = len(names)
+        _check_files("test", (str(location.image_dir / folder / n) for n in names), decode, False, problems)
+    _print_counts("test", counts, out)
+
+
+def check_dataset(name: str, root_path: str, decode: bool = False, out=None) -> List[str]:
+    """Print a report for one dataset (to ``out``, default ``sys.stdout``) and return its problems (none: all well)."""
+    out = out or sys.stdout
     problems: List[str] = []
     try:
         location = locate_dataset(name, root_path)
         print(f"{name}: {location.dataset_dir} ({location.convention} layout)", file=out)
         if get_spec(name).split_format == "class_folders":
             _check_class_folders(location, decode, problems, out)
+        elif get_spec(name).test_only:
+            _check_test_only(name, location, decode, problems, out)
         else:
             _check_listed(name, location, decode, problems, out)
     except DatasetError as exc:
@@ -119,10 +139,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.dataset:
         names = [args.dataset]
     else:
-        names = [name for name in BENCHMARK_DATASETS
+        names = [name for name in (*BENCHMARK_DATASETS, *DOMAIN_DATASETS)
                  if any(os.path.isdir(os.path.join(args.root_path, folder)) for folder in get_spec(name).folders)]
         if not names:
-            folders = ", ".join(dict.fromkeys(folder for name in BENCHMARK_DATASETS
+            folders = ", ".join(dict.fromkeys(folder for name in (*BENCHMARK_DATASETS, *DOMAIN_DATASETS)
                                               for folder in get_spec(name).folders))
             print(f"no dataset folder found in {args.root_path} (looked for {folders}; "
                   "use --dataset imagefolder for a folder of class folders)")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 from .base import MAX_VAL_SHOTS, DatasetError, Datum, check_shots
 from .folders import list_class_folders, list_image_files
@@ -31,8 +31,8 @@ TRAIN_FOLDER = "train"
 TEST_FOLDER = "val"
 
 
-def read_classnames(path: Path, wnids: List[str]) -> List[str]:
-    """Class name of each wnid, from ``<wnid> <class name>`` lines; any unlisted wnid is an error."""
+def read_classname_file(path: Path) -> Dict[str, str]:
+    """``{wnid: class name}`` from ``<wnid> <class name>`` lines, in the file's order, names cleaned."""
     try:
         with open(path, "r", encoding="utf-8") as handle:
             lines = handle.read().splitlines()
@@ -45,12 +45,18 @@ def read_classnames(path: Path, wnids: List[str]) -> List[str]:
     for line in lines:
         wnid, _, name = line.strip().partition(" ")
         if wnid:
-            name_of[wnid] = name
+            name_of[wnid] = clean_classname(name)
+    return name_of
+
+
+def read_classnames(path: Path, wnids: List[str]) -> List[str]:
+    """Class name of each wnid, from ``<wnid> <class name>`` lines; any unlisted wnid is an error."""
+    name_of = read_classname_file(path)
     missing = [wnid for wnid in wnids if wnid not in name_of]
     if missing:
         raise DatasetError(f"class folder '{missing[0]}' has no line in {path} ({len(missing)} of {len(wnids)} "
                            "class folders are not listed)")
-    return [clean_classname(name_of[wnid]) for wnid in wnids]
+    return [name_of[wnid] for wnid in wnids]
 
 
 def read_class_folders(image_dir: Path, classnames_path: Path) -> Tuple[List[str], List[str]]:

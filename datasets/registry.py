@@ -6,12 +6,15 @@ CLIP-LoRA's (Zanella & Ben Ayed, CVPRW 2024; e.g. ``Caltech101/``,
 ``Flower102/``); ``eurosat`` and ``fgvc_aircraft`` use one name in both, and
 ImageNet keeps ``imagenet/`` but moves ``train/``/``val/`` out of ``images/``.
 Split formats: ``json`` (CoOp split file), ``variant_lists`` (FGVC-Aircraft's
-text files), ``class_folders`` (ImageNet, ``imagenet.py``) and ``imagefolder``
-(a split written once next to a researcher's class folders, ``imagefolder.py``).
+text files), ``class_folders`` (ImageNet, ``imagenet.py``), ``imagefolder``
+(a split written once next to a researcher's class folders, ``imagefolder.py``)
+and the test-only ImageNet variants' ``numbered_folders`` and ``wnid_folders``
+(``imagenet_variants.py``; ``DOMAIN_DATASETS``, read with ``build_test_dataset``).
 ``template`` is the dataset's prompt in CoOp's zero-shot CLIP
 (``CUSTOM_TEMPLATES``); CLIP-LoRA prompts every dataset with "a photo of a {}.",
 our default. ``BENCHMARK_DATASETS`` is the eleven in CoOp's table order and
-``display_name`` their column titles.
+``display_name`` their column titles. ``build_dataset(..., subsample="base"|"new")``
+keeps one half of the classes (``base2new.py``).
 """
 
 from __future__ import annotations
@@ -20,14 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple, Union
 
-from .base import DEFAULT_TEMPLATE, DatasetError, FewShotDataset, check_files_exist, check_shots, sample_dataset_splits
+from .base import (DEFAULT_TEMPLATE, DatasetError, FewShotDataset, check_files_exist, check_shots, check_subsample,
+                   sample_dataset_splits)
+from .base2new import subsample_classes
 from .imagefolder import prepare_split
 from .imagenet import TRAIN_FOLDER, imagenet_test, read_class_folders, sample_imagenet
+from .imagenet_variants import VARIANT_FORMATS, read_variant
 from .splits import (Splits, classnames_from_splits, parse_split, read_split, read_variant_lists,
                      variant_list_file)
 
 CONVENTIONS = ("coop", "clip_lora")
-SPLIT_FORMATS = ("json", "variant_lists", "class_folders", "imagefolder")
+SPLIT_FORMATS = ("json", "variant_lists", "class_folders", "imagefolder", *VARIANT_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,11 @@ class DatasetSpec:
     @property
     def templates(self) -> Dict[str, str]:
         return {"default": DEFAULT_TEMPLATE, "dataset": self.template}
+
+    @property
+    def test_only(self) -> bool:
+        """A set that is only evaluated on (no training images): the ImageNet variants."""
+        return self.split_format in VARIANT_FORMATS
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,15 @@ _register("imagefolder", "Own data", "", "", "", "split_imagefolder.json", PHOTO
 # (datasets/scenes.py writes them): new compositions of words it saw, and names it never saw
 _register("scenes_compose", "Compose", "scenes_compose", "scenes_compose", "images", "split_scenes_compose.json", PHOTO)
 _register("scenes_names", "Names", "scenes_names", "scenes_names", "images", "split_scenes_names.json", PHOTO)
+# the four test-only ImageNet variants of domain generalisation, in CoOp's folders, prompted as ImageNet
+_register("imagenetv2", "ImageNet-V2", "imagenetv2", "imagenetv2", "imagenetv2-matched-frequency-format-val",
+          "classnames.txt", PHOTO, "numbered_folders")
+_register("imagenet_sketch", "ImageNet-Sketch", "imagenet-sketch", "imagenet-sketch", "images", "classnames.txt",
+          PHOTO, "wnid_folders")
+_register("imagenet_a", "ImageNet-A", "imagenet-adversarial", "imagenet-adversarial", "imagenet-a", "classnames.txt",
+          PHOTO, "wnid_folders")
+_register("imagenet_r", "ImageNet-R", "imagenet-rendition", "imagenet-rendition", "imagenet-r", "classnames.txt",
+          PHOTO, "wnid_folders")
 
 #: (classes, test images) of each benchmark's CoOp split: what a run's text tower and evaluation must handle
 #: (scripts/bench.py projects run times from them)
@@ -110,11 +130,14 @@ BENCHMARK_SIZES = {"imagenet": (1000, 50000), "caltech101": (100, 2465), "oxford
                    "ucf101": (101, 3783)}
 BENCHMARK_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                       "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+#: the targets of domain generalisation (ImageNet → each), in the papers' column order
+DOMAIN_DATASETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 
 def list_datasets() -> List[str]:
-    """Names accepted by ``build_dataset`` (the eleven benchmarks, ``imagefolder`` and the two procedural
-    tasks ``scenes_compose`` and ``scenes_names``), sorted."""
+    """Registered names, sorted: the eleven benchmarks, ``imagefolder``, the two procedural tasks
+    ``scenes_compose`` and ``scenes_names`` (all for ``build_dataset``) and the four test-only
+    ``DOMAIN_DATASETS`` (for ``build_test_dataset``)."""
     return sorted(_REGISTRY)
 
 
@@ -167,7 +190,7 @@ def locate_dataset(name: str, root_path: Union[str, Path]) -> Location:
     if spec.split_format == "imagefolder":
         convention = "imagefolder"
     elif not split_path.is_file():
-        what = "class-name file" if spec.split_format == "class_folders" else "split file"
+        what = "class-name file" if spec.split_format in ("class_folders", *VARIANT_FORMATS) else "split file"
         raise DatasetError(f"{what} not found: {split_path} ({_expected(spec, root)}; see DATASET.md)")
     return Location(dataset_dir, image_dir, split_path, convention)
 
@@ -195,29 +218,78 @@ def read_splits(spec: DatasetSpec, location: Location, write_split: bool = True)
     return splits, classnames_from_splits(splits, location.split_path)
 
 
-def build_dataset(name: str, root_path: Union[str, Path], shots: int, seed: int = 1) -> FewShotDataset:
+def _read_listed(spec: DatasetSpec, location: Location, splits_needed=("train", "test")):
+    """``(splits, classnames)`` of a dataset with listed splits; a needed split that is empty is an error.
+
+    ``imagefolder``'s split file is not written here but by ``_finish`` once the dataset was built.
+    """
+    splits, classnames = read_splits(spec, location, write_split=False)
+    for split in splits_needed:
+        if not splits[split]:
+            raise DatasetError(f"split file {listing_file(spec, location, split)} has an empty '{split}' list")
+    return splits, classnames
+
+
+def _finish(spec: DatasetSpec, location: Location, dataset: FewShotDataset, subsample: str) -> FewShotDataset:
+    """The ``subsample`` half of ``dataset``; then, nothing having failed, ``imagefolder``'s split file is written."""
+    dataset = subsample_classes(dataset, subsample)
+    if spec.split_format == "imagefolder" and not location.split_path.exists():
+        prepare_split(location.image_dir, write=True)
+    return dataset
+
+
+def build_dataset(name: str, root_path: Union[str, Path], shots: int, seed: int = 1,
+                  subsample: str = "all") -> FewShotDataset:
     """Load ``name`` from ``root_path`` and draw the few-shot train/val subsets for ``seed``.
 
     For ``imagefolder``, ``root_path`` is the folder of class folders. Every
     sampled train/val image and every test image is checked to exist.
+    ``subsample="base"`` or ``"new"`` then keeps one half of the classes, CoOp's
+    base-to-new split of this all-class draw (``base2new.py``).
     """
     spec = get_spec(name)
+    if spec.test_only:
+        raise DatasetError(f"{name} is a test-only dataset (it has no training images): evaluate on it with "
+                           f"build_test_dataset('{name}', root) (--eval_on {name}), not with shots={shots!r}")
     check_shots(shots)
+    check_subsample(subsample)
     location = locate_dataset(name, root_path)
     if spec.split_format == "class_folders":
         wnids, classnames = read_class_folders(location.image_dir, location.split_path)
         train_x, val = sample_imagenet(location.image_dir, wnids, classnames, shots, seed)
         test = imagenet_test(location.image_dir, wnids, classnames)
     else:
-        splits, classnames = read_splits(spec, location)
-        for split in ("train", "test"):
-            if not splits[split]:
-                raise DatasetError(f"split file {listing_file(spec, location, split)} has an empty '{split}' list")
+        splits, classnames = _read_listed(spec, location)
         train_x, val = sample_dataset_splits(splits, shots, seed)
         test = splits["test"]
         check_files_exist(train_x, f"sampled train images listed in {listing_file(spec, location, 'train')}")
         check_files_exist(val, f"sampled val images listed in {listing_file(spec, location, 'val')}")
         check_files_exist(test, f"test images listed in {listing_file(spec, location, 'test')}")
-    return FewShotDataset(
+    dataset = FewShotDataset(
         name=name, dataset_dir=location.dataset_dir, classnames=classnames, train_x=train_x, val=val, test=test,
         shots=shots, seed=seed, template=DEFAULT_TEMPLATE, templates=spec.templates)
+    return _finish(spec, location, dataset, subsample)
+
+
+def build_test_dataset(name: str, root_path: Union[str, Path], subsample: str = "all") -> FewShotDataset:
+    """The whole test split of any registered dataset, with its class names and templates; nothing is drawn.
+
+    ``train_x`` and ``val`` are empty and ``shots`` is 0. This is what a trained model is evaluated on in
+    cross-dataset transfer and domain generalisation, and the only view of the test-only ImageNet variants.
+    ``subsample`` keeps the base or new half of the classes (the halves of ``build_dataset``).
+    """
+    spec = get_spec(name)
+    check_subsample(subsample)
+    location = locate_dataset(name, root_path)
+    if spec.test_only:
+        test, classnames = read_variant(spec.split_format, location.image_dir, location.split_path)
+    elif spec.split_format == "class_folders":
+        wnids, classnames = read_class_folders(location.image_dir, location.split_path)
+        test = imagenet_test(location.image_dir, wnids, classnames)
+    else:
+        splits, classnames = _read_listed(spec, location, ("test",))
+        test = splits["test"]
+        check_files_exist(test, f"test images listed in {listing_file(spec, location, 'test')}")
+    dataset = FewShotDataset(name=name, dataset_dir=location.dataset_dir, classnames=classnames, train_x=[], val=[],
+                             test=test, shots=0, seed=0, template=DEFAULT_TEMPLATE, templates=spec.templates)
+    return _finish(spec, location, dataset, subsample)

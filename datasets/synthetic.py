@@ -11,7 +11,13 @@ names imitate the real ones (flat ``Abyssinian_12.jpg``-style Pets files,
 ``cars_train/00012.jpg``, ``.JPEG`` for ImageNet, "2012 ..." car names ...), so
 the tests use the same readers as real data. For ImageNet the
 train and val images of a class go to ``train/`` (CLIP-LoRA draws both from
-there) and the test images to ``val/``. Output is deterministic in ``seed``.
+there) and the test images to ``val/``. The four test-only ImageNet variants
+(``imagenetv2``, ``imagenet_sketch``, ``imagenet_a``, ``imagenet_r``) get
+``test_per_class`` images per class in CoOp's folders, a ``classnames.txt``
+listing the ImageNet classes of a synthetic ``imagenet`` of the same size (in
+wnid order, as CoOp's file), V2's numbered folders, and for A and R a subset
+(every other class) and the ``README.txt`` their archives hold; their images
+are shifted (Sketch grey, A noisy, R posterised). Output is deterministic in ``seed``.
 
     python -m datasets.synthetic --root /tmp/data --dataset dtd --convention coop
 """
@@ -28,7 +34,7 @@ from PIL import Image
 
 from lora_zoo.files import atomic_write
 
-from .registry import CONVENTIONS, DatasetSpec, get_spec, list_datasets
+from .registry import CONVENTIONS, DOMAIN_DATASETS, DatasetSpec, get_spec, list_datasets
 from .splits import VARIANT_CLASS_FILE, variant_list_file
 from .textures import class_list, render_texture
 
@@ -72,7 +78,8 @@ def write_json_split(path: Path, entries: Dict[str, list]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(entries), encoding="utf-8"))
 
 
-def write_class_images(image_dir: Path, classnames: Sequence[str], counts: Dict[str, int], seed: int,
+def write_class_images(image_dir: Path, classnames: Sequence[str], counts: Dict[str, int],
+                       seed: Union[int, Sequence[int]],
                        image_path: Callable[[int, int, int, str], str],
                        render: Callable[[int, np.random.Generator], np.ndarray], **save_options) -> Dict[str, list]:
     """Render ``counts[split]`` images of each class under ``image_dir``; return the CoOp split entries
@@ -80,16 +87,18 @@ def write_class_images(image_dir: Path, classnames: Sequence[str], counts: Dict[
 
     The ``index``-th image of class ``label`` (counted over its splits in ``counts`` order; ``split_index``
     is the split's place there) is ``render(label, rng)`` with ``rng = default_rng([seed, label, split_index,
-    index])``, saved at ``image_path(label, index, serial, split)`` (``serial`` counts images over all
-    classes) with Pillow's ``save_options``. Each image depends on its own key only.
+    index])`` (``[*seed, label, ...]`` when ``seed`` is a sequence), saved at ``image_path(label, index, serial,
+    split)`` (``serial`` counts images over all classes) with Pillow's ``save_options``. Each image depends on
+    its own key only.
     """
     entries: Dict[str, list] = {split: [] for split in counts}
+    seed_key = list(seed) if isinstance(seed, (list, tuple)) else [seed]
     serial = 0
     for label, classname in enumerate(classnames):
         index = 0
         for split_index, (split, count) in enumerate(counts.items()):
             for _ in range(count):
-                rng = np.random.default_rng([seed, label, split_index, index])
+                rng = np.random.default_rng([*seed_key, label, split_index, index])
                 relpath = image_path(label, index, serial, split)
                 (image_dir / relpath).parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(render(label, rng)).save(image_dir / relpath, **save_options)
@@ -112,16 +121,65 @@ def _write_split_files(spec: DatasetSpec, dataset_dir: Path, entries: Dict[str, 
                      [f"{wnid(label)} {name}" for label, name in reversed(list(enumerate(classnames)))])
 
 
+#: per variant: image path in a class folder (``{folder}``, ``{index}``, ``{serial}``, ``{name}``) and image shift
+VARIANT_FILES = {"imagenetv2": "{folder}/{serial:040x}.jpeg", "imagenet_sketch": "{folder}/sketch_{index}.JPEG",
+                 "imagenet_a": "{folder}/0.{serial:06d}_{name} _ {name}_0.5.jpg",
+                 "imagenet_r": "{folder}/art_{index}.jpg"}
+VARIANT_SHIFTS: Dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    "imagenetv2": lambda image, rng: image,
+    "imagenet_sketch": lambda image, rng: np.repeat(image.mean(axis=2, keepdims=True), 3, axis=2).astype(np.uint8),
+    "imagenet_a": lambda image, rng: np.clip(image + rng.normal(0, 40, image.shape), 0, 255).astype(np.uint8),
+    "imagenet_r": lambda image, rng: (image // 128 * 255).astype(np.uint8),
+}
+
+
+def variant_labels(dataset: str, num_classes: int) -> List[int]:
+    """The ImageNet labels a variant keeps: all for V2 and Sketch, every other one (from the second) for A and R
+    (200 of 1,000 in the real sets)."""
+    if dataset in ("imagenet_a", "imagenet_r") and num_classes > 1:
+        return list(range(1, num_classes, 2))
+    return list(range(num_classes))
+
+
+def write_variant(dataset: str, dataset_dir: Path, image_dir: Path, num_classes: int, test_per_class: int,
+                  image_size: int, seed: int) -> None:
+    """An ImageNet variant: its class folders of shifted images and ImageNet's ``classnames.txt``."""
+    classes = class_list(num_classes)
+    names = [stored_classname("imagenet", colour, pattern) for colour, pattern in classes]
+    kept = variant_labels(dataset, num_classes)
+    numbered = get_spec(dataset).split_format == "numbered_folders"
+    shift = VARIANT_SHIFTS[dataset]
+
+    def image_path(label, index, serial, split):
+        folder = str(kept[label]) if numbered else wnid(kept[label])
+        return VARIANT_FILES[dataset].format(folder=folder, index=index, serial=serial, name=names[kept[label]])
+
+    write_class_images(image_dir, [names[label] for label in kept], {"test": test_per_class},
+                       (seed, DOMAIN_DATASETS.index(dataset) + 1), image_path=image_path,
+                       render=lambda label, rng: shift(render_texture(*classes[kept[label]], image_size, rng), rng),
+                       format="JPEG", quality=92)
+    _write_lines(dataset_dir / get_spec(dataset).split_file,
+                 [f"{wnid(label)} {name}" for label, name in enumerate(names)])
+    if dataset in ("imagenet_a", "imagenet_r"):
+        _write_lines(image_dir / "README.txt", [f"synthetic {dataset}: {len(kept)} of {num_classes} classes"])
+
+
 def write_synthetic_dataset(root: Union[str, Path], dataset: str = "dtd", convention: str = "coop",
                             num_classes: int = 6, train_per_class: int = 16, val_per_class: int = 4,
                             test_per_class: int = 10, image_size: int = 64, seed: int = 0) -> Path:
-    """Write images and split files under ``root`` (the ``--root_path``); return the dataset folder."""
+    """Write images and split files under ``root`` (the ``--root_path``); return the dataset folder.
+
+    A test-only variant writes ``test_per_class`` images per class and ignores the train and val counts.
+    """
     spec = get_spec(dataset)
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     position = CONVENTIONS.index(convention)
     dataset_dir = Path(root) / spec.folders[position]
     image_dir = dataset_dir / spec.image_folders[position]
+    if spec.test_only:
+        write_variant(dataset, dataset_dir, image_dir, num_classes, test_per_class, image_size, seed)
+        return dataset_dir
     classes = class_list(num_classes)
     classnames = [stored_classname(dataset, colour, pattern) for colour, pattern in classes]
     entries = write_class_images(
@@ -146,7 +204,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     path = write_synthetic_dataset(**vars(args))
-    layout = "class folders" if get_spec(args.dataset).split_format == "imagefolder" else f"{args.convention} layout"
+    layout = {"imagefolder": "class folders"}.get(get_spec(args.dataset).split_format, f"{args.convention} layout")
     print(f"wrote synthetic {args.dataset} ({layout}) to {path}")
 
 

@@ -62,13 +62,21 @@ PATTERNS: Dict[str, Callable] = {
 
 
 def class_list(num_classes: int) -> List[Tuple[str, str]]:
-    """(colour, pattern) per class; consecutive classes differ in both pattern and colour."""
+    """(colour, pattern) per class; consecutive classes differ in both pattern and colour.
+
+    After the 48 pairs the patterns come again at a finer scale, numbered ("stripes2", then "stripes3" ...),
+    so that a tree can have a real benchmark's class count (SUN397's 397).
+    """
     colours, patterns = list(COLOURS), list(PATTERNS)
-    limit = len(colours) * len(patterns)
-    if not 1 <= num_classes <= limit:
-        raise ValueError(f"num_classes must be in 1..{limit}, got {num_classes}")
-    return [(colours[(index % len(patterns) + index // len(patterns)) % len(colours)], patterns[index % len(patterns)])
-            for index in range(num_classes)]
+    pairs = len(colours) * len(patterns)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    out = []
+    for index in range(num_classes):
+        cycle, within = divmod(index, pairs)
+        colour = colours[(within % len(patterns) + within // len(patterns)) % len(colours)]
+        out.append((colour, patterns[within % len(patterns)] + (str(cycle + 1) if cycle else "")))
+    return out
 
 
 def render_texture(colour: str, pattern: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -77,8 +85,9 @@ def render_texture(colour: str, pattern: str, size: int, rng: np.random.Generato
     x, y = np.meshgrid(coords, coords)
     angle = rng.uniform(-0.3, 0.3)  # small rotation keeps the pattern's identity
     x, y = np.cos(angle) * x - np.sin(angle) * y, np.sin(angle) * x + np.cos(angle) * y
-    freq = 4.0 * rng.uniform(0.85, 1.15)
-    mask = PATTERNS[pattern](x, y, freq, rng.uniform(0.0, 1.0))
+    base = pattern.rstrip("0123456789")
+    freq = 4.0 * rng.uniform(0.85, 1.15) * (1 + 0.5 * (int(pattern[len(base):] or 1) - 1))
+    mask = PATTERNS[base](x, y, freq, rng.uniform(0.0, 1.0))
     foreground = np.clip(np.array(COLOURS[colour], np.float32) / 255 + rng.normal(0, 0.05, 3), 0, 1)
     background = np.full(3, rng.uniform(0.05, 0.25), np.float32)
     image = background * (1 - mask[..., None]) + foreground * mask[..., None]

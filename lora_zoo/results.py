@@ -7,6 +7,14 @@ A run's *setting* is every option that can change its numbers, flat and spelled 
 name, dataset, shots, seed, backbone) and the bookkeeping keys (``config.py``
 fields marked ``affects_result=False``: paths, devices, caches, logging) are not
 part of it. ``scripts/make_table.py`` groups runs by setting; so can a notebook.
+
+Runs of the four protocols (``PROTOCOLS``) are told apart by their records: a
+few-shot ``result.json`` has ``"protocol": "fewshot"`` or no protocol key (runs
+written before there were others), a base-to-new one ``"protocol": "base2new"``
+(``load_base2new``), and a few-shot run evaluated on other datasets holds one
+``eval_on/<target>.json`` per target (``load_transfers``: cross-dataset transfer
+and domain generalisation). ``load_results`` reads few-shot runs only. The cell
+format of the tables (``cell_text``, ``average_text``) is here too.
 """
 from __future__ import annotations
 
@@ -21,6 +29,8 @@ from .config import OPTION_GROUPS, bookkeeping_keys
 
 ABSENT = "n/a"  # the value of an option a method does not have
 AXES = ("method", "run_name", "dataset", "shots", "seed", "backbone")
+PROTOCOLS = ("fewshot", "base2new", "cross_dataset", "domain")
+MISSING = "—"  # a table cell without a run
 
 
 @dataclass(frozen=True)
@@ -94,19 +104,103 @@ def first_difference(theirs: tuple, ours: tuple) -> str | None:
     return None if not changed else f"{changed[0]}: {a.get(changed[0], 'unset')} there, {b.get(changed[0], 'unset')} now"
 
 
-def load_results(root: Path) -> tuple[list[Run], int]:
-    """Every readable result.json under ``root``, and how many could not be read (each warned about)."""
-    runs, unreadable = [], 0
-    for path in sorted(root.rglob("result.json")):
+def optional_float(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def read_records(paths, parse) -> tuple[list, int]:
+    """``parse(record)`` of each JSON file (None: not wanted), and how many could not be read (each warned about)."""
+    out, unreadable = [], 0
+    for path in paths:
         try:
-            r = json.loads(path.read_text())
-            runs.append(Run(str(r["backbone"]), str(r["method"]), str(r["dataset"]), int(r["shots"]), int(r["seed"]),
-                            float(r["accuracy"]), (r.get("config") or {}).get("run_name"), setting_of(r),
-                            None if r.get("zero_shot_accuracy") is None else float(r["zero_shot_accuracy"])))
+            parsed = parse(json.loads(path.read_text()), path)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             print(f"warning: skipping unreadable {path}: {err}", file=sys.stderr)
             unreadable += 1
-    return runs, unreadable
+            continue
+        if parsed is not None:
+            out.append(parsed)
+    return out, unreadable
+
+
+def load_results(root: Path) -> tuple[list[Run], int]:
+    """Every readable few-shot result.json under ``root``, and how many could not be read (each warned about).
+
+    Runs of another protocol (a ``"protocol"`` other than ``"fewshot"``: base-to-new) are left out."""
+    def parse(r, path):
+        if r.get("protocol", "fewshot") != "fewshot":
+            return None
+        return Run(str(r["backbone"]), str(r["method"]), str(r["dataset"]), int(r["shots"]), int(r["seed"]),
+                   float(r["accuracy"]), (r.get("config") or {}).get("run_name"), setting_of(r),
+                   optional_float(r.get("zero_shot_accuracy")))
+    return read_records(sorted(root.rglob("result.json")), parse)
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """``2·B·N / (B + N)``: the H of base-to-new tables (CoCoOp; Zhou et al., CVPR 2022); 0 when both are 0."""
+    return 2 * base * new / (base + new) if base + new else 0.0
+
+
+@dataclass(frozen=True)
+class Base2NewRun:
+    """A base-to-new run: trained on the base classes, scored on the base and on the new classes' test images,
+    each over its own classes' prompts; the pretrained model's accuracies on both halves beside them."""
+
+    backbone: str
+    method: str
+    run_name: str | None
+    dataset: str
+    shots: int
+    seed: int
+    base: float
+    new: float
+    zero_shot_base: float | None = None
+    zero_shot_new: float | None = None
+
+
+def load_base2new(root: Path) -> tuple[list[Base2NewRun], int]:
+    """Every readable result.json with ``"protocol": "base2new"`` under ``root``, and how many were unreadable."""
+    def parse(r, path):
+        if r.get("protocol") != "base2new":
+            return None
+        run_name = r.get("run_name", (r.get("config") or {}).get("run_name"))
+        return Base2NewRun(str(r["backbone"]), str(r["method"]), run_name, str(r["dataset"]),
+                           int(r["shots"]), int(r["seed"]), float(r["base_accuracy"]), float(r["new_accuracy"]),
+                           optional_float(r.get("zero_shot_base_accuracy")),
+                           optional_float(r.get("zero_shot_new_accuracy")))
+    return read_records(sorted(root.rglob("result.json")), parse)
+
+
+@dataclass(frozen=True)
+class TransferRun:
+    """A few-shot run's adapters scored on another dataset's whole test set (``eval_on/<target>.json``), with
+    the run's own accuracy on its source dataset (its ``result.json``; None when that is unreadable)."""
+
+    backbone: str
+    method: str
+    run_name: str | None
+    source: str
+    target: str
+    shots: int
+    seed: int
+    accuracy: float
+    zero_shot: float | None = None
+    source_accuracy: float | None = None
+    source_zero_shot: float | None = None
+
+
+def load_transfers(root: Path) -> tuple[list[TransferRun], int]:
+    """Every readable ``eval_on/<target>.json`` under ``root``, and how many were unreadable."""
+    def parse(r, path):
+        try:
+            source = json.loads((path.parent.parent / "result.json").read_text())
+        except (OSError, ValueError):
+            source = {}
+        return TransferRun(str(r["backbone"]), str(r["method"]), r.get("run_name"), str(r["source_dataset"]),
+                           str(r["target"]), int(r["shots"]), int(r["seed"]), float(r["accuracy"]),
+                           optional_float(r.get("zero_shot_accuracy")), optional_float(source.get("accuracy")),
+                           optional_float(source.get("zero_shot_accuracy")))
+    return read_records(sorted(root.rglob("eval_on/*.json")), parse)
 
 
 def mean_std(values):
@@ -115,3 +209,22 @@ def mean_std(values):
     if not values:
         return None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
+
+
+def cell_text(stat, expected: int) -> str:
+    """``"mean ± std"`` of ``mean_std``'s triple, ``" (n/N)"`` with fewer than ``expected`` seeds, "—" for none."""
+    if stat is None:
+        return MISSING
+    mean, std, n = stat
+    text = f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+    return text + (f" ({n}/{expected})" if n < expected else "")
+
+
+def average_text(per_dataset: list[dict], expected: int) -> str:
+    """Per seed, the mean over the datasets present (seeds all of them have); mean ± std of those."""
+    present = [p for p in per_dataset if p]
+    common = set.intersection(*(set(p) for p in present)) if present else set()
+    if not common:
+        return MISSING
+    text = cell_text(mean_std(statistics.fmean(p[s] for p in present) for s in sorted(common)), expected)
+    return text + (f" [{len(present)}/{len(per_dataset)} datasets]" if len(present) < len(per_dataset) else "")

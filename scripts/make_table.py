@@ -8,10 +8,13 @@ columns (one table per dataset), ``--best_over KEY`` adds the best KEY per cell,
 than ``--seeds``, "—" with no run. Average: per seed, the mean over the datasets the row has. A "Zero-shot"
 row gives the base model's recorded accuracy ("varies" where a column mixes prompts or weights). The paper's
 rows (``reported/nora_table2.csv``) appear beside ViT-B-16 results only; one table per backbone. Markdown,
-LaTeX, CSV; ``--plot_dir`` adds accuracy-vs-shots PNGs (``scripts/plot_shots.py``, matplotlib).
+LaTeX, CSV; ``--plot_dir`` adds accuracy-vs-shots PNGs (``scripts/plot_shots.py``, matplotlib). Runs of the
+other protocols never enter it: ``--protocol base2new|cross_dataset|domain`` tabulates those
+(``scripts/protocol_tables.py``).
 
     python scripts/make_table.py outputs [--backbone ViT-B-16] [--rows lr] [--cols method_options.inner_rank]
                                  [--best_over lr] [--datasets benchmark] [--format md|latex|csv|all] [--plot_dir DIR]
+    python scripts/make_table.py outputs --protocol base2new|cross_dataset|domain [--source imagenet]
 """
 from __future__ import annotations
 
@@ -26,10 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from lora_zoo.results import ABSENT, AXES, load_results, mean_std, short_key, value_text  # noqa: E402
-
-MISSING = "—"
-PAPER_BACKBONE = "ViT-B-16"
+from lora_zoo.results import (ABSENT, AXES, MISSING, average_text, cell_text, load_results, mean_std,  # noqa: E402
+                              short_key, value_text)
+from scripts.protocol_tables import PAPER_BACKBONE, add_protocol_arguments, protocol_main  # noqa: E402
 
 
 class TableError(ValueError):
@@ -80,24 +82,6 @@ def identity_keys(runs, rows, cols, best) -> list[str]:
     if rows == "run_name":
         varying = [k for k in varying if not determines(runs, ["run_name"], k)]
     return lead + [k for k in varying if k not in (rows, cols, best)] + ([best] if best else [])
-
-
-def cell_text(stat, expected: int) -> str:
-    if stat is None:
-        return MISSING
-    mean, std, n = stat
-    text = f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
-    return text + (f" ({n}/{expected})" if n < expected else "")
-
-
-def average_text(per_dataset: list[dict], expected: int) -> str:
-    """Per seed, the mean over the datasets present (seeds all of them have); mean ± std of those."""
-    present = [p for p in per_dataset if p]
-    common = set.intersection(*(set(p) for p in present)) if present else set()
-    if not common:
-        return MISSING
-    text = cell_text(mean_std(statistics.fmean(p[s] for p in present) for s in sorted(common)), expected)
-    return text + (f" [{len(present)}/{len(per_dataset)} datasets]" if len(present) < len(per_dataset) else "")
 
 
 def display_name(method: str) -> str:
@@ -351,10 +335,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no_reported", action="store_true", help="do not show the paper's rows")
     parser.add_argument("--format", choices=["md", "latex", "csv", "all"], default="all")
     parser.add_argument("--plot_dir", type=Path, help="write accuracy-vs-shots PNGs here (needs matplotlib)")
+    add_protocol_arguments(parser)
     args = parser.parse_args(argv)
     if not args.results.is_dir():
         print(f"error: results folder not found: {args.results}", file=sys.stderr)
         return 1
+    if args.protocol != "fewshot":  # base-to-new, cross-dataset, domain generalisation: scripts/protocol_tables.py
+        return protocol_main(args, lambda method: label((method,)))
     runs, args.unreadable = load_results(args.results)
     backbones = sorted({r.backbone for r in runs}, key=lambda b: (b != PAPER_BACKBONE, b))
     try:

@@ -110,8 +110,9 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(DatasetError, match=r"root_path not found: .*nowhere"):
         build_dataset("dtd", tmp_path / "nowhere", shots=1, seed=1)
     with pytest.raises(DatasetError, match=r"unknown dataset 'imagenet21k' \(available: caltech101, dtd, eurosat, "
-                                           r"fgvc_aircraft, food101, imagefolder, imagenet, oxford_flowers, "
-                                           r"oxford_pets, scenes_compose, scenes_names, stanford_cars, sun397, ucf101\)"):
+                                           r"fgvc_aircraft, food101, imagefolder, imagenet, imagenet_a, imagenet_r, "
+                                           r"imagenet_sketch, imagenetv2, oxford_flowers, oxford_pets, scenes_compose, "
+                                           r"scenes_names, stanford_cars, sun397, ucf101\)"):
         build_dataset("imagenet21k", tmp_path, shots=1, seed=1)
     with pytest.raises(DatasetError, match=rf"^dataset folder not found: {tmp_path}/dtd \(expected {tmp_path}/dtd/ "
                                            rf"holding images/ and split_zhou_DescribableTextures.json or "

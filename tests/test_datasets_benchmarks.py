@@ -134,7 +134,8 @@ def pairs(items):
 
 
 def test_registry_lists_every_dataset_with_title_and_template():
-    assert list_datasets() == sorted([*EXPECTED, "imagefolder", "scenes_compose", "scenes_names"])
+    assert list_datasets() == sorted([*EXPECTED, "imagefolder", "scenes_compose", "scenes_names", "imagenetv2",
+                                      "imagenet_sketch", "imagenet_a", "imagenet_r"])
     assert BENCHMARK_DATASETS == tuple(EXPECTED)  # CoOp's table order
     for name, (_, _, split_file, template, title) in EXPECTED.items():
         spec = get_spec(name)
