@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from lora_zoo.provenance import available_cpus
+from lora_zoo.host import available_cpus
 
 from .base import DatasetError, Datum, load_image
 from .loader import EpochBatches, seed_augmentation

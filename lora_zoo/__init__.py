@@ -11,6 +11,7 @@ Public API::
     trainable_parameters(model), count_trainable(model)
     merge_adapters(model), unmerge_adapters(model)
     save_adapters(model, path), load_adapters(model, path)
+    export_peft(model, directory), to_hf_clip(model)  a peft adapter for transformers' CLIPModel (peft needed)
 
 Methods register themselves (``@register_method`` beside each adapter class,
 ``register_preset`` for a layer + optimizer pair); the modules that register
@@ -41,6 +42,7 @@ _EXPORTS = {
     "register_optimizer": "optim",
     "MethodSpec": "registry", "get_method": "registry", "list_methods": "registry", "register_method": "registry",
     "register_preset": "registry",
+    "export_peft": "peft_export", "to_hf_clip": "hf_clip",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -126,6 +126,16 @@ class AdapterLinear(nn.Module):
         #: calibration statistics this layer was built with (kept so a checkpoint can rebuild it)
         self.stats = stats
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, for code that reads a linear's ``weight`` (open_clip's text tower reads
+        ``mlp.c_fc.weight`` for its cast dtype, so adapting fc1 needs it)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
     # ---- what a method provides -------------------------------------------------------
     def factors(self, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(up, down)`` with ``ΔW = up @ down`` for ``tensors`` (trainable tensors by name)."""

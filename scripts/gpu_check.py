@@ -41,7 +41,7 @@ import lora_zoo as lz  # noqa: E402
 from bench_pipeline import class_names  # noqa: E402
 from lora_zoo.files import atomic_write  # noqa: E402
 from lora_zoo.models import TINY_CONFIGS, build_clip  # noqa: E402
-from lora_zoo.provenance import available_cpus  # noqa: E402
+from lora_zoo.host import available_cpus  # noqa: E402
 from lora_zoo.train import prepare_device, training_step  # noqa: E402
 
 FROZEN = "frozen (no optimizer step)"

@@ -43,7 +43,7 @@ from datasets.textures import class_list, render_texture
 from lora_zoo.config import ExperimentConfig, TrainConfig
 from lora_zoo.experiment import run_experiment
 from lora_zoo.models import build_clip
-from lora_zoo.provenance import available_cpus
+from lora_zoo.host import available_cpus
 
 METHOD = "lora"
 LOGIT_SCALE = 100.0
