@@ -13,6 +13,13 @@ the tests use the same readers as real data. For ImageNet the
 train and val images of a class go to ``train/`` (CLIP-LoRA draws both from
 there) and the test images to ``val/``. Output is deterministic in ``seed``.
 
+Sizes are checked before anything is written (``check_sizes``): 1 to 48 classes
+(each is one of the 6 × 8 colour-pattern pairs, whose words name its folder and
+files), at least one train and one test image per class and none negative (the
+readers refuse an empty train or test list), four in all per class for
+``imagefolder`` (its reader splits each class 50/20/30), 1 to 65,500 pixels a
+side (JPEG's limit), a non-negative seed.
+
     python -m datasets.synthetic --root /tmp/data --dataset dtd --convention coop
 """
 
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Union
 
@@ -28,9 +36,14 @@ from PIL import Image
 
 from lora_zoo.files import atomic_write
 
+from .base import DatasetError
+from .imagefolder import MIN_IMAGES_PER_CLASS
 from .registry import CONVENTIONS, DatasetSpec, get_spec, list_datasets
 from .splits import VARIANT_CLASS_FILE, variant_list_file
-from .textures import class_list, render_texture
+from .textures import COLOURS, PATTERNS, class_list, render_texture
+
+MAX_CLASSES = len(COLOURS) * len(PATTERNS)  # one class per (colour, pattern) pair
+MAX_IMAGE_SIZE = 65500  # libjpeg's largest side
 
 
 def stored_classname(dataset: str, colour: str, pattern: str) -> str:
@@ -112,13 +125,42 @@ def _write_split_files(spec: DatasetSpec, dataset_dir: Path, entries: Dict[str, 
                      [f"{wnid(label)} {name}" for label, name in reversed(list(enumerate(classnames)))])
 
 
+def check_sizes(dataset: str, num_classes: int, train_per_class: int, val_per_class: int, test_per_class: int,
+                image_size: int, seed: int) -> None:
+    """A one-line ``DatasetError`` for a size the layout cannot hold (see the module docstring)."""
+    per_class = {"train_per_class": (train_per_class, 1), "val_per_class": (val_per_class, 0),
+                 "test_per_class": (test_per_class, 1)}
+    for name, value in (("num_classes", num_classes), ("image_size", image_size), ("seed", seed),
+                        *((name, value) for name, (value, _) in per_class.items())):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DatasetError(f"{name} must be an integer, got {value!r}")
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise DatasetError(f"num_classes must be 1..{MAX_CLASSES} (one class per colour-pattern pair: "
+                           f"{len(COLOURS)} colours x {len(PATTERNS)} patterns), got {num_classes}")
+    for name, (value, least) in per_class.items():
+        if value < least:
+            raise DatasetError(f"{name} must be >= {least}, got {value}")
+    total = train_per_class + val_per_class + test_per_class
+    if get_spec(dataset).split_format == "imagefolder" and total < MIN_IMAGES_PER_CLASS:
+        raise DatasetError(f"imagefolder needs at least {MIN_IMAGES_PER_CLASS} images per class (its reader splits "
+                           f"each class 50/20/30), got {total}")
+    if not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise DatasetError(f"image_size must be 1..{MAX_IMAGE_SIZE} pixels (JPEG's limit), got {image_size}")
+    if seed < 0:
+        raise DatasetError(f"seed must be >= 0, got {seed}")
+
+
 def write_synthetic_dataset(root: Union[str, Path], dataset: str = "dtd", convention: str = "coop",
                             num_classes: int = 6, train_per_class: int = 16, val_per_class: int = 4,
                             test_per_class: int = 10, image_size: int = 64, seed: int = 0) -> Path:
-    """Write images and split files under ``root`` (the ``--root_path``); return the dataset folder."""
+    """Write images and split files under ``root`` (the ``--root_path``); return the dataset folder.
+
+    Every size is checked before anything is written (``check_sizes``).
+    """
     spec = get_spec(dataset)
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    check_sizes(dataset, num_classes, train_per_class, val_per_class, test_per_class, image_size, seed)
     position = CONVENTIONS.index(convention)
     dataset_dir = Path(root) / spec.folders[position]
     image_dir = dataset_dir / spec.image_folders[position]
@@ -133,7 +175,7 @@ def write_synthetic_dataset(root: Union[str, Path], dataset: str = "dtd", conven
     return dataset_dir
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="folder that will hold the dataset folder (the --root_path)")
     parser.add_argument("--dataset", default="dtd", choices=list_datasets())
@@ -145,10 +187,15 @@ def main(argv=None) -> None:
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    path = write_synthetic_dataset(**vars(args))
+    try:
+        path = write_synthetic_dataset(**vars(args))
+    except (ValueError, OSError) as err:  # checked sizes, or an unwritable root: one line, nothing written
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     layout = "class folders" if get_spec(args.dataset).split_format == "imagefolder" else f"{args.convention} layout"
     print(f"wrote synthetic {args.dataset} ({layout}) to {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
