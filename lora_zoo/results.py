@@ -7,10 +7,14 @@ A run's *setting* is every option that can change its numbers, flat and spelled 
 name, dataset, shots, seed, backbone) and the bookkeeping keys (``config.py``
 fields marked ``affects_result=False``: paths, devices, caches, logging) are not
 part of it. ``scripts/make_table.py`` groups runs by setting; so can a notebook.
+A result whose accuracy is not a finite number (NaN from weights that diverged) is
+never read as a run: ``load_results`` skips it with a warning naming the file, so no
+table ranks or averages it.
 """
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from dataclasses import dataclass
@@ -71,11 +75,17 @@ def first_difference(theirs: tuple, ours: tuple) -> str | None:
 
 
 def load_results(root: Path) -> tuple[list[Run], int]:
-    """Every readable result.json under ``root``, and how many could not be read (each warned about)."""
+    """Every readable result.json with a finite accuracy under ``root``, and how many were skipped because they
+    could not be read or their accuracy is not finite (each warned about)."""
     runs, unreadable = [], 0
     for path in sorted(root.rglob("result.json")):
         try:
             r = json.loads(path.read_text())
+            if not math.isfinite(float(r["accuracy"])):
+                print(f"warning: skipping {path}: its accuracy is {r['accuracy']} (not a finite number)",
+                      file=sys.stderr)
+                unreadable += 1
+                continue
             runs.append(Run(str(r["backbone"]), str(r["method"]), str(r["dataset"]), int(r["shots"]), int(r["seed"]),
                             float(r["accuracy"]), (r.get("config") or {}).get("run_name"), setting_of(r),
                             None if r.get("zero_shot_accuracy") is None else float(r["zero_shot_accuracy"])))
