@@ -165,4 +165,5 @@ def _set_rng(rng: dict) -> None:
                          saved["cached"]))
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        for index, device_state in enumerate(rng["cuda"][:torch.cuda.device_count()]):  # the devices visible now
+            torch.cuda.set_rng_state(device_state, index)

@@ -188,3 +188,21 @@ def test_a_run_stops_on_its_damaged_checkpoint_with_one_line(data_root, tmp_path
     assert str(err.value) == (f"the run's checkpoint {folder / STATE_FILE} has a damaged random-number state "
                               "(ValueError); delete it to start the run again")
     assert not (folder / "result.json").exists()
+
+
+def test_cuda_generator_states_are_restored_for_the_devices_visible_now(checkpoint, monkeypatch):
+    """A checkpoint written with two GPUs visible resumes where one is (a resubmitted Slurm job): the saved
+    states of the visible devices are set, the others ignored, instead of an error about a damaged state."""
+    path, state = checkpoint
+    saved = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    state["rng"]["cuda"] = saved
+    resume_state.save(path, state)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(16, dtype=torch.uint8)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(("all", len(states))))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda value, device: calls.append((int(value[0]), device)))
+    loaded = resume_state.load(path)
+    assert calls == [(1, 0), ("all", 1)]  # tried on device 0, then the current state put back
+    assert [torch.equal(a, b) for a, b in zip(loaded["rng"]["cuda"], saved)] == [True, True]
