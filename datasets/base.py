@@ -10,6 +10,10 @@ first and the training subset (K per class) second; the test split is kept
 whole. This reproduces ``random.seed(seed)`` followed by CLIP-LoRA's calls.
 (ImageNet draws differently; ``imagenet.py`` holds its sampler.)
 
+Images: ``load_image`` decodes every image the runs and ``datasets.check`` read, as
+8-bit RGB; 16-bit grey (PNG, TIFF, PGM) is scaled to 8 bits over its full range,
+float and 32-bit samples are refused by name (``to_rgb``).
+
 Prompts: ``"a photo of a {}."`` by default, as CLIP-LoRA prompts every dataset;
 ``prompts("dataset")`` uses the dataset's own CoOp template ("a photo of a {},
 a type of pet." ...). ``ClassSplit`` holds the base and new halves of a
@@ -33,6 +37,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_TEMPLATE = "a photo of a {}."
 MAX_VAL_SHOTS = 4
 SUBSAMPLES = ("all", "base", "new")  # which classes a dataset keeps: all, or one base-to-new half
+#: Pillow's modes of 16-bit unsigned grey samples (``load_image`` scales them to 8 bits)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 class DatasetError(ValueError):
@@ -70,13 +76,50 @@ def sample_few_shot(items: Sequence[Datum], shots: int, rng: random.Random, spli
     return sampled
 
 
+def sample_range(image: Image.Image) -> Optional[int]:
+    """The largest value a sample of a high-bit-depth image can hold (65535 for 16 bits), None for the 8-bit
+    modes ``convert("RGB")`` reads right; a ``DatasetError`` for samples with no defined range (float, 32-bit).
+
+    Pillow opens 16-bit RGB(A) and grey+alpha PNGs as 8-bit modes already (high byte), 16-bit grey PNGs and
+    TIFFs as ``I;16``/``I;16B``, and 16-bit PGMs as ``I`` scaled to 0..65535; ``convert("RGB")`` clips those
+    at 255 (almost white) instead of scaling them.
+    """
+    mode, fmt = image.mode, image.format
+    if mode in SIXTEEN_BIT_MODES:
+        return 65535
+    if mode == "I":
+        bits = image.tag_v2.get(258, (0,))[0] if fmt == "TIFF" else 16 if fmt in ("PNG", "PPM") else 0
+        if bits == 16:
+            return 65535
+        raise DatasetError(f"mode I ({bits or 32}-bit integer samples, {fmt}) has no defined 8-bit range; save it "
+                           "with 8 or 16 bits per sample")
+    if mode == "F" or mode.startswith(("I;", "F;")):
+        raise DatasetError(f"mode {mode} ({'floating-point' if mode[0] == 'F' else 'integer'} samples, {fmt}) has "
+                           "no defined 8-bit range; save it with 8 or 16 bits per sample")
+    return None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with 8 bits a sample; high-bit-depth grey scaled to 0..255 (``round(v * 255 / max)``), full range kept."""
+    top = sample_range(image)
+    if top is None:
+        return image.convert("RGB")
+    import numpy as np  # only for high-bit-depth images: datasets.check must start without it
+
+    values = np.clip(np.asarray(image).astype(np.int64), 0, top)
+    return Image.fromarray(((values * 255 + top // 2) // top).astype(np.uint8)).convert("RGB")
+
+
 def load_image(path: str) -> Image.Image:
-    """Decode an image as RGB; any failure becomes a one-line error naming the file."""
+    """Decode an image as RGB (``to_rgb``); any failure, or samples with no 8-bit range, becomes a one-line error
+    naming the file."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except FileNotFoundError:
         raise DatasetError(f"image file not found: {path}") from None
+    except DatasetError as exc:
+        raise DatasetError(f"cannot decode image {path}: {exc}") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for broken files
         raise DatasetError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
 

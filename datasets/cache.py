@@ -12,8 +12,11 @@ dominates the data cost without it. Decoding runs in threads (PIL releases the G
 ``(N, 3, H, W)`` in a ``.npy`` file, memory-mapped, shared by every run of a sweep
 on the same dataset and preprocessing. ``ToTensor``'s ``/255`` and ``Normalize`` are
 applied per batch, which gives bit-identical tensors. The file name is a hash of
-the image list (paths and labels) and the transform's description, so another
-split or preprocessing gets another file; it is written atomically.
+the image list (paths and labels), the transform's description and the files'
+content identity (``identity.content_key``: size and modification and status-change
+times, taken before any image is read), so another split, preprocessing or a
+changed image file (the same name, other pixels) gets another file; it is written
+atomically. Files of earlier contents stay in the folder until deleted.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from lora_zoo.files import atomic_write
 from lora_zoo.host import available_cpus
 
 from .base import DatasetError, Datum, load_image
+from .identity import content_key
 
 RGB_BYTES_PER_PIXEL = 4  # Pillow stores an RGB pixel in 32 bits
 
@@ -79,6 +83,7 @@ class PreprocessedImages:
         self.geometry, self.normalize = parts
         self.data, self.batch_size = list(data), batch_size
         listing = "\n".join(f"{d.impath}|{d.label}" for d in self.data) + "\n" + repr(transform)
+        listing += "\n" + content_key(self.data)  # before any pixel is read: a file changed meanwhile gets a new key
         self.path = Path(folder) / f"images-{hashlib.sha1(listing.encode()).hexdigest()[:20]}.npy"
         if not self.path.is_file():
             self._write()

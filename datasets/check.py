@@ -8,8 +8,10 @@ the root when ``--dataset`` is not given) it prints the folder and convention us
 per-split counts and the first problems found: missing folders or split files,
 malformed split files, classes unknown to the class list, class folders without
 images, images listed in a split but absent on disk and, with ``--decode``,
-images that cannot be decoded. ``imagefolder``'s split file is not written by
-the check. The exit status is 1 when anything is wrong.
+images that cannot be decoded or cannot be read right as 8-bit RGB: samples
+with no defined 8-bit range (floating-point, 32-bit integer) are listed by name,
+16-bit ones pass (``load_image`` scales them, as every run does). ``imagefolder``'s
+split file is not written by the check. The exit status is 1 when anything is wrong.
 """
 
 from __future__ import annotations

@@ -13,7 +13,10 @@ every later run; the few-shot draw is then the one of the other datasets.
 
 If the folder's images change after the split was written (files added,
 removed or renamed), loading stops with an error that says how and asks to
-delete the split file, so no run silently uses a stale or partial split.
+delete the split file, so no run silently uses a stale or partial split. Two
+class folders whose names give one class name (``blue jay`` and ``blue_jay``: an
+underscore reads as a space, as in the benchmarks) are an error naming both,
+before any split is written.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from lora_zoo.files import write_json
 
 from .base import DatasetError
 from .folders import list_class_folders, list_image_files
-from .splits import SPLIT_NAMES
+from .splits import SPLIT_NAMES, clean_classname
 
 SPLIT_FILE = "split_imagefolder.json"
 TRAIN_FRACTION = 0.5
@@ -40,7 +43,14 @@ def scan_image_folder(image_dir: Path) -> Dict[str, List[str]]:
     """Sorted class folder names → sorted image names; errors name the folder at fault."""
     if not image_dir.is_dir():
         raise DatasetError(f"image folder not found: {image_dir} (expected one sub-folder of images per class)")
-    return {name: list_image_files(image_dir / name) for name in list_class_folders(image_dir)}
+    folders = list_class_folders(image_dir)
+    seen: Dict[str, str] = {}
+    for name in folders:
+        other = seen.setdefault(clean_classname(name), name)
+        if other != name:
+            raise DatasetError(f"class folders '{other}' and '{name}' in {image_dir} both name the class "
+                               f"'{clean_classname(name)}' (an underscore reads as a space); rename or merge one")
+    return {name: list_image_files(image_dir / name) for name in folders}
 
 
 def make_split(image_dir: Path, files_per_class: Dict[str, List[str]]) -> Dict[str, list]:

@@ -19,6 +19,13 @@ wnid order, as CoOp's file), V2's numbered folders, and for A and R a subset
 (every other class) and the ``README.txt`` their archives hold; their images
 are shifted (Sketch grey, A noisy, R posterised). Output is deterministic in ``seed``.
 
+Sizes are checked before anything is written (``check_sizes``): 1 to the real
+dataset's class count (ImageNet's for its variants, 1,000 for ``imagefolder``),
+at least one train and one test image per class and none negative (the
+readers refuse an empty train or test list), four in all per class for
+``imagefolder`` (its reader splits each class 50/20/30), 1 to 65,500 pixels a
+side (JPEG's limit), a non-negative seed.
+
     python -m datasets.synthetic --root /tmp/data --dataset dtd --convention coop
 """
 
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Union
 
@@ -34,9 +42,14 @@ from PIL import Image
 
 from lora_zoo.files import atomic_write
 
-from .registry import CONVENTIONS, DOMAIN_DATASETS, DatasetSpec, get_spec, list_datasets
+from .base import DatasetError
+from .imagefolder import MIN_IMAGES_PER_CLASS
+from .registry import BENCHMARK_SIZES, CONVENTIONS, DOMAIN_DATASETS, DatasetSpec, get_spec, list_datasets
 from .splits import VARIANT_CLASS_FILE, variant_list_file
 from .textures import class_list, render_texture
+
+MAX_CLASSES = 1000  # a dataset without a real class count (imagefolder): ImageNet's
+MAX_IMAGE_SIZE = 65500  # libjpeg's largest side
 
 
 def stored_classname(dataset: str, colour: str, pattern: str) -> str:
@@ -164,16 +177,52 @@ def write_variant(dataset: str, dataset_dir: Path, image_dir: Path, num_classes:
         _write_lines(image_dir / "README.txt", [f"synthetic {dataset}: {len(kept)} of {num_classes} classes"])
 
 
+def class_limit(dataset: str) -> tuple[int, str]:
+    """The most classes a synthetic ``dataset`` may have, and why: the real dataset's class count (ImageNet's for
+    its variants), else ``MAX_CLASSES``."""
+    real = "imagenet" if dataset in DOMAIN_DATASETS else dataset
+    if real in BENCHMARK_SIZES:
+        return BENCHMARK_SIZES[real][0], f"{real} has {BENCHMARK_SIZES[real][0]} classes"
+    return MAX_CLASSES, f"at most {MAX_CLASSES} classes"
+
+
+def check_sizes(dataset: str, num_classes: int, train_per_class: int, val_per_class: int, test_per_class: int,
+                image_size: int, seed: int) -> None:
+    """A one-line ``DatasetError`` for a size the layout cannot hold (see the module docstring)."""
+    per_class = {"train_per_class": (train_per_class, 1), "val_per_class": (val_per_class, 0),
+                 "test_per_class": (test_per_class, 1)}
+    for name, value in (("num_classes", num_classes), ("image_size", image_size), ("seed", seed),
+                        *((name, value) for name, (value, _) in per_class.items())):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DatasetError(f"{name} must be an integer, got {value!r}")
+    most, which = class_limit(dataset)
+    if not 1 <= num_classes <= most:
+        raise DatasetError(f"num_classes must be 1..{most} ({which}), got {num_classes}")
+    for name, (value, least) in per_class.items():
+        if value < least:
+            raise DatasetError(f"{name} must be >= {least}, got {value}")
+    total = train_per_class + val_per_class + test_per_class
+    if get_spec(dataset).split_format == "imagefolder" and total < MIN_IMAGES_PER_CLASS:
+        raise DatasetError(f"imagefolder needs at least {MIN_IMAGES_PER_CLASS} images per class (its reader splits "
+                           f"each class 50/20/30), got {total}")
+    if not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise DatasetError(f"image_size must be 1..{MAX_IMAGE_SIZE} pixels (JPEG's limit), got {image_size}")
+    if seed < 0:
+        raise DatasetError(f"seed must be >= 0, got {seed}")
+
+
 def write_synthetic_dataset(root: Union[str, Path], dataset: str = "dtd", convention: str = "coop",
                             num_classes: int = 6, train_per_class: int = 16, val_per_class: int = 4,
                             test_per_class: int = 10, image_size: int = 64, seed: int = 0) -> Path:
     """Write images and split files under ``root`` (the ``--root_path``); return the dataset folder.
 
     A test-only variant writes ``test_per_class`` images per class and ignores the train and val counts.
+    Every size is checked before anything is written (``check_sizes``).
     """
     spec = get_spec(dataset)
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    check_sizes(dataset, num_classes, train_per_class, val_per_class, test_per_class, image_size, seed)
     position = CONVENTIONS.index(convention)
     dataset_dir = Path(root) / spec.folders[position]
     image_dir = dataset_dir / spec.image_folders[position]
@@ -191,7 +240,7 @@ def write_synthetic_dataset(root: Union[str, Path], dataset: str = "dtd", conven
     return dataset_dir
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="folder that will hold the dataset folder (the --root_path)")
     parser.add_argument("--dataset", default="dtd", choices=list_datasets())
@@ -203,10 +252,15 @@ def main(argv=None) -> None:
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    path = write_synthetic_dataset(**vars(args))
-    layout = {"imagefolder": "class folders"}.get(get_spec(args.dataset).split_format, f"{args.convention} layout")
+    try:
+        path = write_synthetic_dataset(**vars(args))
+    except (ValueError, OSError) as err:  # checked sizes, or an unwritable root: one line, nothing written
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    layout = "class folders" if get_spec(args.dataset).split_format == "imagefolder" else f"{args.convention} layout"
     print(f"wrote synthetic {args.dataset} ({layout}) to {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -283,6 +283,10 @@ class AdaLoraLinear(AdapterLinear):
         self.lora_Q = nn.Parameter(0.02 * torch.randn(rank, self.in_features, device=device))
         self.register_buffer("lora_rank_mask", torch.ones(rank, device=device))
 
+    @classmethod
+    def check_fits(cls, config: AdaLoraConfig, out_features: int, in_features: int) -> None:
+        check_rank_fits("adalora", "init_rank", config.init_rank, in_features, out_features)
+
     @property
     def rank(self) -> int:
         """Triplets kept by the last allocation (all of them before the first)."""

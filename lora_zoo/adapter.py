@@ -121,6 +121,7 @@ class AdapterLinear(nn.Module):
         self.config = config
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
+        type(self).check_fits(config, self.out_features, self.in_features)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
         #: calibration statistics this layer was built with (kept so a checkpoint can rebuild it)
@@ -140,6 +141,15 @@ class AdapterLinear(nn.Module):
     def factors(self, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(up, down)`` with ``ΔW = up @ down`` for ``tensors`` (trainable tensors by name)."""
         raise NotImplementedError
+
+    @classmethod
+    def check_fits(cls, config: AdapterConfig, out_features: int, in_features: int) -> None:
+        """A one-line error when ``config`` asks a ``out_features × in_features`` layer for more than its shape
+        allows, from the shape alone: ``inject.check_fits`` runs it on every target before any work, the
+        constructor on its own layer. Default: a ``rank`` option must not exceed min(d_in, d_out)."""
+        rank = getattr(config, "rank", None)
+        if isinstance(rank, int) and not isinstance(rank, bool):
+            check_rank_fits(cls.method_name, "rank", rank, in_features, out_features)
 
     @classmethod
     def plan_layers(cls, linears: Mapping[str, nn.Linear], stats, config) -> dict[str, dict[str, Any]]:

@@ -134,6 +134,13 @@ def _need_stats(stats, what: str):
     return stats
 
 
+def check_authors_shape(out_features: int, in_features: int) -> None:
+    """The authors' SVD init indexes V as Vᵀ: it needs d_in <= d_out."""
+    if in_features > out_features:
+        raise ValueError(f"aira init='authors_svd' needs d_in <= d_out (their indexing gives A the wrong "
+                         f"shape otherwise); this layer has d_in={in_features}, d_out={out_features}")
+
+
 def authors_svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, A)`` as the authors' ``AwLinear`` initialises them (svd_step 1) from the plain SVD of W.
 
@@ -143,9 +150,7 @@ def authors_svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, 
     are built, so the singular vectors' signs are the ones their run gets.
     """
     d_out, d_in = weight.shape
-    if d_in > d_out:
-        raise ValueError(f"aira init='authors_svd' needs d_in <= d_out (their indexing gives A the wrong "
-                         f"shape otherwise); this layer has d_in={d_in}, d_out={d_out}")
+    check_authors_shape(d_out, d_in)
     check_rank_fits("aira", "rank", rank, d_in, d_out)
     w = weight.detach().float().cpu()
     with _single_threaded(w.device):
@@ -214,6 +219,12 @@ class AiraLinear(AdapterLinear):
             self.register_buffer("lora_output_scale", None)
         if config.residual:
             self._make_residual()
+
+    @classmethod
+    def check_fits(cls, config: AiraConfig, out_features: int, in_features: int) -> None:
+        if config.init == "authors_svd":
+            check_authors_shape(out_features, in_features)
+        super().check_fits(config, out_features, in_features)  # the rank, also when rank_alloc would clip it
 
     @classmethod
     def plan_layers(cls, linears, stats, config: AiraConfig):

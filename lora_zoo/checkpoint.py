@@ -5,16 +5,19 @@
 AIRA's output scale), the calibration statistics the layers were built with,
 and ``run/adapters.json`` (the layer method and its config, encoders, targets,
 layers, the per-layer options such as AIRA's rank allocation, the method it was
-trained as, package versions). Only what rebuilds the layers is recorded: the
-optimizer builder (LoRA+, LoRA-FA) and a training schedule's options (AdaLoRA's
-budget) are not, so a checkpoint loads whatever trained it. Both files are
-written atomically. Frozen factors derived from W (NoRA's outer
+trained as, package versions, the sha256 of the ``.safetensors`` file's bytes).
+Only what rebuilds the layers is recorded: the optimizer builder (LoRA+,
+LoRA-FA) and a training schedule's options (AdaLoRA's budget) are not, so a
+checkpoint loads whatever trained it. Both files are written atomically. Frozen factors derived from W (NoRA's outer
 SVD, VeRA's seeded matrices) are not stored: they are rebuilt from the base
 model, deterministically.
 
 ``load_adapters(model, path)`` into a model without adapters first injects
 them as saved; into an adapted model it checks that layer method, layer
 options, targets and per-layer ranks agree and names the first mismatch otherwise.
+A tensor file whose bytes no longer match the recorded sha256 (flipped, truncated,
+replaced), or that safetensors cannot parse, is a one-line error naming it; files
+saved before the checksum was recorded load unchecked.
 Format-1 files (lora_zoo 0.1) are read, except VeRA and AIRA ``act_scale="batch"``
 ones: those layers compute something else from the same tensors now, so they are refused.
 """
@@ -30,7 +33,7 @@ from torch import nn
 
 from .adapter import adapter_modules, apply_delta
 from .calibration import LayerStats
-from .files import atomic_write, write_json
+from .files import atomic_write, sha256_file, write_json
 from .inject import AdapterSetup, apply_adapters
 from .naming import adapter_state_dict, is_adapter_tensor
 from .host import versions
@@ -67,6 +70,7 @@ def save_adapters(model: nn.Module, path) -> Path:
             "layers": list(setup.layers) if setup.layers is not None else None,
             "layer_overrides": setup.layer_overrides, "stats_tokens": tokens, "versions": versions()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "lora_zoo"}))
+    meta["sha256"] = sha256_file(path)  # of the bytes as written: read_adapter_tensors checks it
     write_json(config_path(path), meta)
     return path
 
@@ -90,6 +94,8 @@ def read_adapter_config(path) -> dict[str, Any]:
         meta = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read adapter config {cfg_path}: {err}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"adapter config {cfg_path} is not a JSON object (expected what save_adapters writes)")
     if meta.get("format_version") == 1:  # lora_zoo 0.1: one config per method, optimizer options included
         layer = get_method(meta["method"]).layer
         known = {f for f in get_method(layer).config_class.__dataclass_fields__}
@@ -101,6 +107,20 @@ def read_adapter_config(path) -> dict[str, Any]:
     # options added since it was written take the defaults its options resolve to (what built it)
     meta["config"] = get_method(meta["layer"]).config_class.from_dict(meta["config"]).to_dict()
     return meta
+
+
+def read_adapter_tensors(path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of the adapter file ``path``, after checking its bytes against the sha256 ``meta`` (its
+    ``adapters.json``) recorded; a damaged, truncated or empty file is a one-line error naming it."""
+    recorded = meta.get("sha256")
+    if recorded is not None and sha256_file(path) != recorded:
+        raise ValueError(f"adapter file {path} does not match the sha256 recorded in {config_path(path).name} "
+                         "(damaged, truncated or replaced since it was saved); restore it or train the run again")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for every malformed file
+        raise ValueError(f"cannot read adapter file {path} ({type(err).__name__}: {' '.join(str(err).split())}); "
+                         "restore it or train the run again") from None
 
 
 def _saved_stats(tensors, meta) -> dict[str, LayerStats]:
@@ -139,7 +159,7 @@ def _check_matches(model: nn.Module, meta, stats, path) -> None:
 def load_adapters(model: nn.Module, path) -> dict:
     """Load adapters saved by ``save_adapters`` into ``model`` (injecting them first if it has none)."""
     meta = read_adapter_config(path)
-    tensors = load_file(str(path))
+    tensors = read_adapter_tensors(path, meta)
     stats = _saved_stats(tensors, meta)
     if not adapter_modules(model):
         apply_adapters(model, meta["layer"], encoders=meta["encoders"], targets=meta["targets"],

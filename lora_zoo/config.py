@@ -14,7 +14,9 @@ Each setting has one home, its dataclass field (default and help text):
 defaults. Keys are flat: the name of an ``ExperimentConfig`` or ``TrainConfig``
 field (``lr``, ``shots``), ``method_options.<name>`` and
 ``optimizer_options.<name>`` (or those two as mappings). An unknown key, or a
-value of the wrong type, is a one-line error naming it and where it came from.
+value of the wrong type, is a one-line error naming it and where it came from:
+``collect_values`` remembers the file that set each key (``ConfigValues``), and
+``build_config`` adds it to an error about a value a file set.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from .registry import get_method
 RUN_NAME = re.compile(r"[A-Za-z0-9._=,+-]{1,120}")
 #: keys that hold a mapping of options rather than one value
 OPTION_GROUPS = ("method_options", "optimizer_options")
+OVERRIDE_SOURCE = "override"  # where flags and --set pairs come from (the command line names them itself)
 
 
 @dataclass
@@ -209,8 +212,39 @@ def read_yaml(path) -> dict:
     return data
 
 
+class ConfigValues(dict):
+    """Flat config values (as ``merge_values`` collects them) and ``sources``: ``{key: where it was set}``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sources: dict[str, str] = {}
+
+
+def _with_source(err: ValueError, sources: Mapping[str, str]) -> ValueError:
+    """``err`` with the file(s) that set the value(s) it names: the key its message starts with, else every key
+    it mentions before any ``;`` hint (``lr``, ``method_options.rank`` or ``rank``); unchanged when none came from
+    a file."""
+    words = re.findall(r"[A-Za-z_][\w.]*", str(err).partition(";")[0])
+    named = {}
+    for key, source in sources.items():
+        hits = [i for i, word in enumerate(words) if word in (key, key.rpartition(".")[2])]
+        if hits and source != OVERRIDE_SOURCE:
+            named[key] = (min(hits), source)
+    if not named:
+        return err
+    first = [key for key, (at, _) in named.items() if at == 0]
+    keys = first or sorted(named, key=lambda k: named[k][0])
+    message = f"{err} ({'; '.join(f'{key} set in {named[key][1]}' for key in keys)})"
+    try:
+        return type(err)(message)
+    except TypeError:  # a ValueError subclass with another constructor
+        return ValueError(message)
+
+
 def merge_values(values: dict, new: Mapping[str, Any], source: str) -> None:
-    """Layer ``new`` (flat keys) over ``values`` in place; unknown keys are a one-line error."""
+    """Layer ``new`` (flat keys) over ``values`` in place; unknown keys are a one-line error. A ``ConfigValues``
+    also records ``source`` for each key set."""
+    sources = getattr(values, "sources", {})
     for key, value in new.items():
         head, _, rest = str(key).partition(".")
         if head not in config_keys() or (rest and head not in OPTION_GROUPS):
@@ -220,29 +254,37 @@ def merge_values(values: dict, new: Mapping[str, Any], source: str) -> None:
             options = values.setdefault(head, {})
             if rest:
                 options[rest] = value
+                sources[f"{head}.{rest}"] = source
             elif isinstance(value, dict):
                 options.update(value)
+                sources.update({f"{head}.{name}": source for name in value})
             else:
                 raise ValueError(f"{head} must be a mapping ({source}), got {value!r}")
         else:
             values[head] = value
+            sources[head] = source
 
 
 def build_config(values: Mapping[str, Any]) -> ExperimentConfig:
-    """An ``ExperimentConfig`` from flat ``values`` (as ``merge_values`` collects them)."""
+    """An ``ExperimentConfig`` from flat ``values`` (as ``merge_values`` collects them); an error about a value
+    a YAML file set names the file (when ``values`` is a ``ConfigValues``)."""
+    sources = getattr(values, "sources", {})
     values = dict(values)
     train = {k: values.pop(k) for k in list(values) if k in TRAIN_KEYS}
     if "optimizer_options" in values:
         train["optimizer_options"] = values.pop("optimizer_options")
-    return ExperimentConfig(**values, train=TrainConfig(**train))
+    try:
+        return ExperimentConfig(**values, train=TrainConfig(**train))
+    except ValueError as err:
+        raise _with_source(err, sources) from None
 
 
-def collect_values(yaml_paths: Iterable = (), overrides: Optional[Mapping[str, Any]] = None) -> dict:
-    """Each YAML file in order, then ``overrides``, as one flat mapping of the keys that were set."""
-    values: dict = {}
+def collect_values(yaml_paths: Iterable = (), overrides: Optional[Mapping[str, Any]] = None) -> ConfigValues:
+    """Each YAML file in order, then ``overrides``, as one flat mapping of the keys that were set (and where)."""
+    values = ConfigValues()
     for path in yaml_paths:
         merge_values(values, read_yaml(path), str(path))
-    merge_values(values, dict(overrides or {}), "override")
+    merge_values(values, dict(overrides or {}), OVERRIDE_SOURCE)
     return values
 
 

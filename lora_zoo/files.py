@@ -6,10 +6,12 @@ killed mid-write leaves the old file or none, never a truncated one. A failure
 is one ``OSError`` naming ``path`` (never the temporary file). Used by both
 packages (``lora_zoo`` and ``datasets``). Files get
 the permissions of a normally created file (``0666`` minus the umask), so
-results are readable by collaborators on a shared filesystem.
+results are readable by collaborators on a shared filesystem. ``sha256_file(path)``
+is the checksum saved files are recorded and verified with.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -58,3 +60,12 @@ def write_text(path, text: str) -> Path:
 def write_json(path, data) -> Path:
     """``data`` as indented JSON, atomically."""
     return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def sha256_file(path, chunk_bytes: int = 1 << 20) -> str:
+    """The sha256 hex digest of the bytes of ``path``, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -7,19 +7,22 @@ allocation) and replaces each target by its adapter. The method's options are
 split between its layer config (saved with the adapters; rebuilds them) and its
 training schedule's options (AdaLoRA's budget schedule; used by the loop only).
 What is trained, counted and saved is decided by one naming rule (``naming.py``).
+``check_fits`` refuses options a target layer's shape cannot hold (a rank above
+min(d_in, d_out), ...) from the shapes alone, before any work; ``apply_adapters``
+runs it first too.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Union
 
 from torch import nn
 
 from .adapter import AdapterConfig, AdapterLinear, adapter_modules
 from .attention import split_attention
 from .registry import MethodSpec, get_method
-from .targets import check_targets, find_target_linears
+from .targets import check_targets, find_target_linears, target_shapes
 
 
 @dataclass
@@ -51,6 +54,37 @@ def method_options(method: str, options: Mapping[str, Any]) -> tuple[MethodSpec,
     return spec, config, schedule_options
 
 
+def _check_shapes(layer_class: type, config: AdapterConfig, shapes: Mapping[str, tuple[int, int]]) -> None:
+    """``layer_class.check_fits`` on each distinct shape, the error naming the first layer of that shape."""
+    checked = set()
+    for name, shape in shapes.items():
+        if shape not in checked:
+            checked.add(shape)
+            try:
+                layer_class.check_fits(config, *shape)
+            except ValueError as err:
+                raise ValueError(f"{err} ({name})") from None
+
+
+def check_fits(model_or_layers: Union[nn.Module, Mapping[str, Any]], method: str,
+               encoders: Iterable[str] = ("vision", "text"), targets: Iterable[str] = ("q", "k", "v"),
+               layers: Optional[Iterable[int]] = None, **options) -> None:
+    """A one-line error when ``method`` with ``options`` asks a target layer for more than its shape allows (a rank
+    above min(d_in, d_out), ...), from the shapes alone: nothing is built or changed.
+
+    ``model_or_layers``: an open_clip model, whose targets ``encoders``/``targets``/``layers`` choose (its
+    attention split or not), or ``{name: nn.Linear or (d_out, d_in)}``. The check is each layer class's
+    ``check_fits``; its constructor runs the same check again.
+    """
+    spec, config, _ = method_options(method, options)
+    if isinstance(model_or_layers, Mapping):
+        shapes = {name: (layer.out_features, layer.in_features) if isinstance(layer, nn.Module) else tuple(layer)
+                  for name, layer in model_or_layers.items()}
+    else:
+        shapes = target_shapes(model_or_layers, encoders, targets, layers)
+    _check_shapes(spec.layer_class, config, shapes)
+
+
 def build_config(method: str, **options) -> AdapterConfig:
     """The layer config of ``method`` from keyword options (unknown or mistyped option → one-line error)."""
     return method_options(method, options)[1]
@@ -79,6 +113,8 @@ def apply_adapters(model: nn.Module, method: str, encoders: Iterable[str] = ("vi
     layers = tuple(int(i) for i in layers) if layers is not None else None
     if adapter_modules(model):
         raise ValueError("model already has adapters; apply_adapters expects a model without them")
+    if layer_overrides is None:  # planned options are fitted by the plan; given ones are checked per layer
+        _check_shapes(cls, config, target_shapes(model, encoders, targets, layers))
     split_attention(model, encoders)
     linears = find_target_linears(model, encoders, targets, layers)
     for param in model.parameters():

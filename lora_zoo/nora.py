@@ -173,12 +173,8 @@ class NoraLinear(AdapterLinear):
         super().__init__(base_layer, config, stats)
         d_out, d_in = self.out_features, self.in_features
         self.structure = STRUCTURES[config.inner_structure]
-        self.outer_rank = resolve_rank(config.outer_rank, d_in, d_out)
-        ratio = config.inner_rank  # an int as is, a ratio of r_out floored (at least 1); None: no inner pair
-        self.inner_rank = max(1, math.floor(ratio * self.outer_rank)) if isinstance(ratio, float) else ratio
+        self.outer_rank, self.inner_rank = self.resolve_ranks(config, d_out, d_in)
         if config.variant == "paper":
-            if self.inner_rank > self.outer_rank:
-                raise ValueError(f"inner_rank {self.inner_rank} exceeds outer_rank {self.outer_rank}")
             self.scale = (config.alpha if config.alpha is not None else self.inner_rank) / self.inner_rank
         else:
             self.scale = config.alpha / self.outer_rank
@@ -202,6 +198,21 @@ class NoraLinear(AdapterLinear):
             self.register_buffer("lora_base_bias", base_layer.bias.detach().clone(), persistent=False)
         if config.residual:
             self._make_residual()
+
+    @staticmethod
+    def resolve_ranks(config: NoraConfig, out_features: int, in_features: int) -> tuple[int, Optional[int]]:
+        """``(r_out, r_in)`` of a ``out_features × in_features`` layer; a one-line error when they do not fit it."""
+        outer = resolve_rank(config.outer_rank, in_features, out_features)
+        ratio = config.inner_rank  # an int as is, a ratio of r_out floored (at least 1); None: no inner pair
+        inner = max(1, math.floor(ratio * outer)) if isinstance(ratio, float) else ratio
+        if config.variant == "paper" and inner > outer:
+            raise ValueError(f"nora inner_rank {inner} exceeds outer_rank {outer} of a {out_features}×{in_features} "
+                             "(d_out×d_in) layer")
+        return outer, inner
+
+    @classmethod
+    def check_fits(cls, config: NoraConfig, out_features: int, in_features: int) -> None:
+        cls.resolve_ranks(config, out_features, in_features)
 
     def _outer_factors(self, config: NoraConfig, stats):
         """``(P, Q, Σ, signs)``: P (d_out×r_out), Q (r_out×d_in), the singular values (None without SVD) and,

@@ -15,10 +15,14 @@ written before there were others), a base-to-new one ``"protocol": "base2new"``
 ``eval_on/<target>.json`` per target (``load_transfers``: cross-dataset transfer
 and domain generalisation). ``load_results`` reads few-shot runs only. The cell
 format of the tables (``cell_text``, ``average_text``) is here too.
+A result whose accuracy is not a finite number (NaN from weights that diverged) is
+never read as a run: ``load_results`` skips it with a warning naming the file, so no
+table ranks or averages it.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 import sys
@@ -104,6 +108,10 @@ def first_difference(theirs: tuple, ours: tuple) -> str | None:
     return None if not changed else f"{changed[0]}: {a.get(changed[0], 'unset')} there, {b.get(changed[0], 'unset')} now"
 
 
+class NotFinite(ValueError):
+    """A record whose accuracy is NaN or infinite: never a run a table ranks or averages."""
+
+
 def optional_float(value) -> float | None:
     return None if value is None else float(value)
 
@@ -114,6 +122,10 @@ def read_records(paths, parse) -> tuple[list, int]:
     for path in paths:
         try:
             parsed = parse(json.loads(path.read_text()), path)
+        except NotFinite as err:
+            print(f"warning: skipping {path}: {err}", file=sys.stderr)
+            unreadable += 1
+            continue
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             print(f"warning: skipping unreadable {path}: {err}", file=sys.stderr)
             unreadable += 1
@@ -130,6 +142,8 @@ def load_results(root: Path) -> tuple[list[Run], int]:
     def parse(r, path):
         if r.get("protocol", "fewshot") != "fewshot":
             return None
+        if not math.isfinite(float(r["accuracy"])):
+            raise NotFinite(f"its accuracy is {r['accuracy']} (not a finite number)")
         return Run(str(r["backbone"]), str(r["method"]), str(r["dataset"]), int(r["shots"]), int(r["seed"]),
                    float(r["accuracy"]), (r.get("config") or {}).get("run_name"), setting_of(r),
                    optional_float(r.get("zero_shot_accuracy")))

@@ -11,9 +11,20 @@ training (the model, calibration, the adapters' initial state) is deterministic
 in the config, so a resumed run on the same machine ends bit-identical to an
 uninterrupted one on CPU; the initial adapter snapshots are compared to make
 sure the rebuilt adapters are the ones the checkpoint continues.
+
+The file carries its own checksum: ``save`` stores the sha256 of every value of the
+state (tensors by dtype, shape and bytes; numbers, strings and containers by their
+text, in one fixed order) under ``checksum``, and ``load`` computes it again. A flipped
+byte inside a tensor, which ``torch.load`` reads without complaint, is then a one-line
+error naming the file and asking to delete it; so are a file ``torch.load`` cannot
+read and a random-number state that cannot be restored (tried on a copy of the
+current generators before anything is changed). One file, written atomically: the
+checksum can never describe another version of it. Checkpoints written before the
+checksum existed resume unchecked.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +37,8 @@ from .adapter import adapter_modules
 from .files import atomic_write
 from .naming import adapter_state_dict
 from .results import first_difference
+
+CHECKSUM = "checksum"  # the key under which save() stores state_digest of the rest
 
 
 def capture(model: nn.Module, optimizer, scheduler, scaler, hooks, step: int, history: dict) -> dict[str, Any]:
@@ -47,8 +60,58 @@ def _numpy_state() -> dict:
             "has_gauss": int(has_gauss), "cached": float(cached)}
 
 
+def state_digest(value, digest=None) -> str:
+    """The sha256 hex digest of a checkpoint state: every tensor's dtype, shape and bytes and every other value's
+    type and text, dictionaries in sorted key order. Covers what ``torch.load(weights_only=True)`` reads back."""
+    top = digest is None
+    digest = hashlib.sha256() if top else digest
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"tensor {flat.dtype} {tuple(value.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)}\n".encode())
+        for key in sorted(value, key=lambda k: (type(k).__name__, repr(k))):
+            digest.update(f"key {type(key).__name__} {key!r}\n".encode())
+            state_digest(value[key], digest)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__} {len(value)}\n".encode())
+        for item in value:
+            state_digest(item, digest)
+    elif value is None or isinstance(value, (bool, int, float, str, bytes, torch.dtype, torch.device)):
+        digest.update(f"{type(value).__name__} {value!r}\n".encode())
+    else:
+        raise TypeError(f"checkpoint state holds a {type(value).__name__}, which it cannot checksum")
+    return digest.hexdigest() if top else ""
+
+
 def save(path, state: dict) -> Path:
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Write ``state`` with its checksum (``state_digest``), atomically."""
+    sealed = {**state, CHECKSUM: state_digest(state)}
+    return atomic_write(path, lambda tmp: torch.save(sealed, tmp))
+
+
+def _check_integrity(state, path: Path) -> None:
+    """One-line errors naming ``path`` for a state whose checksum or random-number state is damaged."""
+    if not isinstance(state, dict):
+        raise ValueError(f"the run's checkpoint {path} is not a lora_zoo checkpoint; delete it to start the run again")
+    recorded = state.pop(CHECKSUM, None)
+    if recorded is not None and state_digest(state) != recorded:
+        raise ValueError(f"the run's checkpoint {path} is damaged (its content does not match the checksum saved "
+                         "with it); delete it to start the run again")
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    current = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    try:
+        _set_rng(state["rng"])  # what restore() will do, tried now
+    except Exception as err:  # noqa: BLE001 - each generator rejects a bad state with its own error type
+        raise ValueError(f"the run's checkpoint {path} has a damaged random-number state ({type(err).__name__}); "
+                         "delete it to start the run again") from None
+    finally:
+        random.setstate(current[0])
+        np.random.set_state(current[1])
+        torch.set_rng_state(current[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def load(path, setting: Optional[tuple] = None) -> Optional[dict]:
@@ -62,6 +125,7 @@ def load(path, setting: Optional[tuple] = None) -> Optional[dict]:
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
         raise ValueError(f"cannot read the run's checkpoint {path} ({type(err).__name__}); delete it to "
                          "start the run again") from None
+    _check_integrity(state, path)
     difference = None if setting is None else first_difference(state.get("setting", ()), setting)
     if difference:
         raise ValueError(f"the checkpoint {path} was written with other settings ({difference}); rerun with its "
@@ -89,11 +153,17 @@ def restore(model: nn.Module, optimizer, scheduler, scaler, hooks, state: dict) 
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     hooks.load_state_dict(state["hooks"])
-    random.setstate(state["rng"]["python"])
-    saved = state["rng"]["numpy"]
+    _set_rng(state["rng"])
+    return int(state["step"])
+
+
+def _set_rng(rng: dict) -> None:
+    """Set Python's, NumPy's, torch's and (when there is one) CUDA's generators to a captured state."""
+    random.setstate(rng["python"])
+    saved = rng["numpy"]
     np.random.set_state((saved["kind"], saved["keys"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
                          saved["cached"]))
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(state["step"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        for index, device_state in enumerate(rng["cuda"][:torch.cuda.device_count()]):  # the devices visible now
+            torch.cuda.set_rng_state(device_state, index)

@@ -5,6 +5,8 @@ Targets are short names inside a residual block: ``q``, ``k``, ``v``, ``o``
 (the MLP). Layers are block indices, applied to every chosen encoder
 (negative indices count from the end). Names returned are the qualified
 module names in the model, e.g. ``visual.transformer.resblocks.3.attn.v``.
+``target_shapes`` reads the targets' shapes from a model whose attention may still
+be fused, without changing it (the checks made before any work).
 """
 from __future__ import annotations
 
@@ -46,6 +48,37 @@ def check_layers(model: nn.Module, encoders=ENCODERS, layers: Optional[Iterable[
     """A one-line ``ValueError`` for a block index a chosen tower does not have (before any work is spent)."""
     for encoder in encoders:
         _block_indices(len(encoder_blocks(model, encoder)[1]), layers, encoder)
+
+
+def _target_shape(block: nn.Module, target: str, name: str) -> tuple[int, int]:
+    """``(d_out, d_in)`` of one target in one block, split or fused (q/k/v: thirds of ``in_proj_weight``)."""
+    try:
+        module = block.get_submodule(TARGET_PATHS[target])
+        return module.out_features, module.in_features  # nn.Linear, or an adapter wrapping one
+    except AttributeError:
+        pass
+    attn = getattr(block, "attn", None)
+    if target == "o" and isinstance(getattr(attn, "out_proj", None), nn.Linear):
+        return attn.out_proj.out_features, attn.out_proj.in_features
+    fused = getattr(attn, "in_proj_weight", None)
+    if target in ("q", "k", "v") and fused is not None and fused.dim() == 2 and fused.shape[0] % 3 == 0:
+        return fused.shape[0] // 3, fused.shape[1]
+    raise TypeError(f"{name} not found: the block has no {target!r} layer (or attention that splits into one)")
+
+
+def target_shapes(model: nn.Module, encoders=ENCODERS, targets=("q", "k", "v"),
+                  layers: Optional[Iterable[int]] = None) -> dict[str, tuple[int, int]]:
+    """``{qualified name: (d_out, d_in)}`` for every target of every chosen block, named as after
+    ``split_attention``; the model is not changed (its attention may still be fused)."""
+    encoders, targets = check_targets(encoders, targets)
+    shapes = {}
+    for encoder in encoders:
+        prefix, blocks = encoder_blocks(model, encoder)
+        for index in _block_indices(len(blocks), layers, encoder):
+            for target in targets:
+                name = f"{prefix}.{index}.{TARGET_PATHS[target]}"
+                shapes[name] = _target_shape(blocks[index], target, name)
+    return shapes
 
 
 def find_target_linears(model: nn.Module, encoders=ENCODERS, targets=("q", "k", "v"),

@@ -72,16 +72,24 @@ class VeraLinear(AdapterLinear):
     def __init__(self, base_layer: nn.Linear, config: VeraConfig, stats=None):
         super().__init__(base_layer, config, stats)
         self.max_in = config.max_in_features or self.in_features
-        self.max_out = config.max_out_features or self.out_features
-        if self.max_in < self.in_features or self.max_out < self.out_features:
-            raise ValueError(f"vera shared matrices ({self.max_out}×{self.max_in}) are smaller than this "
-                             f"{self.out_features}×{self.in_features} layer")
+        self.max_out = config.max_out_features or self.out_features  # at least the layer's: check_fits
         device = base_layer.weight.device
         down, up = shared_projections(config.projection_seed, config.rank, self.max_out, self.max_in, device)
         self.register_buffer("lora_vera_A", down, persistent=False)
         self.register_buffer("lora_vera_B", up, persistent=False)
         self.lora_lambda_d = nn.Parameter(torch.full((config.rank,), float(config.d_init), device=device))
         self.lora_lambda_b = nn.Parameter(torch.zeros(self.out_features, device=device))
+
+    @classmethod
+    def check_fits(cls, config: VeraConfig, out_features: int, in_features: int) -> None:
+        """No rank bound from the layer: r is the width of the shared random pair, and ΔW has rank at most
+        min(d_in, d_out) whatever r is; the paper trains r above the layer width (r = 1024 on RoBERTa-base's
+        768-wide layers: 0.043M parameters = 24 × (768 + 1024)). Only a shared pair planned smaller than the
+        layer is refused."""
+        max_in, max_out = config.max_in_features or in_features, config.max_out_features or out_features
+        if max_in < in_features or max_out < out_features:
+            raise ValueError(f"vera shared matrices ({max_out}×{max_in}) are smaller than a "
+                             f"{out_features}×{in_features} (d_out×d_in) layer")
 
     @classmethod
     def plan_layers(cls, linears, stats, config: VeraConfig):

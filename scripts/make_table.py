@@ -295,7 +295,7 @@ def tables(runs, args, backbone: str) -> list[tuple[str, list[str], list[str], l
         notes.append(f"paper rows: {args.reported.name}; their Average is over "
                      + ", ".join(map(dataset_label, reported_datasets(args.reported))))
     if args.unreadable:
-        notes.append(f"{args.unreadable} unreadable result.json skipped (see the warnings)")
+        notes.append(f"{args.unreadable} result.json skipped, unreadable or not a finite accuracy (see the warnings)")
 
     def title(where: str) -> str:
         return "\n".join([f"Top-1 accuracy (%), {where}; ours: mean ± sample std over seeds {seeds}; "

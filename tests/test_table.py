@@ -164,7 +164,7 @@ def test_truncated_result_is_warned_and_counted(capsys, fixture_results):
     assert code == 0
     assert err.count("warning: skipping unreadable") == 1 and str(broken) in err
     notes, block = out.split("\n\n", 1)
-    assert "1 unreadable result.json skipped (see the warnings)" in notes
+    assert "1 result.json skipped, unreadable or not a finite accuracy (see the warnings)" in notes
     header, rows = csv_rows(block)
     assert header[1:4] == ["Pets 4-shot", "Food 4-shot", "DTD 4-shot"]  # without the paper's rows: CoOp's order
     assert rows["NoRA (ours, nora)"][:3] == ["—", "71.00 ± 1.41 (2/3)", "80.00 ± 1.00"]
