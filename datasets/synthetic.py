@@ -198,11 +198,12 @@ def check_sizes(dataset: str, num_classes: int, train_per_class: int, val_per_cl
     most, which = class_limit(dataset)
     if not 1 <= num_classes <= most:
         raise DatasetError(f"num_classes must be 1..{most} ({which}), got {num_classes}")
+    folder = get_spec(dataset).split_format == "imagefolder"  # one pool per class, split by its reader
     for name, (value, least) in per_class.items():
-        if value < least:
-            raise DatasetError(f"{name} must be >= {least}, got {value}")
+        if value < (0 if folder else least):
+            raise DatasetError(f"{name} must be >= {0 if folder else least}, got {value}")
     total = train_per_class + val_per_class + test_per_class
-    if get_spec(dataset).split_format == "imagefolder" and total < MIN_IMAGES_PER_CLASS:
+    if folder and total < MIN_IMAGES_PER_CLASS:
         raise DatasetError(f"imagefolder needs at least {MIN_IMAGES_PER_CLASS} images per class (its reader splits "
                            f"each class 50/20/30), got {total}")
     if not 1 <= image_size <= MAX_IMAGE_SIZE:

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu_check_e2e as e2e  # noqa: E402
 import lora_zoo as lz  # noqa: E402
 from bench_pipeline import class_names  # noqa: E402
+from lora_zoo.config import TrainConfig  # noqa: E402
 from lora_zoo.files import atomic_write  # noqa: E402
 from lora_zoo.models import TINY_CONFIGS, build_clip  # noqa: E402
 from lora_zoo.host import available_cpus  # noqa: E402
@@ -74,6 +75,9 @@ def fresh_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+ADAMW = TrainConfig()  # weight_decay and betas: the protocol's AdamW settings
+
+
 class Variant:
     """One row: a copy of the split base model on the device with a method's adapters (or frozen)."""
 
@@ -88,7 +92,8 @@ class Variant:
             stats = (lz.collect_activation_stats(self.model, image_batches=[images], text_batches=[tokens])
                      if lz.build_config(method).needs_calibration else None)
             lz.apply_adapters(self.model, method, stats=stats)
-            self.optimizer = lz.build_optimizer(self.model, lr=lz.get_method(method).lr)  # the method's builder
+            self.optimizer = lz.build_optimizer(self.model, lr=lz.get_method(method).lr, weight_decay=ADAMW.weight_decay,
+                                                betas=ADAMW.betas)  # the method's builder, the protocol's AdamW
             self.hooks = lz.training_hooks(self.model, steps)
             self.optimizer.register_step_post_hook(self._stepped)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp)
@@ -99,8 +104,8 @@ class Variant:
         self.optimizer_steps += 1
 
     def step(self, images, labels, tokens, device, amp: bool) -> None:
-        training_step(self.model, images, labels, tokens, self.optimizer, self.hooks, self.steps, device, amp,
-                      self.scaler)
+        training_step(self.model, images, labels, tokens, self.optimizer, self.hooks, self.steps, device,
+                      "fp16" if amp else "fp32", self.scaler)
         self.steps += 1
 
     @property
@@ -294,7 +299,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     device = torch.device(args.device)
     prepare_device(device)
-    amp = device.type == "cuda"  # the library's training_step autocasts (fp16) on CUDA only
+    amp = device.type == "cuda"  # fp16 autocast + GradScaler on CUDA (the runs' default there), fp32 on CPU
     log = lambda m: print(f"[{time.perf_counter() - started:6.1f} s] {m}", file=sys.stderr, flush=True)  # noqa: E731
     result: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -315,7 +320,7 @@ def main(argv=None) -> dict:
     result["setup"] = {
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if amp else f"CPU ({device})",
         "torch": torch.__version__, "open_clip": open_clip.__version__, "backbone": args.backbone,
-        "precision": "fp16 autocast + GradScaler" if amp else "fp32 (the library autocasts on CUDA only)",
+        "precision": "fp16 autocast + GradScaler" if amp else "fp32 (the CPU default)",
         "batch": args.batch, "image_size": image_size(args.backbone),
         "cpus": available_cpus(), "workers": args.workers, "classes": args.classes, "warmup": args.warmup,
         "timed": args.timed, "skip_steps": args.skip_steps, "prompts": args.prompts, "e2e_shots": args.e2e_shots,

@@ -86,7 +86,7 @@ def ours(root: Path, out: Path, backbone: str, shots: int, iterations: int, devi
     cfg = ExperimentConfig(method=METHOD, dataset="food101", root_path=str(root), shots=shots, seed=seed,
                            backbone=backbone, pretrained="none", output_dir=str(out / "outputs"), device=device,
                            num_workers=workers, test_cache_dir=str(out / "test_cache"),
-                           train=TrainConfig(n_iters=math.ceil(iterations / shots), amp=True, checkpoint_every=0))
+                           train=TrainConfig(n_iters=math.ceil(iterations / shots), checkpoint_every=0))
     started = time.perf_counter()
     result = run_experiment(cfg, progress=False)
     return {"seconds": time.perf_counter() - started, "train_seconds": result["train_seconds"],
@@ -136,7 +136,7 @@ def reference(root: Path, backbone: str, shots: int, iterations: int, device: st
     test_features, test_labels = _features(model, loader(dataset.test, test_transform, 256, False), device, amp)
     zero_shot = _accuracy(LOGIT_SCALE * test_features.to(device) @ text.t(), test_labels.to(device))
     lz.apply_adapters(model, METHOD)
-    optimizer = lz.build_optimizer(model, lr=lz.get_method(METHOD).lr, weight_decay=1e-2)
+    optimizer = lz.build_optimizer(model, lr=lz.get_method(METHOD).lr, weight_decay=1e-2, betas=(0.9, 0.999))  # CLIP-LoRA
     total = math.ceil(iterations / shots) * shots
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, eta_min=1e-6)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)

@@ -80,7 +80,7 @@ def test_every_method_has_a_row():
 
 def train_steps(model, images, texts, steps=3):
     """A few AdamW steps of the method's optimizer and schedule on a random objective (as test_architecture)."""
-    optimizer = lz.build_optimizer(model, lr=1e-2, weight_decay=0.0)
+    optimizer = lz.build_optimizer(model, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.999))
     hooks = lz.training_hooks(model, steps)
     model.train()
     for step in range(steps):
