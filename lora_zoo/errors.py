@@ -12,3 +12,18 @@ class RunFinishedError(ValueError):
 class NonFiniteError(RuntimeError):
     """A loss, an adapter tensor or a logit became NaN or infinite; nothing is saved as a result."""
 
+
+
+class RunClaimedError(ValueError):
+    """The run folder is claimed by another process (or already by this one): ``runlock.claim`` refused it.
+
+    The message names the holder's host, pid and start time; ``holder`` holds them as a ``runlock.Holder``
+    (None where the holder's record could not be read).
+    """
+
+    def __init__(self, message: str, holder=None):
+        super().__init__(message)
+        self.holder = holder
+
+    def __reduce__(self):  # keep ``holder`` when the error crosses a process boundary (--jobs N, multiprocessing)
+        return type(self), (str(self), self.holder)
