@@ -28,15 +28,28 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import NonFiniteError, RunFinishedError
+from .errors import NonFiniteError, RunClaimedError, RunFinishedError
 from .options import yaml_value
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-ACTIONS = ("config", "overrides", "eval_only", "export_merged", "overwrite", "quiet", "demo", "method")
+ACTIONS = ("config", "overrides", "eval_only", "export_merged", "export_peft", "eval_on", "overwrite", "quiet", "demo",
+           "method")
 
 
 class UsageError(ValueError):
     pass
+
+
+def dataset_list(text: str) -> tuple[str, ...]:
+    """``--eval_on``'s value: registered dataset names, comma-separated (each checked, one line otherwise)."""
+    from datasets import list_datasets
+
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [name for name in names if name not in list_datasets()]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected registered datasets ({', '.join(list_datasets())}), got "
+                                         f"{unknown[0] if unknown else text!r}")
+    return names
 
 
 def text_or_null(text: str):
@@ -74,6 +87,12 @@ def build_parser(method=None, optimizer=None, fixed_method=False) -> argparse.Ar
                         help="override any config key, e.g. --set lr=1e-3 --set method_options.inner_rank=8")
     parser.add_argument("--eval_only", action="store_true", help="reload the run's adapters and evaluate them")
     parser.add_argument("--export_merged", metavar="PATH", help="also save merged plain open_clip weights to PATH")
+    parser.add_argument("--export_peft", metavar="DIR", help="also save the adapters as a peft LoRA adapter for "
+                        "transformers' CLIPModel in DIR (needs peft; README: Using an adapter in transformers)")
+    parser.add_argument("--eval_on", metavar="D1,D2", type=dataset_list, default=(),
+                        help="also evaluate the run's adapters on these datasets' whole test sets (cross-dataset "
+                             "transfer, domain generalisation), one eval_on/<dataset>.json each; a finished run "
+                             "is not trained again")
     parser.add_argument("--overwrite", action="store_true", help="train again a run that already has result.json")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only on the console")
     parser.add_argument("--demo", action="store_true",
@@ -236,7 +255,11 @@ def run(argv=None, method=None) -> int:
         progress = not args.quiet and sys.stderr.isatty()
         try:
             result = run_experiment(cfg, eval_only=args.eval_only, export_path=args.export_merged,
+                                    export_peft=args.export_peft, eval_on=args.eval_on,
                                     overwrite=args.overwrite, progress=progress)
+        except RunClaimedError as elsewhere:  # a second sweep, a resubmitted array task: skip it, not an error
+            print(f"skipped, running elsewhere: {hint(elsewhere)}", file=sys.stderr)
+            return 0
         except RunFinishedError as done:  # the same command again: nothing to do
             print(f"nothing to do, {hint(done)} (--overwrite trains it again)", file=sys.stderr)
             return 0

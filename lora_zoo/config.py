@@ -111,6 +111,12 @@ class ExperimentConfig(Options):
     device: str = option("auto", "auto | cpu | cuda | cuda:N", affects_result=False)
     output_dir: str = option("outputs", "results root", affects_result=False)
     backbone_seed: int = option(0, "init seed of the random tiny-* backbones (the same for every run seed)")
+    protocol: Literal["fewshot", "base2new"] = option(
+        "fewshot", "fewshot: train and test on every class; base2new: train on the base half of the classes "
+                   "(CoOp's rule), test on base and new (its own run folder, <dataset>/base2new/...)")
+    augment_on: Optional[Literal["cpu", "device"]] = option(
+        None, "where training images are cropped, flipped and normalised: cpu (PIL, loader workers) or device "
+              "(uint8 tensors where the model runs: same crops, pixels within 2 levels); null: device on CUDA")
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training loop's settings"})
 
     def __post_init__(self):
@@ -150,6 +156,8 @@ class ExperimentConfig(Options):
             self.train = dataclasses.replace(self.train, lr=spec.lr)
         if self.train.precision is None:  # resolved here: the setting a run records, compares and resumes
             self.train = dataclasses.replace(self.train, precision=default_precision(self.device))
+        if self.augment_on is None:
+            self.augment_on = "device" if default_precision(self.device) == "fp16" else "cpu"  # i.e. on CUDA
         get_optimizer(self.optimizer).options(self.train.optimizer_options)
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")

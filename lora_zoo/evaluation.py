@@ -1,14 +1,24 @@
 """What a run is evaluated on, as data: an evaluation plan, its test loaders and the zero-shot cache.
 
-An ``Evaluation`` is one test set scored over one list of class prompts, and the keys its
-numbers are recorded under in ``result.json``. The few-shot protocol's plan is one
-evaluation (the dataset's test split over all its classes, recorded as ``accuracy``,
-``zero_shot_accuracy`` and ``test_images``); other protocols are other plans run by the
-same pipeline stages (``experiment.py``), not other branches of it.
+An ``Evaluation`` is one test set scored over one list of class prompts, and where its
+numbers are recorded. The protocols are plans the same pipeline stages run
+(``experiment.py``), not branches of it:
+
+- few-shot (``few_shot_plan``): the dataset's test split over all its classes, recorded in
+  ``result.json`` as ``accuracy``, ``zero_shot_accuracy`` and ``test_images``;
+- base-to-new (``base_to_new_plan``; CoOp's ``subsample_classes``): trained on the base half
+  of the classes, scored on the base half's test images over the base prompts and on the
+  new half's over the new prompts (``base_accuracy``, ``new_accuracy`` and their harmonic
+  mean), each half relabelled 0..k-1;
+- other datasets (``target_plan``, ``--eval_on``: cross-dataset transfer, domain
+  generalisation): each target's whole test split over its own classes' prompts, recorded
+  in ``eval_on/<target>.json`` inside the run folder.
 
 Zero-shot accuracy (the pretrained model, same prompts, same test set) is computed once per
 backbone, weights, prompts and test set, then read from a small JSON cache under
-``output_dir/.cache/zero_shot``.
+``output_dir/.cache/zero_shot``. Its key holds each test image's path, label and content
+identity (``datasets.identity.content_key``: size and modification/change times), so a
+changed image gives a new key, never a stale accuracy.
 """
 from __future__ import annotations
 
@@ -25,18 +35,30 @@ from .models import weights_file
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One test set scored over one set of class prompts; its numbers go to ``<prefix>accuracy`` etc."""
+    """One test set scored over one set of class prompts, and where its numbers are recorded."""
 
-    name: str                # "test" in the few-shot protocol
+    name: str                # "test", "base", "new", or a target dataset
     dataset: str             # the dataset the test set and class names come from
     test: Sequence[Any]      # datasets.Datum, labels 0..len(prompts)-1
     prompts: Sequence[str]   # one prompt per class, in label order
-    prefix: str = ""         # result keys: f"{prefix}accuracy", f"zero_shot_{prefix}accuracy", f"{prefix}test_images"
+    prefix: str = ""         # result.json keys: f"{prefix}accuracy", f"zero_shot_{prefix}accuracy", ...
+    target: bool = False     # recorded in eval_on/<dataset>.json (another dataset), not in result.json
 
 
 def few_shot_plan(cfg: ExperimentConfig, ds) -> list[Evaluation]:
     """The few-shot protocol: the dataset's whole test split over every class."""
     return [Evaluation("test", cfg.dataset, ds.test, ds.prompts(cfg.template))]
+
+
+def base_to_new_plan(cfg: ExperimentConfig, base, new) -> list[Evaluation]:
+    """Base-to-new: the base half's test images over the base prompts, the new half's over the new prompts."""
+    return [Evaluation("base", cfg.dataset, base.test, base.prompts(cfg.template), prefix="base_"),
+            Evaluation("new", cfg.dataset, new.test, new.prompts(cfg.template), prefix="new_")]
+
+
+def target_plan(cfg: ExperimentConfig, targets: Sequence[Any]) -> list[Evaluation]:
+    """Other datasets' whole test splits, each over its own classes' prompts with the run's template setting."""
+    return [Evaluation(ds.name, ds.name, ds.test, ds.prompts(cfg.template), target=True) for ds in targets]
 
 
 def test_loader(cfg: ExperimentConfig, data: Sequence[Any], transform, workers: int):
@@ -60,15 +82,22 @@ def _weights_identity(backbone: str, pretrained: Optional[str]) -> Any:
     return pretrained
 
 
+def zero_shot_key(cfg: ExperimentConfig, evaluation: Evaluation, device) -> dict[str, Any]:
+    """What a zero-shot accuracy depends on: the weights, the prompts, the test images (their content too)."""
+    from datasets.identity import content_key
+
+    return {"backbone": cfg.backbone, "weights": _weights_identity(cfg.backbone, cfg.pretrained),
+            "backbone_seed": cfg.backbone_seed if cfg.pretrained is None else None, "dataset": evaluation.dataset,
+            "prompts": digest(list(evaluation.prompts)), "test": content_key(evaluation.test),
+            "device": device.type, "precision": cfg.train.precision}
+
+
 def zero_shot_accuracy(cfg: ExperimentConfig, model, loader, evaluation: Evaluation, class_tokens,
                        device) -> tuple[float, bool]:
-    """``(accuracy, from_cache)``: evaluated once per backbone, weights, prompts and test split, then reused."""
+    """``(accuracy, from_cache)``: evaluated once per backbone, weights, prompts and test set, then reused."""
     from .train import evaluate
 
-    key = {"backbone": cfg.backbone, "weights": _weights_identity(cfg.backbone, cfg.pretrained),
-           "backbone_seed": cfg.backbone_seed if cfg.pretrained is None else None, "dataset": evaluation.dataset,
-           "prompts": digest(list(evaluation.prompts)), "test": digest([(d.impath, d.label) for d in evaluation.test]),
-           "device": device.type, "precision": cfg.train.precision}
+    key = zero_shot_key(cfg, evaluation, device)  # before any image is read: a file changed meanwhile gets a new key
     path = Path(cfg.output_dir) / ".cache" / "zero_shot" / f"{digest(key)}.json"
     try:
         cached = json.loads(path.read_text())

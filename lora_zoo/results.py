@@ -91,8 +91,9 @@ def setting_of(result: dict) -> tuple:
     train = dict(config.get("train") or {})
     if "amp" in train and "precision" not in train:  # lora_zoo 0.2 records: amp meant fp16 autocast on CUDA only
         train["precision"] = "fp16" if train.pop("amp") and str(result.get("device", "")).startswith("cuda") else "fp32"
-    flat = {k: v for k, v in {**config, **train}.items()
-            if k not in (*AXES, *bookkeeping_keys(), "train", "method_options", "optimizer_options")}
+    config = {"augment_on": "cpu", **config}  # runs written before augment_on existed augmented on the CPU
+    flat = {k: v for k, v in {**config, **train}.items()  # protocol: told apart by the run's folder
+            if k not in (*AXES, *bookkeeping_keys(), "protocol", "train", "method_options", "optimizer_options")}
     flat.update({f"optimizer_options.{k}": v for k, v in (train.get("optimizer_options") or {}).items()})
     options = {**(config.get("method_options") or {}), **(result.get("method_config") or {})}
     flat.update({f"method_options.{k}": v for k, v in options.items()})

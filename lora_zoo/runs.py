@@ -8,6 +8,7 @@ config resolves the method's options, which loads the methods).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -17,28 +18,39 @@ from .errors import RunFinishedError
 from .results import first_difference, setting_of
 
 RESULT_FILE, ADAPTER_FILE, RANKS_FILE, EVAL_FILE = "result.json", "adapters.safetensors", "ranks.json", "eval.json"
-STATE_FILE = "checkpoint.pt"
+STATE_FILE, EVAL_ON_DIR = "checkpoint.pt", "eval_on"
 #: config keys that define the adapted model: an evaluation of a saved run must not change them
 MODEL_KEYS = ("pretrained", "backbone_seed", "encoders", "targets", "layers")
 #: config keys an evaluation may set (how it evaluates, not what)
 EVAL_KEYS = ("device", "eval_batch_size", "num_workers", "template", "test_cache_dir", "threads")
 
-__all__ = ["ADAPTER_FILE", "EVAL_FILE", "RANKS_FILE", "RESULT_FILE", "STATE_FILE", "RunFinishedError", "dataset_name",
-           "is_finished", "read_result", "recorded_options", "run_dir", "run_setting", "saved_config"]
+__all__ = ["ADAPTER_FILE", "EVAL_FILE", "EVAL_ON_DIR", "RANKS_FILE", "RESULT_FILE", "STATE_FILE", "RunFinishedError",
+           "dataset_name", "is_finished", "read_result", "recorded_options", "run_dir", "run_setting", "saved_config",
+           "target_file"]
 
 
 def dataset_name(cfg: ExperimentConfig) -> str:
-    """The dataset as results name it: the registered name, and for ``imagefolder`` the folder's name too
-    (``imagefolder-birds``), since there the folder is the dataset."""
-    return f"imagefolder-{Path(cfg.root_path).resolve().name}" if cfg.dataset == "imagefolder" else cfg.dataset
+    """The dataset as results name it: the registered name; for ``imagefolder``, where the folder is the dataset,
+    its name and a digest of its full resolved path (``imagefolder-birds-1a2b3c4d``): two folders named ``birds``
+    never share a run."""
+    if cfg.dataset != "imagefolder":
+        return cfg.dataset
+    folder = Path(cfg.root_path).resolve()
+    return f"imagefolder-{folder.name}-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
 
 
 def run_dir(cfg: ExperimentConfig) -> Path:
-    """``output_dir/<backbone>/<dataset>/<shots>shots/seed<seed>/<method>[-<run_name>]`` (the sweep uses it too);
-    ``<dataset>`` is ``dataset_name(cfg)``."""
+    """``output_dir/<backbone>/<dataset>[/base2new]/<shots>shots/seed<seed>/<method>[-<run_name>]`` (the sweep uses
+    it too); ``<dataset>`` is ``dataset_name(cfg)``; a base-to-new run never shares a few-shot run's folder."""
     leaf = cfg.method if cfg.run_name is None else f"{cfg.method}-{cfg.run_name}"
-    return (Path(cfg.output_dir) / cfg.backbone.replace("/", "-") / dataset_name(cfg) / f"{cfg.shots}shots"
-            / f"seed{cfg.seed}" / leaf)
+    protocol = () if cfg.protocol == "fewshot" else (cfg.protocol,)
+    return Path(cfg.output_dir, cfg.backbone.replace("/", "-"), dataset_name(cfg), *protocol, f"{cfg.shots}shots",
+                f"seed{cfg.seed}", leaf)
+
+
+def target_file(out: Path, target: str) -> Path:
+    """Where a run's evaluation on another dataset (``--eval_on``) is recorded."""
+    return Path(out) / EVAL_ON_DIR / f"{target}.json"
 
 
 def read_result(folder: Path) -> dict[str, Any] | None:

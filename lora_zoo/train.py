@@ -265,7 +265,8 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
     ``resume.capture`` to continue from (``loader`` must then start at its step); ``checkpoint(state)`` is
     called every ``config.checkpoint_every`` iterations. ``on_log(step, loss, lr)`` is called every
     ``config.log_every`` iterations (default: about 20 entries per run) with the mean loss since the last
-    call. Raises ``NonFiniteError`` for a non-finite loss (within ``log_every`` steps) or adapter tensor.
+    call, and at the last iteration (the trained state, kept until the caller has saved the result). Raises
+    ``NonFiniteError`` for a non-finite loss (within ``log_every`` steps) or adapter tensor.
     """
     from tqdm.auto import tqdm
 
@@ -304,7 +305,8 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
         loop.scheduler.step()
         history["lr"].append(lr_now)
         done = step + 1
-        saving = checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0
+        saving = checkpoint is not None and config.checkpoint_every and (done % config.checkpoint_every == 0
+                                                                          or done == iterations)
         if done % log_every == 0 or done == iterations or saving:
             record_losses(pending, history, len(history["loss"]), iterations, loop.lr)
             window = history["loss"][-((step % log_every) + 1):]
@@ -314,7 +316,7 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
                 logger.debug("iteration %d/%d  loss %.4f  lr %.3e", done, iterations, sum(window) / len(window), lr_now)
                 if on_log is not None:
                     on_log(done, sum(window) / len(window), lr_now)
-        if saving and done < iterations:
+        if saving:  # the last one keeps the trained adapters until the run's result is written
             check_finite_adapters(model, f"after iteration {done}/{iterations} (lr {loop.lr:.3g})")
             checkpoint(resume_state.capture(model, loop.optimizer, loop.scheduler, loop.scaler, loop.hooks, done,
                                             history))

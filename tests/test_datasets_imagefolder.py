@@ -5,6 +5,7 @@ The split is checked against an independent re-implementation of CoOp's
 against CLIP-LoRA's sampling on the written JSON.
 """
 
+import hashlib
 import json
 import random
 import subprocess
@@ -155,11 +156,12 @@ def test_two_image_folders_are_two_datasets_in_results_and_tables(tmp_path, caps
                          "--backbone", "tiny-vit", "--n_iters", "2", "--batch_size", "4", "--num_workers", "0",
                          "--eval_batch_size", "16", "--threads", "1", "--output_dir", str(out), "--quiet"])
         assert code == 0, capsys.readouterr().err
-        result = json.loads((out / f"tiny-vit/imagefolder-{name}/1shots/seed1/lora/result.json").read_text())
-        assert result["dataset"] == f"imagefolder-{name}" and result["config"]["root_path"] == str(root)
-        accuracy[name] = result["accuracy"]
+        label = f"imagefolder-{name}-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:8]}"  # name + path
+        result = json.loads((out / f"tiny-vit/{label}/1shots/seed1/lora/result.json").read_text())
+        assert result["dataset"] == label and result["config"]["root_path"] == str(root)
+        accuracy[name] = result["accuracy"], label
     capsys.readouterr()
     assert make_table.main([str(out), "--format", "csv"]) == 0
     table = capsys.readouterr().out
-    assert "Method,imagefolder-birds 1-shot,imagefolder-cars 1-shot,Average 1-shot" in table
-    assert f'"CLIP-LoRA (ours, lora)",{accuracy["birds"]:.2f},{accuracy["cars"]:.2f},' in table
+    assert f"Method,{accuracy['birds'][1]} 1-shot,{accuracy['cars'][1]} 1-shot,Average 1-shot" in table
+    assert f'"CLIP-LoRA (ours, lora)",{accuracy["birds"][0]:.2f},{accuracy["cars"][0]:.2f},' in table

@@ -1,0 +1,297 @@
+"""The stages of a run (``experiment.run_experiment`` calls them in order), each a function with explicit inputs.
+
+``prepare_data`` reads the few-shot split and builds the evaluation plan of the run's protocol
+(``evaluation.py``) plus any other datasets it is evaluated on; ``build_model`` builds the backbone
+and checks the adapted layers and the method's shapes before any work; ``zero_shot`` scores the
+pretrained model; ``training_stream`` and ``adapt`` prepare the augmented batches, the calibration
+statistics and the adapters; ``train`` runs the one loop; ``evaluate_plan`` and
+``evaluate_targets`` score the adapted model; ``save_outputs`` and the exports write what the run
+produced. Nothing here decides what a request does (train or reload, which files): that is
+``experiment.py``.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from . import resume as resume_state
+from .adapter import adapter_modules
+from .calibration import collect_activation_stats
+from .checkpoint import read_adapter_config, save_adapters
+from .config import ExperimentConfig
+from .evaluation import Evaluation, base_to_new_plan, few_shot_plan, target_plan, test_loader, zero_shot_accuracy
+from .files import write_json
+from .inject import apply_adapters, check_fits, layer_ranks, merge_adapters, method_options
+from .metrics import Sinks, write_curves
+from .models import Backbone, build_clip
+from .results import harmonic_mean
+from .runs import ADAPTER_FILE, RANKS_FILE, STATE_FILE, dataset_name, recorded_options, run_setting, target_file
+from .targets import check_layers
+from .train import evaluate, train_adapters
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    """What a run trains and is evaluated on."""
+
+    ds: Any                 # datasets.FewShotDataset: train_x is the few-shot set (base classes for base2new)
+    prompts: list[str]      # one per training class, in label order
+    plan: list[Evaluation]  # the protocol's evaluations, then the other datasets' (``target``)
+
+
+@dataclass
+class Scoring:
+    """Each evaluation of the plan with what scoring it needs: its class tokens and its test loader."""
+
+    plan: list[Evaluation]
+    tokens: list[torch.Tensor]
+    loaders: list[Any]
+
+    def items(self, targets: Optional[bool] = None):
+        """``(evaluation, tokens, loader)`` of the plan: all, only the protocol's (False) or only targets (True)."""
+        return [item for item in zip(self.plan, self.tokens, self.loaders) if targets in (None, item[0].target)]
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_data(cfg: ExperimentConfig, targets: Sequence[str] = ()) -> RunData:
+    """The few-shot split and the protocol's evaluation plan, then ``targets``' whole test splits (all read now:
+    a missing dataset is a one-line error before any work)."""
+    from datasets import build_dataset, build_test_dataset
+
+    if cfg.protocol == "base2new":
+        ds = build_dataset(cfg.dataset, cfg.root_path, shots=cfg.shots, seed=cfg.seed, subsample="base")
+        plan = base_to_new_plan(cfg, ds, build_test_dataset(cfg.dataset, cfg.root_path, subsample="new"))
+    else:
+        ds = build_dataset(cfg.dataset, cfg.root_path, shots=cfg.shots, seed=cfg.seed)
+        plan = few_shot_plan(cfg, ds)
+    others = [build_test_dataset(name, cfg.root_path) for name in targets]
+    return RunData(ds, ds.prompts(cfg.template), plan + target_plan(cfg, others))
+
+
+def build_model(cfg: ExperimentConfig, device: torch.device, check_options: bool = True) -> Backbone:
+    """The backbone; the adapted layers and (``check_options``) the method's options against their shapes are
+    checked before any work (a rank above a layer's width: one line, not after the zero-shot pass)."""
+    backbone = build_clip(cfg.backbone, cfg.pretrained, device, seed=cfg.backbone_seed)
+    check_layers(backbone.model, cfg.encoders, cfg.layers)
+    if check_options:
+        check_fits(backbone.model, cfg.method, encoders=cfg.encoders, targets=cfg.targets, layers=cfg.layers,
+                   **cfg.method_options)
+    return backbone
+
+
+def build_scoring(cfg: ExperimentConfig, backbone: Backbone, plan: list[Evaluation], workers: int) -> Scoring:
+    from datasets import build_test_transform
+
+    transform = build_test_transform(backbone.model)
+    return Scoring(plan, [backbone.tokenizer(list(e.prompts)) for e in plan],
+                   [test_loader(cfg, e.test, transform, workers) for e in plan])
+
+
+def zero_shot(cfg: ExperimentConfig, model, items, device) -> tuple[dict[str, Any], dict[str, float]]:
+    """The pretrained model's accuracy on each ``(evaluation, tokens, loader)`` (cached): ``(result.json keys of
+    the protocol's evaluations, {target: accuracy} of the other datasets)``."""
+    record: dict[str, Any] = {}
+    targets: dict[str, float] = {}
+    for evaluation, tokens, loader in items:
+        accuracy, cached = zero_shot_accuracy(cfg, model, loader, evaluation, tokens, device)
+        if evaluation.target:
+            targets[evaluation.name] = accuracy
+        else:
+            record[f"zero_shot_{evaluation.prefix}accuracy"] = accuracy
+            record[f"zero_shot_{evaluation.prefix}cached"] = cached
+        logger.info("zero-shot top-1 %.2f%% on %d %s images%s", accuracy, len(evaluation.test), evaluation.name,
+                    " (cached)" if cached else "")
+    return record, targets
+
+
+def training_stream(cfg: ExperimentConfig, ds, model, workers: int, device) -> tuple[Any, Callable[[int], Any]]:
+    """``(decoded images, stream(start_step))``: the few-shot set decoded once, and its augmented batches, made
+    on the CPU (PIL, ``loader.TrainStream``) or on ``device`` (``device_augment``; the same crops and flips)."""
+    from datasets import build_train_transform
+    from datasets.cache import DecodedImages
+    from datasets.loader import TrainStream
+
+    images = DecodedImages(ds.train_x, cfg.train_cache_mb)
+    transform = build_train_transform(model)
+    if cfg.augment_on == "device":
+        from datasets.device_augment import DeviceImages, DeviceTrainStream
+
+        on_device = DeviceImages(ds.train_x, device, cfg.train_cache_mb, decoded=images)
+        return images, lambda start: DeviceTrainStream(ds.train_x, transform, cfg.train.batch_size, cfg.seed, device,
+                                                        start_step=start, images=on_device)
+    return images, lambda start: TrainStream(ds.train_x, transform, cfg.train.batch_size, cfg.seed,
+                                             num_workers=workers, start_step=start, images=images)
+
+
+def adapt(cfg: ExperimentConfig, model, ds, class_tokens: torch.Tensor, images, stream, workers: int) -> None:
+    """Calibration statistics for methods that need them (only the adapted towers), then the adapters.
+
+    Standard: the few-shot train images with the test transform and every class prompt, padding
+    excluded. ``calibration="authors"`` (their NoRA/AIRA code): the first augmented training batch
+    and one class prompt chosen by the run's seed, padding included.
+    """
+    from datasets import build_data_loader, build_test_transform
+
+    method_config = method_options(cfg.method, cfg.method_options)[1]
+    stats = None
+    if method_config.needs_calibration:
+        authors = getattr(method_config, "calibration", "standard") == "authors"
+        if authors:
+            image_batches = [next(iter(stream(0)))[0]]
+            index = random.Random(cfg.seed).randrange(len(ds.classnames))
+            text_batches = [class_tokens[index:index + 1]]
+        else:
+            loader = build_data_loader(ds.train_x, build_test_transform(model), batch_size=cfg.eval_batch_size,
+                                       num_workers=workers, images=images)
+            image_batches, text_batches = (x for x, _ in loader), [class_tokens]
+        stats = collect_activation_stats(model, image_batches=image_batches if "vision" in cfg.encoders else None,
+                                         text_batches=text_batches if "text" in cfg.encoders else None,
+                                         targets=cfg.targets, layers=cfg.layers, include_padding=authors)
+    seed_everything(cfg.seed)
+    apply_adapters(model, cfg.method, encoders=cfg.encoders, targets=cfg.targets, layers=cfg.layers, stats=stats,
+                   **cfg.method_options)
+    logger.info("%s adapters on %d layers; %d of %d train images decoded in memory", cfg.method,
+                len(adapter_modules(model)), len(images), len(ds.train_x))
+
+
+def train(cfg: ExperimentConfig, model, class_tokens: torch.Tensor, stream, state: Optional[dict], out: Path,
+          device: torch.device, progress: bool) -> dict[str, Any]:
+    """The one training loop, checkpointing every ``checkpoint_every`` iterations and at the end (the trained
+    adapters stay in the checkpoint until the result is written); returns what it records."""
+    setting, state_path = run_setting(cfg), out / STATE_FILE
+    sinks = Sinks(cfg.log_to, out, out.name, cfg.to_dict())
+    try:
+        trained = train_adapters(
+            model, stream(state["step"] if state else 0), class_tokens, cfg.train, iterations=cfg.total_iterations,
+            device=device, seed=cfg.seed, text_adapted="text" in cfg.encoders, progress=progress, resume=state,
+            on_log=sinks.log, checkpoint=lambda s: (resume_state.save(state_path, {**s, "setting": setting}),
+                                                    write_curves(out, s["history"])))
+    finally:
+        sinks.close()
+    write_curves(out, trained.curves)
+    return dict(trainable_params=trained.trainable_params, optimizer_groups=trained.optimizer_groups,
+                iterations=trained.iterations, resumed_from=trained.resumed_from, train_seconds=trained.seconds,
+                iterations_per_second=trained.iterations_per_second, final_loss=trained.final_loss,
+                precision=cfg.train.precision, skipped_steps=trained.skipped_steps, loss_history=trained.loss_history,
+                hooks_summary=trained.hooks_summary, **recorded_options(cfg))
+
+
+def merge_for_evaluation(model) -> dict[str, Any]:
+    """Merge the adapters where they can be (the evaluated model is then the exported one)."""
+    mergeable = all(a.mergeable for a in adapter_modules(model).values())
+    if mergeable:
+        merge_adapters(model)
+    return {"merged": mergeable}
+
+
+def evaluate_plan(cfg: ExperimentConfig, model, items, device: torch.device) -> dict[str, Any]:
+    """Top-1 on each of the protocol's evaluations (base-to-new: and the harmonic mean of base and new)."""
+    record: dict[str, Any] = {"protocol": cfg.protocol}
+    for evaluation, tokens, loader in items:
+        record[f"{evaluation.prefix}accuracy"] = evaluate(model, loader, tokens, device, cfg.train.precision)
+        record[f"{evaluation.prefix}test_images"] = len(evaluation.test)
+    if cfg.protocol == "base2new":
+        record["harmonic_mean"] = harmonic_mean(record["base_accuracy"], record["new_accuracy"])
+        record["accuracy"] = record["base_accuracy"]
+    return record
+
+
+def evaluate_targets(cfg: ExperimentConfig, model, items, zero_shots: dict[str, float], out: Path,
+                     device: torch.device) -> dict[str, float]:
+    """Top-1 on each other dataset (``--eval_on``), each recorded in ``eval_on/<target>.json`` as it finishes."""
+    scores = {}
+    for evaluation, tokens, loader in items:
+        accuracy = evaluate(model, loader, tokens, device, cfg.train.precision)
+        write_json(target_file(out, evaluation.name), {
+            "target": evaluation.name, "accuracy": accuracy, "test_images": len(evaluation.test),
+            "classes": len(evaluation.prompts), "zero_shot_accuracy": zero_shots.get(evaluation.name),
+            "source_dataset": dataset_name(cfg), "method": cfg.method, "shots": cfg.shots, "seed": cfg.seed,
+            "backbone": cfg.backbone, "run_name": cfg.run_name, "template": cfg.template,
+            "precision": cfg.train.precision})
+        logger.info("top-1 %.2f%% on %s (%d test images, %d classes)", accuracy, evaluation.name,
+                    len(evaluation.test), len(evaluation.prompts))
+        scores[evaluation.name] = accuracy
+    return scores
+
+
+def train_subset_record(ds) -> dict[str, Any]:
+    """Which images the adapters were trained on: a digest of their paths (relative) and labels, and their count."""
+    subset = "\n".join(f"{Path(d.impath).relative_to(ds.dataset_dir)}|{d.label}" for d in ds.train_x)
+    record = {"train_subset_sha1": hashlib.sha1(subset.encode()).hexdigest(), "train_images": len(ds.train_x)}
+    if ds.class_split is not None:
+        record.update(ds.class_split.as_record())
+    return record
+
+
+def save_outputs(model, out: Path) -> dict[str, Any]:
+    """The trained adapters (their sha256 recorded) and, for a planned rank allocation (AIRA's), the ranks."""
+    save_adapters(model, out / ADAPTER_FILE)
+    files = {"adapters": ADAPTER_FILE, "log": "train.log", "curves": "curves.csv"}
+    if any("rank" in o for o in model.lora_zoo_setup.layer_overrides.values()):
+        write_json(out / RANKS_FILE, layer_ranks(model))
+        files["ranks"] = RANKS_FILE
+    return {"files": files, "adapters_sha256": read_adapter_config(out / ADAPTER_FILE)["sha256"]}
+
+
+def export_merged_weights(cfg: ExperimentConfig, model, path) -> dict[str, Any]:
+    """The adapted model as plain open_clip weights (merged), checked against a plain model's keys and shapes."""
+    from .export import export_merged
+
+    plain = build_clip(cfg.backbone, None, "cpu", seed=cfg.backbone_seed).model  # keys and shapes only
+    exported = export_merged(model, path, reference=plain)
+    logger.info("exported merged plain open_clip weights to %s", path)
+    return {"exported_merged": str(exported)}
+
+
+def export_peft_adapter(cfg: ExperimentConfig, model, directory) -> dict[str, Any]:
+    """A peft LoRA adapter for transformers' CLIPModel; with weights no hub name stands for (tiny backbones, a
+    file), the converted pretrained model is written beside it (``base_model/``) for ``PeftModel`` to load onto."""
+    from .hf_clip import to_hf_clip
+    from .peft_export import export_peft
+
+    hub = "openai/clip-vit-base-patch16" if (cfg.backbone, cfg.pretrained) == ("ViT-B-16", "openai") else None
+    exported = export_peft(model, directory, base_model_name_or_path=hub)
+    if hub is None:
+        to_hf_clip(model).save_pretrained(Path(directory) / "base_model")
+    logger.info("exported a peft adapter to %s", directory)
+    return {"exported_peft": str(exported)}
+
+
+def summary(cfg: ExperimentConfig, record: dict[str, Any], plan: list[Evaluation], out: Path) -> str:
+    """One line: the run, then per evaluation zero-shot -> top-1, then the training figures."""
+    scores = []
+    for e in plan:
+        if e.target:
+            accuracy, zero_shot_score = record.get("eval_on", {}).get(e.name), None
+        else:
+            accuracy, zero_shot_score = record.get(f"{e.prefix}accuracy"), record.get(f"zero_shot_{e.prefix}accuracy")
+        if accuracy is None:
+            continue
+        scores.append((f"{e.name}: " if len(plan) > 1 else "")
+                      + (f"zero-shot {zero_shot_score:.2f}% -> " if zero_shot_score is not None else "")
+                      + f"top-1 {accuracy:.2f}%")
+    if "harmonic_mean" in record:
+        scores.append(f"HM {record['harmonic_mean']:.2f}%")
+    line = (f"{cfg.method} {dataset_name(cfg)} {cfg.shots}-shot seed {cfg.seed} ({cfg.backbone}): "
+            + ("" if "iterations" in record else "eval only: ") + "; ".join(scores))
+    if "iterations" in record:
+        resumed = record["resumed_from"]
+        line += (f" | {record['iterations'] - resumed} it" + (f" (resumed at {resumed})" if resumed else "")
+                 + f" in {record['train_seconds']:.1f}s ({record['iterations_per_second']:.2f} it/s), "
+                 f"{record['trainable_params']:,} trainable params")
+    return f"{line} | {out}"
