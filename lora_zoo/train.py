@@ -65,7 +65,7 @@ class TrainResult:
     hooks_summary: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, list] = field(default_factory=dict)  # per-iteration "loss" and "lr"
     resumed_from: int = 0                                   # iterations done before this process (resume)
-    skipped_steps: int = 0                                  # steps the GradScaler skipped (fp16), this process
+    skipped_steps: int = 0                                  # steps the GradScaler skipped (fp16), whole run
 
     @property
     def iterations_per_second(self) -> float:
@@ -291,7 +291,7 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
         with torch.no_grad(), autocast(device, precision):
             fixed_features = text_features(model, class_tokens)
     log_every = config.log_every or max(1, iterations // 20)
-    batches, pending, steps_before = cycle(loader), [], optimizer_steps(loop.optimizer)
+    batches, pending = cycle(loader), []
     model.train()
     bar = tqdm(range(start, iterations), desc="train", disable=not progress, dynamic_ncols=True, leave=False,
                initial=start, total=iterations)
@@ -325,7 +325,7 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
     seconds = time.perf_counter() - started
     bar.close()
     check_finite_adapters(model, f"after the last iteration ({iterations}, lr {loop.lr:.3g})")
-    skipped = (iterations - start) - (optimizer_steps(loop.optimizer) - steps_before)
+    skipped = iterations - optimizer_steps(loop.optimizer)  # AdamW's counts resume: a resumed run counts them all
     loop.hooks.finish()
     model.eval()
     return TrainResult(trainable, loop.groups, iterations, seconds, history["loss"][-1],
