@@ -34,6 +34,7 @@ from datasets.registry import get_spec as dataset_spec
 from .options import Options, field_names, option
 from .registry import get_method
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the adapters' dtype
 RUN_NAME = re.compile(r"[A-Za-z0-9._=,+-]{1,120}")
 #: keys that hold a mapping of options rather than one value
 OPTION_GROUPS = ("method_options", "optimizer_options")
@@ -75,6 +76,9 @@ class TrainConfig(Options):
                                ("checkpoint_every", self.checkpoint_every >= 0, ">= 0")):
             if not ok:
                 raise ValueError(f"{name} must be {need}, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr * self.lr_scale / (1 - self.betas[0]) < FLOAT32_MAX:
+            raise ValueError(f"lr must be small enough for AdamW's first step, lr x lr_scale / (1 - beta1), to be a "
+                             f"finite float32 (< {FLOAT32_MAX:.3g}), got lr {self.lr} x {self.lr_scale}")
 
 
 @dataclass
