@@ -102,7 +102,8 @@ def checkout_label(repo: Path) -> str:
 
 def check_checkout(path: str) -> Path:
     repo = Path(path).expanduser().resolve()
-    missing = [name for name in ("main.py", "scripts/make_table.py", "datasets/check.py") if not (repo / name).is_file()]
+    files = ("main.py", "scripts/make_table.py", "datasets/check.py")
+    missing = [name for name in files if not (repo / name).is_file()]
     if missing:
         raise BenchError(f"--repo {path}: not a lora_zoo checkout (no {missing[0]})")
     return repo
@@ -146,7 +147,8 @@ def prepare(scratch: Path, python: str) -> tuple[Path, dict]:
                            "2", "--train_per_class", "16", "--val_per_class", "4", "--test_per_class", "2",
                            "--image_size", "8"], cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
-        raise BenchError(f"cannot write the synthetic DTD with {python}: {(done.stderr.strip() or '?').splitlines()[-1]}")
+        last = (done.stderr.strip() or "no output").splitlines()[-1]
+        raise BenchError(f"cannot write the synthetic DTD with {python}: {last}")
     env = dict(os.environ, HF_HOME=str(cache), HF_HUB_CACHE=str(cache), XDG_CACHE_HOME=str(cache),
                HF_HUB_OFFLINE="1")
     return data, env

@@ -123,4 +123,5 @@ def test_medians_targets_and_failures_side_by_side():
     table = bench.markdown(rows, [after, before], {"/after": "after (abc)", "/before": "before (def)"}).splitlines()
     assert table[0] == "| command | target | after (abc) s | met | before (def) s | met |"
     assert table[2] == '| `python -c "import torch"` | — | 2.20 | — | 2.10 | — |'
-    assert table[3] == "| `main.py --help` | torch + 1 s | 3.10 | yes (≤ 3.20) | failed: exit 1, expected 0: a / b | no |"
+    assert table[3] == ("| `main.py --help` | torch + 1 s | 3.10 | yes (≤ 3.20) "
+                        "| failed: exit 1, expected 0: a / b | no |")
