@@ -27,6 +27,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -254,6 +255,8 @@ def main(argv=None) -> int:
     try:
         commands = with_references(args.commands)
         repos = [REPO] + [check_checkout(path) for path in args.repo]
+        if shutil.which(args.python) is None:
+            raise BenchError(f"--python {args.python}: no such interpreter")
     except BenchError as err:
         print(f"bench_startup: error: {err}", file=sys.stderr)
         return 2

@@ -59,6 +59,7 @@ def test_help_commands_table_and_json(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--commands", "make_tables"], "unknown command 'make_tables'; expected some of: pass, torch,"),
     (["--repo", "{tmp}"], "not a lora_zoo checkout (no main.py)"),
+    (["--python", "{tmp}/no_python"], "no_python: no such interpreter"),
 ])
 def test_bad_request_is_one_line_and_writes_nothing(tmp_path, args, message):
     out = tmp_path / "startup.json"
