@@ -57,7 +57,7 @@ from typing import Literal, Mapping, Optional
 import torch
 from torch import nn
 
-from .adapter import AdapterConfig, AdapterLinear, adapter_modules, check_rank_fits, positive_int
+from .adapter import AdapterConfig, AdapterLinear, adapter_modules, check_rank_fits, dropout_option, positive_int
 from .hooks import TrainingHooks
 from .options import Options, option
 from .registry import register_method
@@ -69,7 +69,7 @@ TRIPLET = ("lora_P", "lora_lambda", "lora_Q")
 class AdaLoraConfig(AdapterConfig):
     init_rank: int = option(3, "rank r of P diag(lambda) Q before any pruning")
     alpha: Optional[float] = option(None, "scale s = alpha / init_rank; null = init_rank (s = 1)")
-    dropout: float = option(0.0, "dropout on the adapter input")
+    dropout: float = dropout_option(0.0)
 
     def __post_init__(self):
         super().__post_init__()

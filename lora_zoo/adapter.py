@@ -35,11 +35,16 @@ from .naming import is_adapter_tensor
 from .options import Options, option
 
 
+def dropout_option(default: float):
+    """The ``dropout`` option with a method's default (the help text lives here once)."""
+    return option(default, "dropout probability on the adapter input")
+
+
 @dataclass
 class AdapterConfig(Options):
     """Options every method has. Subclasses add their own fields with defaults (``option(default, help)``)."""
 
-    dropout: float = option(0.0, "dropout probability on the adapter input")
+    dropout: float = dropout_option(0.0)
 
     def __post_init__(self):
         super().__post_init__()
@@ -245,6 +250,14 @@ class AdapterLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method_name}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
+
+
+def adapter_setup(model: nn.Module):
+    """What ``apply_adapters`` recorded on ``model`` (``inject.AdapterSetup``); one line when it has no adapters."""
+    setup = getattr(model, "lora_zoo_setup", None)
+    if setup is None or not adapter_modules(model):
+        raise ValueError("model has no adapters from apply_adapters")
+    return setup
 
 
 def adapter_modules(model: nn.Module) -> dict[str, AdapterLinear]:

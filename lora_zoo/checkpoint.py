@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter import adapter_modules, apply_delta
+from .adapter import adapter_modules, adapter_setup, apply_delta
 from .calibration import LayerStats
 from .files import atomic_write, sha256_file, write_json
 from .inject import AdapterSetup, apply_adapters
@@ -48,10 +48,7 @@ def config_path(path) -> Path:
 
 
 def _setup(model: nn.Module) -> AdapterSetup:
-    setup = getattr(model, "lora_zoo_setup", None)
-    if setup is None or not adapter_modules(model):
-        raise ValueError("model has no adapters from apply_adapters; nothing to save")
-    return setup
+    return adapter_setup(model)
 
 
 def save_adapters(model: nn.Module, path) -> Path:

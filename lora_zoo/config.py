@@ -32,7 +32,7 @@ from datasets.base import check_template
 from datasets.registry import get_spec as dataset_spec
 
 from .options import Options, field_names, option
-from .registry import get_method
+from .registry import get_method, protocol_lr
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the adapters' dtype
 RUN_NAME = re.compile(r"[A-Za-z0-9._=,+-]{1,120}")
@@ -157,7 +157,7 @@ class ExperimentConfig(Options):
             check_template(self.template)
         spec = method_options(self.method, self.method_options)[0]  # unknown method / bad option → one line
         if self.train.lr is None:
-            self.train = dataclasses.replace(self.train, lr=spec.lr)
+            self.train = dataclasses.replace(self.train, lr=protocol_lr(None, spec.name))
         if self.train.precision is None:  # resolved here: the setting a run records, compares and resumes
             self.train = dataclasses.replace(self.train, precision=default_precision(self.device))
         if self.augment_on is None:

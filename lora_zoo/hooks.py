@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter import adapter_setup
 from .registry import get_method
 
 
@@ -65,9 +66,7 @@ class TrainingHooks:
 
 def training_hooks(model: nn.Module, total_steps: int, seed: int = 0) -> TrainingHooks:
     """The method's schedule for a run of ``total_steps`` optimizer steps (no-op hooks if it has none)."""
-    setup = getattr(model, "lora_zoo_setup", None)
-    if setup is None:
-        raise ValueError("model has no adapters from apply_adapters")
+    setup = adapter_setup(model)
     schedule = get_method(setup.method).schedule
     if schedule is None:
         return TrainingHooks()

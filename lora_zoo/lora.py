@@ -14,7 +14,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from .adapter import AdapterConfig, AdapterLinear, fan_uniform, positive_int
+from .adapter import AdapterConfig, AdapterLinear, dropout_option, fan_uniform, positive_int
 from .options import option
 from .registry import register_method
 
@@ -24,7 +24,7 @@ class LoraConfig(AdapterConfig):
     rank: int = option(2, "rank r of the update B A")
     alpha: Optional[float] = option(1.0, "scale numerator: s = alpha/r (alpha/sqrt(r) with rslora); null = r")
     rslora: bool = option(True, "scale by alpha/sqrt(r) instead of alpha/r")
-    dropout: float = option(0.25, "dropout on the adapter input")
+    dropout: float = dropout_option(0.25)
 
     def __post_init__(self):
         super().__post_init__()

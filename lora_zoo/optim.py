@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .adapter import adapter_modules
+from .adapter import adapter_modules, adapter_setup
 from .naming import named_trainable_parameters
 from .options import from_mapping
 from .registry import discover, get_method
@@ -97,10 +97,7 @@ def single_group(model: nn.Module, lr: float, weight_decay: float, options=None)
 
 def model_optimizer_name(model: nn.Module) -> str:
     """The optimizer builder the model's method is registered with."""
-    setup = getattr(model, "lora_zoo_setup", None)
-    if setup is None:
-        raise ValueError("model has no adapters from apply_adapters")
-    return get_method(setup.method).optimizer
+    return get_method(adapter_setup(model).method).optimizer
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, optimizer: Optional[str] = None,

@@ -17,7 +17,7 @@ from typing import Optional
 
 from torch import nn
 
-from .adapter import check_rank_fits
+from .adapter import check_rank_fits, dropout_option
 from .lora import LoraConfig, LoraLinear
 from .options import option
 from .registry import register_method
@@ -28,7 +28,7 @@ from .svd import weighted_svd
 class PissaConfig(LoraConfig):
     alpha: Optional[float] = option(None, "scale s = alpha/r; null = r (s = 1, PiSSA's setting)")
     rslora: bool = option(False, "scale by alpha/sqrt(r) instead of alpha/r")
-    dropout: float = option(0.0, "dropout on the adapter input")
+    dropout: float = dropout_option(0.0)
 
 
 # lr 2e-4: PiSSA uses LoRA's learning rate of the setting it is compared in (here CLIP-LoRA's)

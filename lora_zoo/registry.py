@@ -131,6 +131,11 @@ def discover() -> None:
     _DISCOVERED = True
 
 
+def protocol_lr(lr: Optional[float], method: str) -> float:
+    """``lr`` as given, or (None) the method's registered protocol learning rate: the one place None is resolved."""
+    return float(lr) if lr is not None else get_method(method).lr
+
+
 def list_methods() -> list[str]:
     """Names of every registered method (layer methods and presets), sorted."""
     discover()

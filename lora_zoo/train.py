@@ -46,7 +46,7 @@ from .hooks import training_hooks
 from .host import available_cpus, cpus_busy_elsewhere
 from .naming import count_trainable, named_trainable_parameters
 from .optim import build_optimizer
-from .registry import get_method
+from .registry import protocol_lr
 from .text import encode_text
 
 LOGIT_SCALE = 100.0
@@ -202,7 +202,7 @@ def build_loop(model: nn.Module, config: TrainConfig, iterations: int, device: t
                precision: str) -> Loop:
     """The optimizer of the run's builder at its lr (``config.lr = None``: the method's registered one), the
     cosine schedule over ``iterations``, a GradScaler (enabled for fp16) and the method's schedule hooks."""
-    lr = (config.lr if config.lr is not None else get_method(model.lora_zoo_setup.method).lr) * config.lr_scale
+    lr = protocol_lr(config.lr, model.lora_zoo_setup.method) * config.lr_scale
     optimizer = build_optimizer(model, lr, weight_decay=config.weight_decay, betas=config.betas,
                                 optimizer=config.optimizer, decay_to_init=config.decay_to_init,
                                 **config.optimizer_options)
