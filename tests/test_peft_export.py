@@ -353,9 +353,7 @@ def test_readme_snippet_runs(images, texts, tmp_path, monkeypatch):
     readme = (REPO / "README.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "PeftModel" in b)
     _, model = trained("nora", images, texts)
-    # the public names (lora_zoo/__init__.py exports them); set here so the test does not depend on that file
-    monkeypatch.setattr(lz, "export_peft", export_peft, raising=False)
-    monkeypatch.setattr(lz, "to_hf_clip", to_hf_clip, raising=False)
+    assert lz.export_peft is export_peft and lz.to_hf_clip is to_hf_clip  # the package's public names
     monkeypatch.chdir(tmp_path)
     scope = {"lz": lz, "model": model}
     exec(compile(block, "README.md", "exec"), scope)
