@@ -106,8 +106,18 @@ def draw_batch(augmentation: DeviceAugmentation, images: Sequence[torch.Tensor],
     return draws
 
 
+@lru_cache(maxsize=None)
+def _pillow_major() -> int:
+    from PIL import __version__ as version
+
+    return int(version.split(".")[0])
+
+
 def vertical_first(in_height: int, in_width: int, out_height: int, out_width: int) -> bool:
-    """Whether Pillow 13 resamples the vertical axis first (see the module docstring)."""
+    """Whether the installed Pillow resamples the vertical axis first: Pillow 13 does when the height shrinks by
+    more than twice as many pixels as the width (see the module docstring); Pillow 12 and older never do."""
+    if _pillow_major() < 13:
+        return False
     return in_height > out_height and 2 * (in_width - out_width) < in_height - out_height
 
 
