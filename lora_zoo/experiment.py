@@ -113,7 +113,7 @@ def check_inputs(cfg: ExperimentConfig, request: Request) -> None:
 
 def open_run_folder(cfg: ExperimentConfig, out: Path, stack: contextlib.ExitStack, log: RunLog,
                     request: Request, overwrite: bool) -> Optional[dict]:
-    """Create and claim the run folder, start its log; returns the checkpoint to resume from (None: afresh).
+    """Create and claim the run folder, start train.log when training; returns the checkpoint to resume from.
 
     Claimed first, then checked again: a run another process finished meanwhile is not trained twice.
     ``overwrite`` removes what would make a killed retraining look finished."""
@@ -130,7 +130,8 @@ def open_run_folder(cfg: ExperimentConfig, out: Path, stack: contextlib.ExitStac
         for stale in (out / STATE_FILE, out / RESULT_FILE, out / EVAL_FILE):
             stale.unlink(missing_ok=True)
     state = resume_state.load(out / STATE_FILE, run_setting(cfg)) if request.train else None
-    log.attach(out / ("train.log" if request.train else "eval.log"), append=state is not None or not request.train)
+    if request.train:  # an evaluation's log is attached once its adapters are accepted (``reload_adapters``)
+        log.attach(out / "train.log", append=state is not None)
     return state
 
 
@@ -206,7 +207,8 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
             record.update(stages.train(cfg, model, class_tokens, stream, state, out, device, progress))
         else:
             open_run_folder(cfg, out, stack, log, request, overwrite)
-            reload_adapters(model, out, data.ds)
+            reload_adapters(model, out, data.ds)  # refused: no eval.log either (bad input writes nothing)
+            log.attach(out / "eval.log", append=True)
         try:
             record.update(stages.merge_for_evaluation(model))
             if request.evaluate:
