@@ -85,13 +85,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_writable(path, what: str) -> None:
-    """``path`` can be created or written (its first existing ancestor is a writable folder); nothing is created."""
+def check_writable(path, what: str, named=None) -> None:
+    """``path`` can be created or written (its first existing ancestor is a writable folder); nothing is created.
+    The error names ``named`` (default ``path``): the file a caller asked for whose folder was checked."""
     existing = Path(path).expanduser().resolve()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ValueError(f"{what} is not writable: {path}")
+        raise ValueError(f"{what} is not writable: {path if named is None else named}")
 
 
 def check_inputs(cfg: ExperimentConfig, request: Request) -> None:
@@ -106,7 +107,7 @@ def check_inputs(cfg: ExperimentConfig, request: Request) -> None:
         if not method_config.mergeable:
             raise ValueError(f"cannot export {what}: {cfg.method} with these options depends on the batch and "
                              "cannot be folded into plain weights")
-        check_writable(Path(path).expanduser().resolve().parent, "export path")
+        check_writable(Path(path).expanduser().resolve().parent, "export path", named=path)
         if what.startswith("merged") and Path(path).is_dir():
             raise ValueError(f"export path is not writable: {path} (a folder)")
 
