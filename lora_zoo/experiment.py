@@ -12,8 +12,8 @@ What it promises:
 - bad input writes nothing: the data, the weights, the method's shapes and the export paths are
   checked, and the zero-shot pass, decoding and calibration run, before the run folder exists;
 - one run, one owner: the folder is claimed (``runlock.claim``) before its log or checkpoint is
-  opened; a run claimed by a live process elsewhere is ``RunClaimedError`` (the command line
-  skips it), a claim left by a killed process is taken over;
+  opened; a run claimed by a live process elsewhere is ``RunClaimedError`` before any data is
+  read (the command line skips it), a claim left by a killed process is taken over;
 - nothing wrong is recorded as finished: non-finite losses, adapters or logits stop the run
   (``NonFiniteError``), adapter files and checkpoints are checked against their sha256, an
   evaluation refuses adapters trained on other images, and ``result.json`` is written last;
@@ -36,13 +36,13 @@ from . import resume as resume_state
 from . import stages
 from .checkpoint import load_adapters
 from .config import ExperimentConfig
-from .errors import RunFinishedError
+from .errors import RunClaimedError, RunFinishedError
 from .files import write_json
 from .inject import method_options
 from .metrics import check_sinks
 from .models import check_weights
 from .provenance import RunLog, environment, peak_memory
-from .runlock import claim
+from .runlock import claim, claimed_by
 from .runs import (ADAPTER_FILE, EVAL_FILE, RESULT_FILE, STATE_FILE, dataset_name, is_finished, read_result,
                    run_dir, run_setting, saved_config, target_file)
 from .train import prepare_device
@@ -83,6 +83,14 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return torch.device(name)
+
+
+def check_unclaimed(out: Path) -> None:
+    """``RunClaimedError`` now for a run another process is training, so that a second sweep skips it before any
+    data is read or the zero-shot pass and calibration run; the claim taken before training still decides."""
+    holder = claimed_by(out)
+    if holder is not None:
+        raise RunClaimedError(f"{out} is being trained elsewhere ({holder.describe()})", holder)
 
 
 def check_writable(path, what: str, named=None) -> None:
@@ -181,6 +189,8 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
     """
     started, out = time.perf_counter(), run_dir(cfg)
     request = plan_request(cfg, out, eval_only, overwrite, export_path, export_peft, eval_on)
+    if request.train:
+        check_unclaimed(out)
     config = cfg.to_dict() if request.train else saved_config(out, cfg)
     check_inputs(cfg, request)
     device = resolve_device(cfg.device)
