@@ -12,8 +12,8 @@ What it promises:
 - bad input writes nothing: the data, the weights, the method's shapes and the export paths are
   checked, and the zero-shot pass, decoding and calibration run, before the run folder exists;
 - one run, one owner: the folder is claimed (``runlock.claim``) before its log or checkpoint is
-  opened; a run claimed by a live process elsewhere is ``RunClaimedError`` (the command line
-  skips it), a claim left by a killed process is taken over;
+  opened; a run claimed by a live process elsewhere is ``RunClaimedError`` before any data is
+  read (the command line skips it), a claim left by a killed process is taken over;
 - nothing wrong is recorded as finished: non-finite losses, adapters or logits stop the run
   (``NonFiniteError``), adapter files and checkpoints are checked against their sha256, an
   evaluation refuses adapters trained on other images, and ``result.json`` is written last;
@@ -36,13 +36,13 @@ from . import resume as resume_state
 from . import stages
 from .checkpoint import load_adapters
 from .config import ExperimentConfig
-from .errors import RunFinishedError
+from .errors import RunClaimedError, RunFinishedError
 from .files import write_json
 from .inject import method_options
 from .metrics import check_sinks
 from .models import check_weights
 from .provenance import RunLog, environment, peak_memory
-from .runlock import claim
+from .runlock import claim, claimed_by
 from .runs import (ADAPTER_FILE, EVAL_FILE, RESULT_FILE, STATE_FILE, dataset_name, is_finished, read_result,
                    run_dir, run_setting, saved_config, target_file)
 from .train import prepare_device
@@ -85,13 +85,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_writable(path, what: str) -> None:
-    """``path`` can be created or written (its first existing ancestor is a writable folder); nothing is created."""
+def check_unclaimed(out: Path) -> None:
+    """``RunClaimedError`` now for a run another process is training, so that a second sweep skips it before any
+    data is read or the zero-shot pass and calibration run; the claim taken before training still decides."""
+    holder = claimed_by(out)
+    if holder is not None:
+        raise RunClaimedError(f"{out} is being trained elsewhere ({holder.describe()})", holder)
+
+
+def check_writable(path, what: str, named=None) -> None:
+    """``path`` can be created or written (its first existing ancestor is a writable folder); nothing is created.
+    The error names ``named`` (default ``path``): the file a caller asked for whose folder was checked."""
     existing = Path(path).expanduser().resolve()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ValueError(f"{what} is not writable: {path}")
+        raise ValueError(f"{what} is not writable: {path if named is None else named}")
 
 
 def check_inputs(cfg: ExperimentConfig, request: Request) -> None:
@@ -106,14 +115,14 @@ def check_inputs(cfg: ExperimentConfig, request: Request) -> None:
         if not method_config.mergeable:
             raise ValueError(f"cannot export {what}: {cfg.method} with these options depends on the batch and "
                              "cannot be folded into plain weights")
-        check_writable(Path(path).expanduser().resolve().parent, "export path")
+        check_writable(Path(path).expanduser().resolve().parent, "export path", named=path)
         if what.startswith("merged") and Path(path).is_dir():
             raise ValueError(f"export path is not writable: {path} (a folder)")
 
 
 def open_run_folder(cfg: ExperimentConfig, out: Path, stack: contextlib.ExitStack, log: RunLog,
                     request: Request, overwrite: bool) -> Optional[dict]:
-    """Create and claim the run folder, start its log; returns the checkpoint to resume from (None: afresh).
+    """Create and claim the run folder, start train.log when training; returns the checkpoint to resume from.
 
     Claimed first, then checked again: a run another process finished meanwhile is not trained twice.
     ``overwrite`` removes what would make a killed retraining look finished."""
@@ -130,7 +139,8 @@ def open_run_folder(cfg: ExperimentConfig, out: Path, stack: contextlib.ExitStac
         for stale in (out / STATE_FILE, out / RESULT_FILE, out / EVAL_FILE):
             stale.unlink(missing_ok=True)
     state = resume_state.load(out / STATE_FILE, run_setting(cfg)) if request.train else None
-    log.attach(out / ("train.log" if request.train else "eval.log"), append=state is not None or not request.train)
+    if request.train:  # an evaluation's log is attached once its adapters are accepted (``reload_adapters``)
+        log.attach(out / "train.log", append=state is not None)
     return state
 
 
@@ -179,6 +189,8 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
     """
     started, out = time.perf_counter(), run_dir(cfg)
     request = plan_request(cfg, out, eval_only, overwrite, export_path, export_peft, eval_on)
+    if request.train:
+        check_unclaimed(out)
     config = cfg.to_dict() if request.train else saved_config(out, cfg)
     check_inputs(cfg, request)
     device = resolve_device(cfg.device)
@@ -206,7 +218,8 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
             record.update(stages.train(cfg, model, class_tokens, stream, state, out, device, progress))
         else:
             open_run_folder(cfg, out, stack, log, request, overwrite)
-            reload_adapters(model, out, data.ds)
+            reload_adapters(model, out, data.ds)  # refused: no eval.log either (bad input writes nothing)
+            log.attach(out / "eval.log", append=True)
         try:
             record.update(stages.merge_for_evaluation(model))
             if request.evaluate:

@@ -6,7 +6,8 @@ are never pooled. ``--rows KEY`` leads and orders the rows by an option, ``--col
 columns (one table per dataset), ``--best_over KEY`` adds the best KEY per cell, chosen on the test split
 (optimistic, and labelled so). A cell is mean ± sample std over the seeds found, ``(n/N)`` with fewer seeds
 than ``--seeds``, "—" with no run. Average: per seed, the mean over the datasets the row has. A "Zero-shot"
-row gives the base model's recorded accuracy ("varies" where a column mixes prompts or weights). The paper's
+row gives the base model's recorded accuracy ("varies" where a column mixes prompts or weights; "random init"
+where the runs started from random weights, ``pretrained: null``). The paper's
 rows (``reported/nora_table2.csv``) appear beside ViT-B-16 results only; one table per backbone. Markdown,
 LaTeX, CSV; ``--plot_dir`` adds accuracy-vs-shots PNGs (``scripts/plot_shots.py``, matplotlib). Runs of the
 other protocols never enter it: ``--protocol base2new|cross_dataset|domain`` tabulates those
@@ -183,7 +184,17 @@ def zero_shot_row(runs, layout: Layout, datasets: list[str]):
     average = MISSING if not known else f"{statistics.fmean(known):.2f}" + (
         f" [{len(known)}/{len(found)} datasets]" if len(known) < len(found) else "")
     cells = [MISSING if v is None else v if isinstance(v, str) else f"{v:.2f}" for v in found] + [average]
-    return "Zero-shot (the pretrained model, no training)", cells * len(layout.shots)
+    return zero_shot_label(runs, layout, datasets), cells * len(layout.shots)
+
+
+def zero_shot_label(runs, layout: Layout, datasets: list[str]) -> str:
+    """The zero-shot row's name: a run recorded with ``pretrained: null`` started from random weights, so its
+    zero-shot accuracy is not the pretrained model's (records without the key: pretrained)."""
+    random_init = {r.value("pretrained") is None for r in runs
+                   if r.dataset in datasets and r.seed in layout.seeds and r.zero_shot is not None}
+    model = {frozenset({True}): "random init", frozenset({True, False}): "pretrained or random init"}.get(
+        frozenset(random_init), "the pretrained model")
+    return f"Zero-shot ({model}, no training)"
 
 
 def reported_datasets(path: Path) -> list[str]:

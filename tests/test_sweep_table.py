@@ -83,7 +83,7 @@ def test_table_cells_are_the_hand_computed_means_for_either_key_as_rows(capsys, 
     assert rows == {f"CLIP-LoRA (ours, lora): rank={rank}": [cells[0.01, rank], cells[0.1, rank]] for rank in (2, 8)}
     header, rows = csv_table(capsys, grid_sweep, "--rows", "lr")  # datasets as columns: one row per grid point
     assert header == ["Method", "DTD 1-shot", "Average 1-shot"]
-    zero_shot = rows.pop("Zero-shot (the pretrained model, no training)")
+    zero_shot = rows.pop("Zero-shot (random init, no training)")  # tiny-vit: pretrained null
     assert {r["zero_shot_accuracy"] for r in found.values()} == {float(zero_shot[0])} and zero_shot[1] == zero_shot[0]
     assert list(rows) == [f"CLIP-LoRA (ours, lora): lr={lr}, rank={rank}" for lr in (0.01, 0.1) for rank in (2, 8)]
     assert [cells for cells in rows.values()] == [[cells[key]] * 2 for key in sorted(cells)]
