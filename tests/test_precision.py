@@ -233,7 +233,7 @@ SKIP_CASES = {  # AdaLoRA decides every step between t_init (step 1) and its fin
 
 
 def fp16_run(case, overflow_at=None, resume=None):
-    """(TrainResult, the checkpoint state after each step but the last, the method's hooks, the model) of an fp16
+    """(TrainResult, the checkpoint state after each step, the last too, the method's hooks, the model) of an fp16
     run of ``SKIP_RUN`` iterations, with step ``overflow_at``'s gradients forced to inf."""
     model, states, made = adapted(case, **SKIP_CASES[case]), [], []
 
@@ -267,7 +267,7 @@ def test_a_step_with_inf_gradients_is_skipped_and_still_an_iteration(case):
     # only (the tiny model's scaled backward), then trains; the forced step halves the scale once more
     natural = reference.skipped_steps
     assert 0 < natural <= FORCED - 2  # steps FORCED - 1 and FORCED are real steps in the reference
-    scales = [2.0 ** 16 / 2 ** min(step + 1, natural) for step in range(SKIP_RUN - 1)]
+    scales = [2.0 ** 16 / 2 ** min(step + 1, natural) for step in range(SKIP_RUN)]
     assert [s["scaler"]["scale"] for s in ref_states] == scales
     assert [s["scaler"]["scale"] for s in states] == [s / 2 if step >= FORCED else s for step, s in enumerate(scales)]
     assert forced.skipped_steps == natural + 1
