@@ -293,6 +293,9 @@ def damaged(root, tmp_path):
                                                                 "{data}/imagenet-sketch/classnames.txt"),
     (["--dataset", "imagenet", "--eval_on", "dtd,imagenetv2"], "class folder not found: {data}/imagenetv2/"
                                                                "imagenetv2-matched-frequency-format-val/2"),
+    (["--dataset", "eurosat", "--protocol", "base2new", "--eval_on", "imagenet_a"],
+     "--eval_on evaluates a few-shot run on other datasets; a base2new run is evaluated by its protocol"),
+    (["--dataset", "imagenet", "--eval_on", "eurosat,imagenet"], "--eval_on imagenet: the run's own dataset"),
 ])
 def test_bad_runs_are_one_line_and_write_nothing(capsys, damaged, tmp_path, args, expect):
     out = tmp_path / "out"
