@@ -65,6 +65,11 @@ class Request:
 def plan_request(cfg: ExperimentConfig, out: Path, eval_only: bool, overwrite: bool, export_merged=None,
                  export_peft=None, eval_on: Sequence[str] = ()) -> Request:
     """What to do for this command on the run folder ``out``; ``RunFinishedError`` when there is nothing to do."""
+    if eval_on and cfg.protocol != "fewshot":  # its eval_on/ records would read as a few-shot source's transfer
+        raise ValueError(f"--eval_on evaluates a few-shot run on other datasets; a {cfg.protocol} run is evaluated "
+                         "by its protocol (base-to-new: on its new classes)")
+    if cfg.dataset in eval_on:
+        raise ValueError(f"--eval_on {cfg.dataset}: the run's own dataset (its test split is the run's evaluation)")
     if eval_only:
         return Request(False, True, tuple(eval_on), export_merged, export_peft)
     if overwrite or not is_finished(out, cfg):
