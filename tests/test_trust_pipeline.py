@@ -254,8 +254,9 @@ def test_two_sweeps_on_one_output_folder_train_every_run_exactly_once(data_root,
             sweep_a.kill()
             sweep_a.communicate()
     assert sweep_a.returncode == 0, a_err
-    assert f"skipped, running elsewhere: {folders[0]} is being trained elsewhere (host " in captured.err
-    assert f"pid {sweep_a.pid}," in captured.err
+    # sweep B sees A's claim when it plans (the runner would skip it too, had A claimed it later)
+    assert "sweep: running elsewhere lora dtd 1-shot seed 1 [lr=0.0001]" in captured.err
+    assert f"pid {sweep_a.pid}," in captured.err and "1 running elsewhere, not run here" in captured.err
     assert a_err.count("nothing to do, run already finished") == 3
     trained_by_a = [line.rsplit(" | ", 1)[1] for line in a_out.splitlines()]
     trained_by_b = [line.rsplit(" | ", 1)[1] for line in captured.out.splitlines()]
