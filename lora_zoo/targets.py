@@ -10,7 +10,7 @@ be fused, without changing it (the checks made before any work).
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 from torch import nn
 
@@ -66,35 +66,32 @@ def _target_shape(block: nn.Module, target: str, name: str) -> tuple[int, int]:
     raise TypeError(f"{name} not found: the block has no {target!r} layer (or attention that splits into one)")
 
 
-def target_shapes(model: nn.Module, encoders=ENCODERS, targets=("q", "k", "v"),
-                  layers: Optional[Iterable[int]] = None) -> dict[str, tuple[int, int]]:
-    """``{qualified name: (d_out, d_in)}`` for every target of every chosen block, named as after
-    ``split_attention``; the model is not changed (its attention may still be fused)."""
+def _chosen_targets(model: nn.Module, encoders, targets, layers) -> Iterator[tuple[nn.Module, int, str, str]]:
+    """``(blocks, block index, target, qualified name)`` for every target of every chosen block."""
     encoders, targets = check_targets(encoders, targets)
-    shapes = {}
     for encoder in encoders:
         prefix, blocks = encoder_blocks(model, encoder)
         for index in _block_indices(len(blocks), layers, encoder):
             for target in targets:
-                name = f"{prefix}.{index}.{TARGET_PATHS[target]}"
-                shapes[name] = _target_shape(blocks[index], target, name)
-    return shapes
+                yield blocks, index, target, f"{prefix}.{index}.{TARGET_PATHS[target]}"
+
+
+def target_shapes(model: nn.Module, encoders=ENCODERS, targets=("q", "k", "v"),
+                  layers: Optional[Iterable[int]] = None) -> dict[str, tuple[int, int]]:
+    """``{qualified name: (d_out, d_in)}`` for every target of every chosen block, named as after
+    ``split_attention``; the model is not changed (its attention may still be fused)."""
+    return {name: _target_shape(blocks[index], target, name)
+            for blocks, index, target, name in _chosen_targets(model, encoders, targets, layers)}
 
 
 def find_target_linears(model: nn.Module, encoders=ENCODERS, targets=("q", "k", "v"),
                         layers: Optional[Iterable[int]] = None) -> dict[str, nn.Module]:
     """``{qualified name: module}`` for every target of every chosen block (attention must be split)."""
-    encoders, targets = check_targets(encoders, targets)
     found = {}
-    for encoder in encoders:
-        prefix, blocks = encoder_blocks(model, encoder)
-        for index in _block_indices(len(blocks), layers, encoder):
-            for target in targets:
-                path = f"{index}.{TARGET_PATHS[target]}"
-                try:
-                    module = blocks.get_submodule(path)
-                except AttributeError:
-                    raise TypeError(f"{prefix}.{path} not found: call split_attention(model) first, "
-                                    f"or the block has no {target!r} layer") from None
-                found[f"{prefix}.{path}"] = module
+    for blocks, index, target, name in _chosen_targets(model, encoders, targets, layers):
+        try:
+            found[name] = blocks.get_submodule(f"{index}.{TARGET_PATHS[target]}")
+        except AttributeError:
+            raise TypeError(f"{name} not found: call split_attention(model) first, "
+                            f"or the block has no {target!r} layer") from None
     return found
