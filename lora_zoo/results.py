@@ -113,6 +113,14 @@ class NotFinite(ValueError):
     """A record whose accuracy is NaN or infinite: never a run a table ranks or averages."""
 
 
+def finite_score(record: dict, key: str) -> float:
+    """``record[key]`` as a float; ``NotFinite`` for NaN or infinity: every loader reads scores through here."""
+    value = float(record[key])
+    if not math.isfinite(value):
+        raise NotFinite(f"its {key.replace('_', ' ')} is {record[key]} (not a finite number)")
+    return value
+
+
 def optional_float(value) -> float | None:
     return None if value is None else float(value)
 
@@ -143,10 +151,8 @@ def load_results(root: Path) -> tuple[list[Run], int]:
     def parse(r, path):
         if r.get("protocol", "fewshot") != "fewshot":
             return None
-        if not math.isfinite(float(r["accuracy"])):
-            raise NotFinite(f"its accuracy is {r['accuracy']} (not a finite number)")
         return Run(str(r["backbone"]), str(r["method"]), str(r["dataset"]), int(r["shots"]), int(r["seed"]),
-                   float(r["accuracy"]), (r.get("config") or {}).get("run_name"), setting_of(r),
+                   finite_score(r, "accuracy"), (r.get("config") or {}).get("run_name"), setting_of(r),
                    optional_float(r.get("zero_shot_accuracy")))
     return read_records(sorted(root.rglob("result.json")), parse)
 
@@ -179,8 +185,8 @@ def load_base2new(root: Path) -> tuple[list[Base2NewRun], int]:
         if r.get("protocol") != "base2new":
             return None
         run_name = r.get("run_name", (r.get("config") or {}).get("run_name"))
-        return Base2NewRun(str(r["backbone"]), str(r["method"]), run_name, str(r["dataset"]),
-                           int(r["shots"]), int(r["seed"]), float(r["base_accuracy"]), float(r["new_accuracy"]),
+        return Base2NewRun(str(r["backbone"]), str(r["method"]), run_name, str(r["dataset"]), int(r["shots"]),
+                           int(r["seed"]), finite_score(r, "base_accuracy"), finite_score(r, "new_accuracy"),
                            optional_float(r.get("zero_shot_base_accuracy")),
                            optional_float(r.get("zero_shot_new_accuracy")))
     return read_records(sorted(root.rglob("result.json")), parse)
@@ -212,7 +218,7 @@ def load_transfers(root: Path) -> tuple[list[TransferRun], int]:
         except (OSError, ValueError):
             source = {}
         return TransferRun(str(r["backbone"]), str(r["method"]), r.get("run_name"), str(r["source_dataset"]),
-                           str(r["target"]), int(r["shots"]), int(r["seed"]), float(r["accuracy"]),
+                           str(r["target"]), int(r["shots"]), int(r["seed"]), finite_score(r, "accuracy"),
                            optional_float(r.get("zero_shot_accuracy")), optional_float(source.get("accuracy")),
                            optional_float(source.get("zero_shot_accuracy")))
     return read_records(sorted(root.rglob("eval_on/*.json")), parse)

@@ -231,3 +231,19 @@ def test_protocol_tables_need_no_torch(transfer_root):
     assert proc.returncode == 0, proc.stderr
     assert "nora,71.00 ± 1.41,61.00 ± 1.41,—,32.00 ± 2.83,—,46.50 ± 2.12 [2/4 datasets]" in proc.stdout
     assert proc.stdout.rstrip().endswith("heavy: []")
+
+
+def test_no_table_reads_a_non_finite_base_new_or_target_score(tmp_path, capsys):
+    """Every loader reads scores through one check (``results.finite_score``): NaN or infinity is skipped by name."""
+    good = write_base2new(tmp_path, "lora", "dtd", 1, 80.0, 60.0)
+    bad = write_base2new(tmp_path, "lora", "dtd", 2, 80.0, float("nan"))
+    source = write_fewshot(tmp_path, "lora", "imagenet", 16, 1, 70.0)
+    kept, diverged = write_eval_on(source, "dtd", 40.0), write_eval_on(source, "eurosat", float("inf"))
+    runs, skipped = load_base2new(tmp_path)
+    assert [(r.seed, r.new) for r in runs] == [(1, 60.0)] and skipped == 1
+    transfers, skipped_transfers = load_transfers(tmp_path)
+    assert [(t.target, t.accuracy) for t in transfers] == [("dtd", 40.0)] and skipped_transfers == 1
+    err = capsys.readouterr().err
+    assert f"warning: skipping {bad}: its new accuracy is nan (not a finite number)" in err
+    assert f"warning: skipping {diverged}: its accuracy is inf (not a finite number)" in err
+    assert str(good) not in err and str(kept) not in err
