@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,8 @@ from .metrics import check_sinks
 from .models import check_weights
 from .provenance import RunLog, environment, peak_memory
 from .runlock import claim, claimed_by
-from .runs import (ADAPTER_FILE, EVAL_FILE, RESULT_FILE, STATE_FILE, dataset_name, is_finished, read_result,
-                   run_dir, run_setting, saved_config, target_file)
+from .runs import (ADAPTER_FILE, EVAL_FILE, EVAL_ON_DIR, RESULT_FILE, STATE_FILE, dataset_name, is_finished,
+                   read_result, run_dir, run_setting, saved_config, target_file)
 from .train import prepare_device
 
 logger = logging.getLogger(__name__)
@@ -143,27 +144,28 @@ def open_run_folder(cfg: ExperimentConfig, out: Path, stack: contextlib.ExitStac
     if request.train and overwrite:
         for stale in (out / STATE_FILE, out / RESULT_FILE, out / EVAL_FILE):
             stale.unlink(missing_ok=True)
+    if request.train:  # other datasets' scores of adapters this training replaces: they would read as its own
+        shutil.rmtree(out / EVAL_ON_DIR, ignore_errors=True)
     state = resume_state.load(out / STATE_FILE, run_setting(cfg)) if request.train else None
     if request.train:  # an evaluation's log is attached once its adapters are accepted (``reload_adapters``)
         log.attach(out / "train.log", append=state is not None)
     return state
 
 
-def reload_adapters(model, out: Path, ds) -> dict[str, Any]:
+def reload_adapters(model, out: Path, train_subset_sha1: str) -> None:
     """The finished run's adapters, refused when the file is not the one its result recorded or when the run was
-    trained on other images than ``ds``'s few-shot set (a re-drawn split, another folder)."""
+    trained on other images than this run's few-shot set, ``train_subset_sha1`` (a re-drawn split, another folder)."""
     saved = read_result(out) or {}
     recorded = saved.get("adapters_sha256")
     meta = load_adapters(model, out / ADAPTER_FILE)  # checks the tensors' bytes against adapters.json
     if recorded is not None and meta.get("sha256") != recorded:
         raise ValueError(f"{out / ADAPTER_FILE} is not the adapter file {out / RESULT_FILE} recorded (sha256 "
                          "differs): retrain the run (--overwrite)")
-    current = stages.train_subset_record(ds)["train_subset_sha1"]
+    current = train_subset_sha1
     if saved.get("train_subset_sha1") not in (None, current):
         raise ValueError(f"the adapters at {out} were trained on other images than this run's few-shot set "
                          f"(train_subset_sha1 {saved['train_subset_sha1'][:12]}, here {current[:12]}): refusing "
                          "to evaluate them on this data")
-    return {}
 
 
 def kept(out: Path, err: OSError) -> OSError:
@@ -208,6 +210,7 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
         backbone = stages.build_model(cfg, device, check_options=request.train)
         model, class_tokens = backbone.model, backbone.tokenizer(data.prompts)
         scoring = stages.build_scoring(cfg, backbone, data.plan, workers)
+        subset = stages.train_subset_record(data.ds)
         record: dict[str, Any] = {"method": cfg.method, "dataset": dataset_name(cfg), "shots": cfg.shots,
                                   "seed": cfg.seed, "run_name": cfg.run_name, "backbone": cfg.backbone,
                                   "pretrained": cfg.pretrained, "device": str(device), "threads": threads,
@@ -223,13 +226,13 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
             record.update(stages.train(cfg, model, class_tokens, stream, state, out, device, progress))
         else:
             open_run_folder(cfg, out, stack, log, request, overwrite)
-            reload_adapters(model, out, data.ds)  # refused: no eval.log either (bad input writes nothing)
+            reload_adapters(model, out, subset["train_subset_sha1"])  # refused: no eval.log (bad input writes nothing)
             log.attach(out / "eval.log", append=True)
         try:
             record.update(stages.merge_for_evaluation(model))
             if request.evaluate:
                 record.update(stages.evaluate_plan(cfg, model, scoring.items(targets=False), device))
-            record.update(stages.train_subset_record(data.ds))
+            record.update(subset)
             if request.train:
                 record.update(stages.save_outputs(model, out))
             if request.targets:

@@ -354,3 +354,17 @@ def test_protocol_and_eval_on_belong_to_the_sweep_not_to_the_runs(capsys, root, 
         code = sweep.main(sweep_args(root, tmp_path / "o", "cross_dataset") + extra)
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and expect in err, err
+
+
+def test_retraining_drops_the_other_datasets_scores_of_the_adapters_it_replaces(capsys, root, tmp_path):
+    """--overwrite trains new adapters: the eval_on/ files of the old ones must not read as the new run's."""
+    args = ["--method", "lora", "--backbone", "tiny-vit", "--dataset", "imagenet", "--shots", "1", "--root_path",
+            str(root), "--output_dir", str(tmp_path), "--quiet", *RUN_ARGS]
+    assert main_run(args + ["--eval_on", "dtd"]) == 0
+    folder = tmp_path / "tiny-vit" / "imagenet" / "1shots" / "seed1" / "lora"
+    assert (folder / "eval_on" / "dtd.json").is_file()
+    assert main_run(args + ["--overwrite", "--lr", "0.01"]) == 0  # other adapters, no --eval_on this time
+    assert not (folder / "eval_on").exists()
+    assert main_run(args + ["--lr", "0.01", "--eval_on", "dtd"]) == 0  # evaluated again, on the new adapters
+    assert json.loads((folder / "eval_on" / "dtd.json").read_text())["target"] == "dtd"
+    capsys.readouterr()
