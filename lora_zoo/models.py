@@ -22,7 +22,6 @@ checked first, and the shipped file always has one.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import socket
 from contextlib import contextmanager
@@ -35,6 +34,8 @@ from open_clip.model import set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 import torch
 from torch import nn
+
+from .files import sha256_file
 
 TINY_CONFIGS = {
     # vision 32×32 images, 4×4 patches; text context 32 tokens; both towers 2 blocks of width 64
@@ -206,14 +207,6 @@ def checksum_file(weights: Union[str, Path]) -> Path:
     return weights.with_name(weights.name + ".sha256")
 
 
-def sha256_of(path: Union[str, Path]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_weights(model: nn.Module, path: Union[str, Path]) -> None:
     """Load an open_clip state dict file into ``model`` (strict), after checking its recorded SHA-256."""
     path = Path(path)
@@ -225,7 +218,7 @@ def load_weights(model: nn.Module, path: Union[str, Path]) -> None:
         raise ValueError(f"checksum file not found: {record} (it records the SHA-256 of the shipped {path.name})")
     if record.is_file():
         expected = record.read_text().split()[:1]
-        if [sha256_of(path)] != expected:
+        if [sha256_file(path)] != expected:
             raise ValueError(f"checksum mismatch: {path} does not have the SHA-256 recorded in {record} "
                              "(a changed or truncated file; regenerate it with scripts/pretrain_tiny_clip.py)")
     try:

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets import build_data_loader, build_dataset, build_test_transform  # noqa: E402
 from datasets.scenes import TASKS, caption_matches, pretraining_batch, write_task  # noqa: E402
-from lora_zoo.models import SHIPPED_WEIGHTS, TINY_CONFIGS, build_clip, checksum_file, sha256_of  # noqa: E402
+from lora_zoo.files import sha256_file  # noqa: E402
+from lora_zoo.models import SHIPPED_WEIGHTS, TINY_CONFIGS, build_clip, checksum_file  # noqa: E402
 from lora_zoo.train import LOGIT_SCALE, evaluate, prepare_device  # noqa: E402
 
 BACKBONE = "tiny-clip"
@@ -89,7 +90,7 @@ def save_weights(model, path: Path, training: dict) -> str:
     # one metadata key: safetensors writes several in no fixed order, which would change the bytes
     save_file(state, str(path), metadata={"lora_zoo": json.dumps({"backbone": BACKBONE, "training": training},
                                                                   sort_keys=True)})
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     checksum_file(path).write_text(f"{digest}  {path.name}\n")
     return digest
 

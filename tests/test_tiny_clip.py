@@ -24,7 +24,8 @@ from datasets.scenes import (ATTRIBUTES, HELD_OUT_PAIRS, MADE_UP_NAMES, TASKS, V
 import lora_zoo as lz
 from lora_zoo.config import load_config
 from lora_zoo.experiment import run_experiment
-from lora_zoo.models import SHIPPED_WEIGHTS, build_clip, checksum_file, sha256_of
+from lora_zoo.files import sha256_file
+from lora_zoo.models import SHIPPED_WEIGHTS, build_clip, checksum_file
 from lora_zoo.train import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def task_roots(tmp_path_factory):
 
 
 def test_shipped_weights_match_recorded_checksum_and_size():
-    digest = sha256_of(WEIGHTS)
+    digest = sha256_file(WEIGHTS)
     assert checksum_file(WEIGHTS).read_text() == f"{digest}  {WEIGHTS.name}\n"
     assert RECORD["sha256"] == digest
     assert WEIGHTS.stat().st_size == RECORD["file_bytes"] < 10 * 2 ** 20
@@ -190,7 +191,7 @@ def test_pretraining_script_writes_loadable_weights_identical_for_the_same_seed(
     for run in ("a", "b"):
         script.main(arguments + ["--out", str(tmp_path / run / "tiny-clip.safetensors")])
     first, second = (tmp_path / run / "tiny-clip.safetensors" for run in ("a", "b"))
-    assert sha256_of(first) == sha256_of(second) == checksum_file(first).read_text().split()[0]
+    assert sha256_file(first) == sha256_file(second) == checksum_file(first).read_text().split()[0]
     record = json.loads(first.with_suffix(".json").read_text())
     assert record["training"] == dict(steps=2, batch_size=8, lr=1e-3, warmup=100, weight_decay=0.1, seed=0, threads=1)
     assert record["command"] == "python scripts/pretrain_tiny_clip.py " + " ".join(arguments + ["--out", str(first)])
