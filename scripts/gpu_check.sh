@@ -7,9 +7,5 @@
 #   scripts/gpu_check.sh --tiny --device cpu         # seconds, on a CPU (the test suite runs this)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python="${PYTHON:-}"
-if [[ -z "$python" ]]; then
-  if [[ -x "$here/.venv/bin/python" ]]; then python="$here/.venv/bin/python"; else python=python3; fi
-fi
-command -v "$python" >/dev/null || { echo "gpu_check.sh: error: no Python at $python (see README: python3 -m venv .venv)" >&2; exit 2; }
+source "$here/scripts/find_python.sh"
 exec "$python" "$here/scripts/gpu_check.py" "$@"

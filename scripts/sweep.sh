@@ -6,9 +6,5 @@
 #                    [--grid lr=1e-3,5e-4] [--config FILE] [--jobs N] [--slurm FILE] [--dry_run] [-- main.py args]
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python="${PYTHON:-}"
-if [[ -z "$python" ]]; then
-  if [[ -x "$here/.venv/bin/python" ]]; then python="$here/.venv/bin/python"; else python=python3; fi
-fi
-command -v "$python" >/dev/null || { echo "sweep.sh: error: no Python at $python (see README: python3 -m venv .venv)" >&2; exit 2; }
+source "$here/scripts/find_python.sh"
 exec "$python" "$here/scripts/sweep.py" "$@"

@@ -253,6 +253,7 @@ def test_process_pool_one_gpu_per_job_counts_failures_and_stops_children_on_inte
 def test_wrapper_prefers_the_repository_venv_then_python_env(tmp_path):
     (tmp_path / "scripts").mkdir()
     shutil.copy(SWEEP_SH, tmp_path / "scripts" / "sweep.sh")
+    shutil.copy(SWEEP_SH.with_name("find_python.sh"), tmp_path / "scripts")  # the lookup the wrappers share
     fake = tmp_path / ".venv" / "bin" / "python"
     fake.parent.mkdir(parents=True)
     fake.write_text('#!/bin/sh\necho "venv python $*"\n')
