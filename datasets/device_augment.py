@@ -243,7 +243,7 @@ class DeviceTrainStream:
 
     def __init__(self, data: Sequence[Datum], transform, batch_size: int, seed: int, device,
                  cache_mb: float = 2048, start_step: int = 0, images: Optional[DeviceImages] = None, decoded=None,
-                 uint8_kernels: Optional[bool] = None):
+                 uint8_kernels: Optional[bool] = None, drop_last: bool = False):
         if len(data) == 0:
             raise DatasetError("cannot train on an empty list of images")
         if batch_size < 1:
@@ -254,7 +254,7 @@ class DeviceTrainStream:
         if len(self.images) != len(data):
             raise DatasetError(f"the decoded images hold {len(self.images)} images, the train list {len(data)}")
         self.seed, self.uint8_kernels = seed, uint8_kernels
-        self.sampler = EpochBatches(len(data), batch_size, seed, start_step)
+        self.sampler = EpochBatches(len(data), batch_size, seed, start_step, drop_last)
         self.labels = torch.tensor([d.label for d in data], dtype=torch.long)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -113,11 +113,14 @@ class AugmentedImages(ImageList):
 
 
 class EpochBatches(Sampler):
-    """Batches of ``(epoch, index)`` forever, from ``start_step``; each epoch a permutation from (seed, epoch)."""
+    """Batches of ``(epoch, index)`` forever, from ``start_step``; each epoch a permutation from (seed, epoch).
 
-    def __init__(self, size: int, batch_size: int, seed: int, start_step: int = 0):
+    ``drop_last``: an epoch holds only full batches, as Dassl's loader forms them (all of one short batch when
+    the set is smaller than a batch); otherwise its last batch is short."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, start_step: int = 0, drop_last: bool = False):
         self.size, self.batch_size, self.seed, self.start_step = size, batch_size, seed, start_step
-        self.per_epoch = -(-size // batch_size)
+        self.per_epoch = size // batch_size if drop_last and size >= batch_size else -(-size // batch_size)
 
     def order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0x5EED))
@@ -127,7 +130,8 @@ class EpochBatches(Sampler):
         epoch, skip = divmod(self.start_step, self.per_epoch)
         while True:
             order = self.order(epoch)
-            for start in range(skip * self.batch_size, self.size, self.batch_size):
+            for start in range(skip * self.batch_size, min(self.size, self.per_epoch * self.batch_size),
+                               self.batch_size):
                 yield [(epoch, index) for index in order[start:start + self.batch_size]]
             epoch, skip = epoch + 1, 0
 
@@ -171,12 +175,12 @@ class TrainStream(Loader):
 
     def __init__(self, data: Sequence[Datum], transform: Callable, batch_size: int, seed: int,
                  num_workers: Optional[int] = None, start_step: int = 0, images=None,
-                 pin_memory: Optional[bool] = None):
+                 pin_memory: Optional[bool] = None, drop_last: bool = False):
         if len(data) == 0:
             raise DatasetError("cannot train on an empty list of images")
         if batch_size < 1:
             raise DatasetError(f"batch_size must be >= 1, got {batch_size}")
-        self.sampler = EpochBatches(len(data), batch_size, seed, start_step)
+        self.sampler = EpochBatches(len(data), batch_size, seed, start_step, drop_last)
         super().__init__(_loader(AugmentedImages(data, transform, seed, images), num_workers, pin_memory,
                                  batch_sampler=self.sampler))
 

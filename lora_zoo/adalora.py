@@ -266,7 +266,7 @@ class RankAllocator(TrainingHooks):
 
 # lr 5e-4: the low end of the paper's learning rates (5e-4 .. 1e-3 for DeBERTa); not tuned on test data
 @register_method("adalora", display_name="AdaLoRA", citation="Zhang et al., ICLR 2023", lr=5e-4,
-                 schedule=RankAllocator)
+                 hooks=RankAllocator)
 class AdaLoraLinear(AdapterLinear):
     """``s · P diag(λ) Q``; ``lora_rank_mask`` records which triplets the last allocation kept."""
 

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from .errors import NonFiniteError
 from .naming import is_adapter_tensor
 from .options import Options, option
 
@@ -86,16 +87,24 @@ def apply_delta(weight: torch.Tensor, bias: Optional[torch.Tensor], weight_delta
     """The one place an adapter's update reaches a weight: ``W += sign·ΔW`` and ``b += sign·Δb``, in place.
 
     Each delta is cast to its target's dtype and device; None adds nothing. ``sign=-1`` removes the update
-    again (to within the rounding of one addition: merge then unmerge restores W to about 1 ulp).
+    again (to within the rounding of one addition: merge then unmerge restores W to about 1 ulp). Safe, as
+    peft's ``safe_merge``: the sums are computed into new tensors and checked, and only when every value is
+    finite are they written into the weights; otherwise ``NonFiniteError`` and the weights are unchanged.
     """
     if sign not in (1, -1):
         raise ValueError(f"sign must be 1 or -1, got {sign}")
+    updates = []
     for target, delta in ((weight, weight_delta), (bias, bias_delta)):
         if delta is None:
             continue
         if target is None:
             raise ValueError("the adapter has a bias update but its base layer has no bias")
-        target.add_(delta.to(device=target.device, dtype=target.dtype), alpha=sign)
+        updates.append((target, torch.add(target, delta.to(device=target.device, dtype=target.dtype), alpha=sign)))
+    if updates and not bool(torch.stack([updated.isfinite().all() for _, updated in updates]).all()):
+        raise NonFiniteError(f"a weight update would make a {tuple(updates[0][0].shape)} weight non-finite (an "
+                             "overflow, or non-finite adapter tensors); the weights are left unchanged")
+    for target, updated in updates:
+        target.copy_(updated)
 
 
 def check_rank_fits(method: str, what: str, rank: int, in_features: int, out_features: int) -> None:
@@ -108,6 +117,7 @@ def check_rank_fits(method: str, what: str, rank: int, in_features: int, out_fea
 class AdapterLinear(nn.Module):
     """Base class: ``y = base_layer(x) + adapter_output(dropout(x))`` unless merged."""
 
+    kind = "weights"        # kinds.py: an update of a linear layer's weight
     config_class = AdapterConfig
     method_name: str = "?"  # set by @register_method
     #: trainable tensors on the output side (B-like) and input side (A-like), for optimizer builders

@@ -31,13 +31,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter import adapter_modules, adapter_setup, apply_delta
+from .adapter import adapter_modules
+from .attached import method_setup
 from .calibration import LayerStats
+from .catalog import get_method
 from .files import atomic_write, sha256_file, write_json
-from .inject import AdapterSetup, apply_adapters
-from .naming import adapter_state_dict, is_adapter_tensor
 from .host import versions
-from .registry import get_method
+from .kinds import KINDS
+from .naming import adapter_state_dict
 
 FORMAT_VERSION = 2
 STATS_PREFIX = "stats::"
@@ -47,13 +48,9 @@ def config_path(path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def _setup(model: nn.Module) -> AdapterSetup:
-    return adapter_setup(model)
-
-
 def save_adapters(model: nn.Module, path) -> Path:
-    """Write adapter tensors to ``path`` (.safetensors) and the setup to ``path`` with suffix .json."""
-    setup = _setup(model)
+    """Write the method's tensors to ``path`` (.safetensors) and what rebuilds it to ``path`` with suffix .json."""
+    setup = method_setup(model)
     path = Path(path)
     tensors = {name: t.detach().cpu().contiguous() for name, t in adapter_state_dict(model).items()}
     tokens = {}
@@ -62,10 +59,8 @@ def save_adapters(model: nn.Module, path) -> Path:
             tokens[name] = adapter.stats.tokens
             for field, value in adapter.stats.tensors().items():
                 tensors[f"{STATS_PREFIX}{name}::{field}"] = value.detach().float().cpu().contiguous()
-    meta = {"format_version": FORMAT_VERSION, "layer": setup.layer, "method": setup.method, "config": setup.config,
-            "encoders": list(setup.encoders), "targets": list(setup.targets),
-            "layers": list(setup.layers) if setup.layers is not None else None,
-            "layer_overrides": setup.layer_overrides, "stats_tokens": tokens, "versions": versions()}
+    meta = {"format_version": FORMAT_VERSION, "kind": setup.kind, "method": setup.method,
+            **KINDS[setup.kind].record(model), "stats_tokens": tokens, "versions": versions()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "lora_zoo"}))
     meta["sha256"] = sha256_file(path)  # of the bytes as written: read_adapter_tensors checks it
     write_json(config_path(path), meta)
@@ -103,6 +98,7 @@ def read_adapter_config(path) -> dict[str, Any]:
         raise ValueError(f"{cfg_path} has format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
     # options added since it was written take the defaults its options resolve to (what built it)
     meta["config"] = get_method(meta["layer"]).config_class.from_dict(meta["config"]).to_dict()
+    meta.setdefault("kind", "weights")  # files written before there were other kinds
     return meta
 
 
@@ -129,40 +125,19 @@ def _saved_stats(tensors, meta) -> dict[str, LayerStats]:
     return stats
 
 
-def _check_matches(model: nn.Module, meta, stats, path) -> None:
-    setup = _setup(model)
-    saved = {"method": meta["layer"], "encoders": tuple(meta["encoders"]), "targets": tuple(meta["targets"]),
-             "layers": tuple(meta["layers"]) if meta["layers"] is not None else None}
-    have = {"method": setup.layer, "encoders": setup.encoders, "targets": setup.targets, "layers": setup.layers}
-    for key in saved:
-        if saved[key] != have[key]:
-            raise ValueError(f"checkpoint {path} was saved with {key}={saved[key]}, but the model has {key}={have[key]}")
-    for key in sorted(set(meta["config"]) | set(setup.config)):
-        if meta["config"].get(key) != setup.config.get(key):
-            raise ValueError(f"checkpoint {path} was saved with {key}={meta['config'].get(key)!r}, "
-                             f"but the model's adapters have {key}={setup.config.get(key)!r}")
-    for name in sorted(set(meta["layer_overrides"]) | set(setup.layer_overrides)):
-        a, b = meta["layer_overrides"].get(name), setup.layer_overrides.get(name)
-        if a != b:
-            raise ValueError(f"checkpoint {path} has per-layer options {a} for {name}, the model has {b}")
-    for name, adapter in adapter_modules(model).items():
-        if name in stats and (adapter.stats is None or not all(
-                torch.allclose(adapter.stats.tensors()[f].cpu(), t) for f, t in stats[name].tensors().items())):
-            raise ValueError(f"the model's {name} was built from other calibration statistics than checkpoint {path}; "
-                             "load into a model without adapters to rebuild them from the checkpoint")
-
-
 @torch.no_grad()
 def load_adapters(model: nn.Module, path) -> dict:
-    """Load adapters saved by ``save_adapters`` into ``model`` (injecting them first if it has none)."""
+    """Load a method saved by ``save_adapters`` into ``model`` (applying it first if the model has none)."""
     meta = read_adapter_config(path)
     tensors = read_adapter_tensors(path, meta)
     stats = _saved_stats(tensors, meta)
-    if not adapter_modules(model):
-        apply_adapters(model, meta["layer"], encoders=meta["encoders"], targets=meta["targets"],
-                       layers=meta["layers"], stats=stats or None, layer_overrides=meta["layer_overrides"],
-                       **meta["config"])
-    _check_matches(model, meta, stats, path)
+    kind = KINDS[meta["kind"]]
+    if getattr(model, "lora_zoo_setup", None) is None and not adapter_modules(model):
+        kind.rebuild(model, meta, stats)
+    if method_setup(model).kind != meta["kind"]:
+        raise ValueError(f"checkpoint {path} holds a {meta['kind']} method ({meta['layer']}), but the model has a "
+                         f"{method_setup(model).kind} method ({method_setup(model).layer})")
+    kind.check_matches(model, meta, stats, path)
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -172,17 +147,5 @@ def load_adapters(model: nn.Module, path) -> dict:
         if tensor.shape != expected[name].shape:
             raise ValueError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
                              f"the model expects {tuple(expected[name].shape)}")
-    for prefix, adapter in adapter_modules(model).items():
-        # back to the weight the adapter was built on, the tensors swapped, then as it was (apply_delta each time)
-        was_merged = adapter.merged
-        adapter.unmerge()
-        if adapter.has_residual:
-            apply_delta(adapter.base_layer.weight, None, adapter.initial_delta_weight())
-        for name, tensor in adapter.state_dict().items():
-            if is_adapter_tensor(name):
-                getattr(adapter, name).copy_(tensors[f"{prefix}.{name}"])
-        if adapter.has_residual:
-            apply_delta(adapter.base_layer.weight, None, adapter.initial_delta_weight(), sign=-1)
-        if was_merged:
-            adapter.merge()
+    kind.load_tensors(model, tensors)
     return meta

@@ -67,8 +67,7 @@ def build_parser(method=None, optimizer=None, fixed_method=False) -> argparse.Ar
     from datasets import list_datasets
 
     from .config import EXPERIMENT_KEYS, TRAIN_KEYS, ExperimentConfig, TrainConfig
-    from .optim import get_optimizer
-    from .registry import get_method, list_methods
+    from .catalog import get_method, get_optimizer, list_methods
 
     parser = argparse.ArgumentParser(description="Few-shot CLIP adaptation with any registered lora_zoo method: train and evaluate one run.")
     if not fixed_method:
@@ -125,7 +124,7 @@ def collect_overrides(args: argparse.Namespace) -> dict:
 def _choices(argv, fixed_method):
     """(method, optimizer) named by flags, ``--set`` or the ``--config`` files, before the full parse."""
     from .config import read_yaml
-    from .registry import list_methods
+    from .catalog import list_methods
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method")
@@ -178,7 +177,7 @@ def run_demo(output_dir, overrides: dict, quiet: bool) -> int:
             values.update({k: v for k, v in overrides.items() if k != "output_dir"})
             cfg = load_config([CONFIG_DIR / "demo.yaml"], values)
             rows.append((task, method, run_experiment(cfg, overwrite=True, progress=not quiet and sys.stderr.isatty())))
-    print(f"\n{cfg.shots} shots per class, {cfg.total_iterations} iterations of batch {cfg.train.batch_size}, "
+    print(f"\n{cfg.shots} shots per class, {rows[-1][2]['iterations']} iterations of batch {cfg.train.batch_size}, "
           f"adapters on {','.join(cfg.targets)} of both towers, each method at {cfg.train.lr_scale:g}x its "
           f"registered lr ({cfg.train.n_iters} iterations per shot where the protocol runs 500); top-1 on "
           f"{rows[-1][2]['test_images']} test images:")
@@ -219,7 +218,7 @@ def parse_args(argv, method=None, on_error=None) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace, method=None):
     """The ``ExperimentConfig`` a parsed command line asks for (``--config`` files, flags, ``--set``)."""
     from .config import build_config, collect_values
-    from .registry import list_methods
+    from .catalog import list_methods
 
     overrides = collect_overrides(args)
     if method is not None or "method" in args:

@@ -32,7 +32,6 @@ from datasets.base import check_template
 from datasets.registry import get_spec as dataset_spec
 
 from .options import Options, field_names, option
-from .registry import get_method, protocol_lr
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the adapters' dtype
 RUN_NAME = re.compile(r"[A-Za-z0-9._=,+-]{1,120}")
@@ -41,23 +40,58 @@ OPTION_GROUPS = ("method_options", "optimizer_options")
 OVERRIDE_SOURCE = "override"  # where flags and --set pairs come from (the command line names them itself)
 
 
+def recipe_option(fallback, help: str):
+    """A loop setting a method's own recipe may set (``MethodSpec.recipe``): None until the run's config resolves
+    it from the recipe, else ``fallback`` (CLIP-LoRA's protocol, the LoRA family's recipe)."""
+    return dataclasses.field(default=None, metadata={"help": f"{help} (null: the method's recipe, else {fallback!r})",
+                                                     "affects_result": True, "fallback": fallback})
+
+
+def batches_per_epoch(size: int, batch_size: int, drop_last: bool) -> int:
+    """Batches in one pass over ``size`` images: all of them (the last one short), or with ``drop_last`` only full
+    ones, as Dassl's loader forms them (one batch of every image when there are fewer than ``batch_size``)."""
+    return size // batch_size if drop_last and size >= batch_size else -(-size // batch_size)
+
+
+LR_SCHEDULES = ("cosine", "epoch_cosine", "constant")
+
+
 @dataclass
 class TrainConfig(Options):
-    """Settings of the one training loop (METHODS.md, "Experiment protocol")."""
+    """Settings of the one training loop (METHODS.md, "Experiment protocol").
+
+    A field made with ``recipe_option`` is left None until resolved (``resolved``): the method's own recipe sets
+    it, else its fallback does (the CLIP-LoRA protocol); ``recipe: clip_lora`` ignores the method's recipe."""
 
     lr: Optional[float] = option(None, "learning rate (null: the method's registered protocol lr)")
     lr_scale: float = option(1.0, "multiplies the learning rate, registered or given: one knob for every method "
                                   "of a much shorter run than the protocol's (the demo's)")
-    n_iters: int = option(500, "iterations per shot: total = n_iters x shots")
-    batch_size: int = option(32, "training batch size")
-    weight_decay: float = option(1e-2, "AdamW weight decay")
+    recipe: Literal["method", "clip_lora"] = option(
+        "method", "whose defaults fill the loop settings left null: the method's own recipe (its official "
+                  "trainer's optimizer, schedule, epochs, batch), or clip_lora (CLIP-LoRA's loop, for a like-for-like "
+                  "comparison)")
+    n_iters: Optional[int] = recipe_option(500, "iterations per shot: total = n_iters x shots (unless epochs is set)")
+    epochs: Optional[int] = option(None, "passes over the few-shot training set (null: n_iters x shots iterations; a "
+                                         "method's recipe may set it, e.g. CoOp's 50/100/200 by shots)")
+    batch_size: Optional[int] = recipe_option(32, "training batch size")
+    drop_last: Optional[bool] = recipe_option(False, "drop the short last batch of each pass (Dassl's loader: when "
+                                                     "the set holds at least one batch)")
+    weight_decay: Optional[float] = recipe_option(1e-2, "weight decay (AdamW's decoupled; SGD's and Adam's L2)")
     decay_to_init: bool = option(False, "AdamW decay pulls tensors with a theta_0 snapshot (residual-initialised: "
                                         "NoRA, PiSSA, AIRA) toward theta_0 instead of 0; without it NoRA drifts by "
                                         "0.02-0.1 ||W|| in 8000 steps at lr 1e-3 with no task gradient (optim.py)")
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
-    eta_min: float = option(1e-6, "final learning rate of the cosine schedule (stepped every iteration)")
-    optimizer: Optional[str] = option(None, "optimizer builder: adamw, loraplus, lorafa, ... (null: the method's)")
-    optimizer_options: dict = option({}, "options of the optimizer builder, e.g. lr_ratio for loraplus")
+    lr_schedule: Optional[Literal["cosine", "epoch_cosine", "constant"]] = recipe_option(
+        "cosine", "cosine: to eta_min over the iterations, stepped every iteration (CLIP-LoRA); epoch_cosine: "
+                  "Dassl's, stepped every epoch after warmup_epochs at warmup_lr; constant")
+    eta_min: Optional[float] = recipe_option(1e-6, "final learning rate of the cosine schedule")
+    warmup_epochs: Optional[int] = recipe_option(0, "epochs at the constant warmup_lr before the schedule starts "
+                                                    "(epoch_cosine)")
+    warmup_lr: Optional[float] = recipe_option(1e-5, "learning rate of the warm-up epochs")
+    optimizer: Optional[str] = option(None, "optimizer builder: adamw, sgd, adam, loraplus, lorafa, ... (null: the "
+                                            "method's)")
+    optimizer_options: Optional[dict] = recipe_option({}, "options of the optimizer builder, e.g. lr_ratio for "
+                                                          "loraplus, momentum for sgd")
     precision: Optional[Literal["fp32", "fp16", "bf16"]] = option(
         None, "fp32, or fp16 / bf16 autocast (fp16 with a GradScaler); null: fp16 on CUDA, fp32 elsewhere")
     log_every: int = option(0, "iterations between loss log entries (0: about 20 entries per run)",
@@ -67,11 +101,14 @@ class TrainConfig(Options):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("n_iters", "batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("n_iters", "batch_size", "epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name, ok, need in (("lr", self.lr is None or self.lr > 0, "> 0"), ("lr_scale", self.lr_scale > 0, "> 0"),
-                               ("weight_decay", self.weight_decay >= 0, ">= 0"), ("eta_min", self.eta_min >= 0, ">= 0"),
+                               ("weight_decay", self.weight_decay is None or self.weight_decay >= 0, ">= 0"),
+                               ("eta_min", self.eta_min is None or self.eta_min >= 0, ">= 0"),
+                               ("warmup_epochs", self.warmup_epochs is None or self.warmup_epochs >= 0, ">= 0"),
+                               ("warmup_lr", self.warmup_lr is None or self.warmup_lr > 0, "> 0"),
                                ("log_every", self.log_every >= 0, ">= 0"),
                                ("checkpoint_every", self.checkpoint_every >= 0, ">= 0")):
             if not ok:
@@ -79,6 +116,28 @@ class TrainConfig(Options):
         if self.lr is not None and not self.lr * self.lr_scale / (1 - self.betas[0]) < FLOAT32_MAX:
             raise ValueError(f"lr must be small enough for AdamW's first step, lr x lr_scale / (1 - beta1), to be a "
                              f"finite float32 (< {FLOAT32_MAX:.3g}), got lr {self.lr} x {self.lr_scale}")
+
+    def resolved(self, recipe: Optional[Mapping[str, Any]] = None, lr: Optional[float] = None) -> "TrainConfig":
+        """A copy with every setting left null filled: from ``recipe`` (a method's, unless ``recipe: clip_lora``),
+        else from the setting's fallback; a null ``lr`` becomes ``lr`` (the method's protocol lr)."""
+        recipe = {**({"lr": lr} if lr is not None else {}), **(dict(recipe or {}) if self.recipe == "method" else {})}
+        unknown = sorted(set(recipe) - set(field_names(TrainConfig)))
+        if unknown:
+            raise ValueError(f"a method's recipe sets unknown loop setting(s) {', '.join(unknown)}")
+        filled = {}
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None and (f.name in recipe or "fallback" in f.metadata):
+                value = recipe.get(f.name, f.metadata.get("fallback"))
+                filled[f.name] = dict(value) if isinstance(value, dict) else value
+        return dataclasses.replace(self, **filled) if filled else self
+
+    def iterations(self, shots: int, train_size: int) -> int:
+        """Training iterations of a run of ``shots`` over ``train_size`` images: ``epochs`` passes, else
+        ``n_iters × shots``."""
+        config = self.resolved()
+        if config.epochs is None:
+            return config.n_iters * shots
+        return config.epochs * batches_per_epoch(train_size, config.batch_size, config.drop_last)
 
 
 @dataclass
@@ -126,9 +185,9 @@ class ExperimentConfig(Options):
     def __post_init__(self):
         # checked against the libraries they name, imported here: reading this module (results, make_table)
         # must not load torch or open_clip
+        from .catalog import get_optimizer
         from .inject import method_options
         from .models import list_backbones, resolve_pretrained
-        from .optim import get_optimizer
         from .targets import check_targets
 
         if self.layers in ("all", ""):
@@ -155,9 +214,10 @@ class ExperimentConfig(Options):
         dataset_spec(self.dataset)                             # unknown dataset → one line listing names
         if self.template is not None:
             check_template(self.template)
-        spec = method_options(self.method, self.method_options)[0]  # unknown method / bad option → one line
-        if self.train.lr is None:
-            self.train = dataclasses.replace(self.train, lr=protocol_lr(None, spec.name))
+        # unknown method / bad option → one line; resolved once, carried here for every stage
+        self.method_spec, self.method_config, self.hooks_options = method_options(self.method, self.method_options)
+        spec = self.method_spec
+        self.train = self.train.resolved(spec.recipe_settings(self.shots, self.dataset), lr=spec.lr)
         if self.train.precision is None:  # resolved here: the setting a run records, compares and resumes
             self.train = dataclasses.replace(self.train, precision=default_precision(self.device))
         if self.augment_on is None:
@@ -169,11 +229,17 @@ class ExperimentConfig(Options):
     @property
     def optimizer(self) -> str:
         """The optimizer builder this run uses (``train.optimizer``, else the method's)."""
-        return self.train.optimizer or get_method(self.method).optimizer
+        return self.train.optimizer or self.method_spec.optimizer
+
+    def iterations(self, train_size: int) -> int:
+        """Training iterations of this run over a few-shot set of ``train_size`` images."""
+        return self.train.iterations(self.shots, train_size)
 
     @property
-    def total_iterations(self) -> int:
-        return self.train.n_iters * self.shots
+    def method_record(self) -> dict[str, Any]:
+        """The method options as ``result.json`` records them: the module's, then its hooks', all resolved."""
+        hooks = self.hooks_options.to_dict() if self.hooks_options is not None else {}
+        return {**self.method_config.to_dict(), **hooks}
 
     def to_dict(self) -> dict[str, Any]:
         def plain(value):

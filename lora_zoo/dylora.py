@@ -75,7 +75,7 @@ class RankSampler(TrainingHooks):
 
 # lr 2e-4: CLIP-LoRA's learning rate (dropout 0.25 likewise from its preset)
 @register_method("dylora", display_name="DyLoRA", citation="Valipour et al., EACL 2023", lr=2e-4,
-                 schedule=RankSampler)
+                 hooks=RankSampler)
 class DyLoraLinear(LoraLinear):
     config_class = DyLoraConfig
 

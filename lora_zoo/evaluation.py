@@ -26,11 +26,17 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
 
 from .config import ExperimentConfig
+from .errors import NonFiniteError
 from .files import write_json
+from .kinds import scorer_of
 from .models import weights_file
+from .scoring import as_classes, autocast
 
 
 @dataclass(frozen=True)
@@ -43,22 +49,28 @@ class Evaluation:
     prompts: Sequence[str]   # one prompt per class, in label order
     prefix: str = ""         # result.json keys: f"{prefix}accuracy", f"zero_shot_{prefix}accuracy", ...
     target: bool = False     # recorded in eval_on/<dataset>.json (another dataset), not in result.json
+    names: Sequence[str] = ()  # the class names, in label order (learned prompts are built from them)
+
+    @classmethod
+    def of(cls, name: str, ds, cfg: ExperimentConfig, **kwargs) -> "Evaluation":
+        """The evaluation of ``ds``'s test split over its classes, prompted with the run's template setting."""
+        return cls(name, kwargs.pop("dataset", cfg.dataset), ds.test, ds.prompts(cfg.template), names=ds.classnames,
+                   **kwargs)
 
 
 def few_shot_plan(cfg: ExperimentConfig, ds) -> list[Evaluation]:
     """The few-shot protocol: the dataset's whole test split over every class."""
-    return [Evaluation("test", cfg.dataset, ds.test, ds.prompts(cfg.template))]
+    return [Evaluation.of("test", ds, cfg)]
 
 
 def base_to_new_plan(cfg: ExperimentConfig, base, new) -> list[Evaluation]:
     """Base-to-new: the base half's test images over the base prompts, the new half's over the new prompts."""
-    return [Evaluation("base", cfg.dataset, base.test, base.prompts(cfg.template), prefix="base_"),
-            Evaluation("new", cfg.dataset, new.test, new.prompts(cfg.template), prefix="new_")]
+    return [Evaluation.of("base", base, cfg, prefix="base_"), Evaluation.of("new", new, cfg, prefix="new_")]
 
 
 def target_plan(cfg: ExperimentConfig, targets: Sequence[Any]) -> list[Evaluation]:
     """Other datasets' whole test splits, each over its own classes' prompts with the run's template setting."""
-    return [Evaluation(ds.name, ds.name, ds.test, ds.prompts(cfg.template), target=True) for ds in targets]
+    return [Evaluation.of(ds.name, ds, cfg, dataset=ds.name, target=True) for ds in targets]
 
 
 def test_loader(cfg: ExperimentConfig, data: Sequence[Any], transform, workers: int):
@@ -92,11 +104,40 @@ def zero_shot_key(cfg: ExperimentConfig, evaluation: Evaluation, device) -> dict
             "device": device.type, "precision": cfg.train.precision}
 
 
-def zero_shot_accuracy(cfg: ExperimentConfig, model, loader, evaluation: Evaluation, class_tokens,
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, classes, device: torch.device, precision: str = "fp32") -> float:
+    """Top-1 accuracy (%) of the model's classifier (``kinds.scorer_of``: CLIP's over the class prompts for weight
+    adapters and the plain model, a learner's own) over ``loader``; ``classes`` a ``ClassSet`` (or token ids).
+
+    Logits that are not all finite (NaN adapters, an overflow) raise ``NonFiniteError``: argmax over NaNs
+    would pick class 0 and report its share as an accuracy. The host waits for the device once, at the end.
+    """
+    scorer, classes = scorer_of(model), as_classes(classes).to(device)
+    was_training = model.training
+    model.eval()
+    correct, finite, total = torch.zeros((), dtype=torch.long, device=device), torch.ones((), dtype=torch.bool,
+                                                                                          device=device), 0
+    try:
+        with autocast(device, precision):
+            state = scorer.class_state(model, classes)
+            for images, labels in loader:
+                logits = scorer.logits(model, scorer.inputs(model, images.to(device, non_blocking=True)), state)
+                finite &= logits.isfinite().all()
+                correct += (logits.argmax(dim=-1) == labels.to(device, non_blocking=True)).sum()
+                total += labels.numel()
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluation loader is empty")
+    if not bool(finite):
+        raise NonFiniteError(f"the model's logits are not finite on {total} test images ({precision}); no "
+                             "accuracy recorded (non-finite adapter tensors, or an overflow)")
+    return 100.0 * int(correct) / total
+
+
+def zero_shot_accuracy(cfg: ExperimentConfig, model, loader, evaluation: Evaluation, classes,
                        device) -> tuple[float, bool]:
     """``(accuracy, from_cache)``: evaluated once per backbone, weights, prompts and test set, then reused."""
-    from .train import evaluate
-
     key = zero_shot_key(cfg, evaluation, device)  # before any image is read: a file changed meanwhile gets a new key
     path = Path(cfg.output_dir) / ".cache" / "zero_shot" / f"{digest(key)}.json"
     try:
@@ -105,6 +146,6 @@ def zero_shot_accuracy(cfg: ExperimentConfig, model, loader, evaluation: Evaluat
             return float(cached["accuracy"]), True
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    accuracy = evaluate(model, loader, class_tokens, device, cfg.train.precision)
+    accuracy = evaluate(model, loader, classes, device, cfg.train.precision)
     write_json(path, {"key": key, "accuracy": accuracy})
     return accuracy, False

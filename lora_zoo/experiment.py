@@ -39,7 +39,7 @@ from .checkpoint import load_adapters
 from .config import ExperimentConfig
 from .errors import RunClaimedError, RunFinishedError
 from .files import write_json
-from .inject import method_options
+from .kinds import kind_of
 from .metrics import check_sinks
 from .models import check_weights
 from .provenance import RunLog, environment, peak_memory
@@ -51,12 +51,12 @@ from .train import prepare_device
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Request:
-    """What one call does: train (False: reload the finished run's adapters), evaluate the protocol's plan,
-    evaluate other datasets, export."""
+    """What one call does: ``adapt`` the model anew (train it, or resume a killed training; False: reload the finished
+    run's saved method), ``evaluate`` the protocol's plan, evaluate other datasets (``targets``), export."""
 
-    train: bool
+    adapt: bool
     evaluate: bool
     targets: tuple[str, ...] = ()
     export_merged: Optional[str] = None
@@ -72,15 +72,18 @@ def plan_request(cfg: ExperimentConfig, out: Path, eval_only: bool, overwrite: b
     if cfg.dataset in eval_on:
         raise ValueError(f"--eval_on {cfg.dataset}: the run's own dataset (its test split is the run's evaluation)")
     if eval_only:
-        return Request(False, True, tuple(eval_on), export_merged, export_peft)
+        return Request(adapt=False, evaluate=True, targets=tuple(eval_on), export_merged=export_merged,
+                       export_peft=export_peft)
     if overwrite or not is_finished(out, cfg):
-        return Request(True, True, tuple(eval_on), export_merged, export_peft)
+        return Request(adapt=True, evaluate=True, targets=tuple(eval_on), export_merged=export_merged,
+                       export_peft=export_peft)
     pending = tuple(t for t in eval_on if not target_file(out, t).is_file())
     if export_merged is None and export_peft is None and not pending:
         raise RunFinishedError(f"run already finished: {out / RESULT_FILE} exists"
                                + (" and is evaluated on every --eval_on dataset" if eval_on else ""))
     # a finished run's saved adapters, exported (and evaluated, eval.json) or evaluated on the pending targets
-    return Request(False, export_merged is not None or export_peft is not None, pending, export_merged, export_peft)
+    return Request(adapt=False, evaluate=export_merged is not None or export_peft is not None, targets=pending,
+                   export_merged=export_merged, export_peft=export_peft)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,11 +117,12 @@ def check_inputs(cfg: ExperimentConfig, request: Request) -> None:
     check_writable(cfg.output_dir, "results dir")
     check_sinks(cfg.log_to)
     check_weights(cfg.backbone, cfg.pretrained)  # missing weights offline: one line now, not after the data
-    method_config = method_options(cfg.method, cfg.method_options)[1]
     for path, what in ((request.export_merged, "merged weights"), (request.export_peft, "a peft adapter")):
         if path is None:
             continue
-        if not method_config.mergeable:
+        if not kind_of(cfg.method).merges:
+            raise ValueError(f"cannot export {what}: {kind_of(cfg.method).instead(cfg.method)}")
+        if not cfg.method_config.mergeable:
             raise ValueError(f"cannot export {what}: {cfg.method} with these options depends on the batch and "
                              "cannot be folded into plain weights")
         check_writable(Path(path).expanduser().resolve().parent, "export path", named=path)
@@ -139,15 +143,15 @@ def open_run_folder(cfg: ExperimentConfig, out: Path, stack: contextlib.ExitStac
     if not os.access(out, os.W_OK):
         raise ValueError(f"results dir is not writable: {out}")
     stack.enter_context(claim(out))
-    if request.train and not overwrite and is_finished(out, cfg):
+    if request.adapt and not overwrite and is_finished(out, cfg):
         raise RunFinishedError(f"run already finished: {out / RESULT_FILE} exists (finished by another process)")
-    if request.train and overwrite:
+    if request.adapt and overwrite:
         for stale in (out / STATE_FILE, out / RESULT_FILE, out / EVAL_FILE):
             stale.unlink(missing_ok=True)
-    if request.train:  # other datasets' scores of adapters this training replaces: they would read as its own
+    if request.adapt:  # other datasets' scores of adapters this training replaces: they would read as its own
         shutil.rmtree(out / EVAL_ON_DIR, ignore_errors=True)
-    state = resume_state.load(out / STATE_FILE, run_setting(cfg)) if request.train else None
-    if request.train:  # an evaluation's log is attached once its adapters are accepted (``reload_adapters``)
+    state = resume_state.load(out / STATE_FILE, run_setting(cfg)) if request.adapt else None
+    if request.adapt:  # an evaluation's log is attached once its adapters are accepted (``reload_adapters``)
         log.attach(out / "train.log", append=state is not None)
     return state
 
@@ -178,9 +182,9 @@ def kept(out: Path, err: OSError) -> OSError:
 
 def finish(out: Path, record: dict[str, Any], request: Request) -> None:
     """Write the record last (its presence means finished) and drop the checkpoint a finished run needs no more."""
-    if request.train or request.evaluate:
-        write_json(out / (RESULT_FILE if request.train else EVAL_FILE), record)
-    if request.train:
+    if request.adapt or request.evaluate:
+        write_json(out / (RESULT_FILE if request.adapt else EVAL_FILE), record)
+    if request.adapt:
         (out / STATE_FILE).unlink(missing_ok=True)
     logger.info(record["summary"])
 
@@ -196,9 +200,9 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
     """
     started, out = time.perf_counter(), run_dir(cfg)
     request = plan_request(cfg, out, eval_only, overwrite, export_path, export_peft, eval_on)
-    if request.train:
+    if request.adapt:
         check_unclaimed(out)
-    config = cfg.to_dict() if request.train else saved_config(out, cfg)
+    config = cfg.to_dict() if request.adapt else saved_config(out, cfg)
     check_inputs(cfg, request)
     device = resolve_device(cfg.device)
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
@@ -207,23 +211,24 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
         log = stack.enter_context(RunLog())
         stages.seed_everything(cfg.seed)
         data = stages.prepare_data(cfg, request.targets)
-        backbone = stages.build_model(cfg, device, check_options=request.train)
-        model, class_tokens = backbone.model, backbone.tokenizer(data.prompts)
+        backbone = stages.build_model(cfg, device, check_options=request.adapt)
+        model, classes = backbone.model, data.classes(backbone.tokenizer)
         scoring = stages.build_scoring(cfg, backbone, data.plan, workers)
         subset = stages.train_subset_record(data.ds)
         record: dict[str, Any] = {"method": cfg.method, "dataset": dataset_name(cfg), "shots": cfg.shots,
                                   "seed": cfg.seed, "run_name": cfg.run_name, "backbone": cfg.backbone,
                                   "pretrained": cfg.pretrained, "device": str(device), "threads": threads,
                                   "num_workers": workers}
-        zero_shots, target_zero_shots = stages.zero_shot(cfg, model, scoring.items(None if request.train else True),
+        zero_shots, target_zero_shots = stages.zero_shot(cfg, model,
+                                                         scoring.everything if request.adapt else scoring.targets,
                                                          device)
         record.update(zero_shots)
-        if request.train:
-            images, stream = stages.training_stream(cfg, data.ds, model, workers, device)
-            stages.adapt(cfg, model, data.ds, class_tokens, images, stream, workers)
+        if request.adapt:
+            training = stages.training_stream(cfg, data.ds, model, workers, device)
+            stages.adapt(cfg, model, data.ds, classes, training, workers)
             state = open_run_folder(cfg, out, stack, log, request, overwrite)
             logger.info("run %s | %s on %s (%d threads, %d loader workers)", out, cfg.method, device, threads, workers)
-            record.update(stages.train(cfg, model, class_tokens, stream, state, out, device, progress))
+            record.update(stages.fit(cfg, model, classes, training, state, out, device, progress))
         else:
             open_run_folder(cfg, out, stack, log, request, overwrite)
             reload_adapters(model, out, subset["train_subset_sha1"])  # refused: no eval.log (bad input writes nothing)
@@ -231,12 +236,12 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
         try:
             record.update(stages.merge_for_evaluation(model))
             if request.evaluate:
-                record.update(stages.evaluate_plan(cfg, model, scoring.items(targets=False), device))
+                record.update(stages.evaluate_plan(cfg, model, scoring.protocol, device))
             record.update(subset)
-            if request.train:
+            if request.adapt:
                 record.update(stages.save_outputs(model, out))
             if request.targets:
-                record["eval_on"] = stages.evaluate_targets(cfg, model, scoring.items(targets=True), target_zero_shots,
+                record["eval_on"] = stages.evaluate_targets(cfg, model, scoring.targets, target_zero_shots,
                                                             out, device)
             if request.export_merged is not None:
                 record.update(stages.export_merged_weights(cfg, model, request.export_merged))

@@ -11,7 +11,7 @@ The loop (``train.py``) calls, for every method:
         optimizer.step(); hooks.after_step(step)        # e.g. AdaLoRA: importance from θ_{t+1}·g_t, budget at t
     hooks.finish(); hooks.summary()                     # e.g. final ranks, recorded in the results
 
-A method registers its schedule class with ``@register_method(..., schedule=Cls)``.
+A method registers its schedule class with ``@register_method(..., hooks=Cls)``.
 The class is built as ``Cls(model, total_steps, seed, options)``: ``seed`` is the
 run's seed (a sampler's generator is seeded from it) and ``options`` an instance
 of ``Cls.options_class`` (the schedule's own settings, given with the method's
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import adapter_setup
-from .registry import get_method
+from .attached import method_setup
+from .registry import lookup_method
 
 
 class TrainingHooks:
@@ -66,8 +66,8 @@ class TrainingHooks:
 
 def training_hooks(model: nn.Module, total_steps: int, seed: int = 0) -> TrainingHooks:
     """The method's schedule for a run of ``total_steps`` optimizer steps (no-op hooks if it has none)."""
-    setup = adapter_setup(model)
-    schedule = get_method(setup.method).schedule
+    setup = method_setup(model)
+    schedule = lookup_method(setup.method).hooks
     if schedule is None:
         return TrainingHooks()
     options = schedule.options_class(**setup.schedule_options) if schedule.options_class else None

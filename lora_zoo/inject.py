@@ -14,44 +14,33 @@ runs it first too.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Union
 
 from torch import nn
 
 from .adapter import AdapterConfig, AdapterLinear, adapter_modules
+from .attached import MethodSetup
 from .attention import split_attention
-from .registry import MethodSpec, get_method
+from .catalog import get_method
+from .registry import MethodSpec
 from .targets import check_targets, find_target_linears, target_shapes
 
-
-@dataclass
-class AdapterSetup:
-    """What ``apply_adapters`` did to a model (stored on it as ``model.lora_zoo_setup``)."""
-
-    method: str                  # as asked (a layer method or a preset such as loraplus)
-    layer: str                   # the layer method the adapters are
-    config: dict[str, Any]       # the layer config: all that is needed to rebuild the adapters
-    encoders: tuple[str, ...]
-    targets: tuple[str, ...]
-    layers: Optional[tuple[int, ...]]
-    layer_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    schedule_options: dict[str, Any] = field(default_factory=dict)  # the training schedule's, not saved
+AdapterSetup = MethodSetup  # what apply_adapters records (the name of lora_zoo 0.3)
 
 
-def method_options(method: str, options: Mapping[str, Any]) -> tuple[MethodSpec, AdapterConfig, Any]:
-    """``(spec, layer config, schedule options)`` for ``method`` from one mapping of its options.
+def method_options(method: str, options: Mapping[str, Any]) -> tuple[MethodSpec, Any, Any]:
+    """``(spec, module config, hooks options)`` for ``method`` from one mapping of its options.
 
     Every option is type-checked here, so bad options fail before any model is touched.
     """
     spec = get_method(method)
-    layer_values, schedule_values = spec.split_options(options)
-    config = spec.config_class.from_dict(layer_values)
-    schedule_options = None
-    if spec.schedule is not None and spec.schedule.options_class is not None:
-        schedule_options = spec.schedule.options_class(**schedule_values)
-        spec.schedule.check_options(config, schedule_options)
-    return spec, config, schedule_options
+    module_values, hooks_values = spec.split_options(options)
+    config = spec.config_class.from_dict(module_values)
+    hooks_options = None
+    if spec.hooks is not None and spec.hooks.options_class is not None:
+        hooks_options = spec.hooks.options_class(**hooks_values)
+        spec.hooks.check_options(config, hooks_options)
+    return spec, config, hooks_options
 
 
 def _check_shapes(layer_class: type, config: AdapterConfig, shapes: Mapping[str, tuple[int, int]]) -> None:
@@ -77,6 +66,7 @@ def check_fits(model_or_layers: Union[nn.Module, Mapping[str, Any]], method: str
     ``check_fits``; its constructor runs the same check again.
     """
     spec, config, _ = method_options(method, options)
+    weight_method(spec)
     if isinstance(model_or_layers, Mapping):
         shapes = {name: (layer.out_features, layer.in_features) if isinstance(layer, nn.Module) else tuple(layer)
                   for name, layer in model_or_layers.items()}
@@ -90,9 +80,17 @@ def build_config(method: str, **options) -> AdapterConfig:
     return method_options(method, options)[1]
 
 
+def weight_method(spec: MethodSpec) -> MethodSpec:
+    """``spec``, or a one-line error when its method is not a weight update of linear layers."""
+    if not issubclass(spec.layer_class, AdapterLinear):
+        raise ValueError(f"{spec.name} is a {spec.kind} method, not a weight adapter of linear layers: apply it with "
+                         "lora_zoo.apply_method")
+    return spec
+
+
 def wrap_linear(linear: nn.Linear, method: str, stats=None, **cfg) -> AdapterLinear:
     """An adapter of ``method`` around any ``nn.Linear`` (frozen), built from its layer options."""
-    spec = get_method(method)
+    spec = weight_method(get_method(method))
     return spec.layer_class(linear, spec.config_class.from_dict(cfg), stats).train(linear.training)
 
 
@@ -108,7 +106,7 @@ def apply_adapters(model: nn.Module, method: str, encoders: Iterable[str] = ("vi
     method plan them; checkpoints use it to rebuild an allocation.
     """
     spec, config, schedule_options = method_options(method, options)
-    cls = spec.layer_class
+    cls = weight_method(spec).layer_class
     encoders, targets = check_targets(encoders, targets)
     layers = tuple(int(i) for i in layers) if layers is not None else None
     if adapter_modules(model):
@@ -131,9 +129,9 @@ def apply_adapters(model: nn.Module, method: str, encoders: Iterable[str] = ("vi
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, adapter)
         adapters[name] = adapter
-    model.lora_zoo_setup = AdapterSetup(
+    model.lora_zoo_setup = MethodSetup(
         method, spec.layer, config.to_dict(), encoders, targets, layers, {k: dict(v) for k, v in overrides.items()},
-        dataclasses.asdict(schedule_options) if schedule_options is not None else {})
+        dataclasses.asdict(schedule_options) if schedule_options is not None else {}, kind=spec.kind, spec=spec)
     return adapters
 
 

@@ -1,16 +1,18 @@
-"""Optimizer builders: how the adapter tensors of a model are grouped for AdamW.
+"""Optimizer builders: how the trainable tensors of a model are grouped, and which algorithm steps them.
 
 The protocol's optimizer is AdamW (METHODS.md, "Experiment protocol"). Methods
 that change only the optimization, not what a layer computes, are *builders*
-of AdamW parameter groups registered here by name (peft's ``optimizers/``;
-nanoGPT's ``configure_optimizers``), so they combine with any layer method:
+of parameter groups registered by name (peft's ``optimizers/``; nanoGPT's
+``configure_optimizers``), so they combine with any method:
 
-- ``adamw``: one group of every trainable adapter tensor (the default);
+- ``adamw``: one group of every trainable tensor, AdamW (the default);
+- ``sgd``, ``adam``: the same group stepped by SGD with momentum (Dassl's trainer: the prompt
+  learners' recipe) or Adam (TaskRes);
 - ``loraplus`` (``loraplus.py``): output-side factors at ``lr_ratio · lr``;
 - ``lorafa`` (``lorafa.py``): input-side factors frozen, the rest trained.
 
 A builder is ``fn(model, lr, weight_decay, options) -> list of param groups``
-registered with ``@register_optimizer(name, options_class)``; its options are a
+registered with ``@register_optimizer(name, options_class, algorithm)``; its options are a
 dataclass (``options_class``), so they are typed, validated and shown by
 ``main.py --help`` like every other setting. ``build_optimizer`` picks the
 method's registered builder unless another is named.
@@ -34,75 +36,68 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .adapter import adapter_modules, adapter_setup
+from .adapter import adapter_modules
+from .attached import method_setup
 from .naming import named_trainable_parameters
-from .options import from_mapping
-from .registry import discover, get_method
+from .options import Options, option
+from .registry import OptimizerSpec, lookup_method, lookup_optimizer, register_optimizer
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class OptimizerSpec:
-    name: str
-    build_groups: Callable
-    options_class: Optional[type] = None
-
-    def options(self, values: Optional[Mapping[str, Any]] = None):
-        values = dict(values or {})
-        if self.options_class is None:
-            if values:
-                raise ValueError(f"optimizer {self.name} takes no options, got {', '.join(sorted(values))}")
-            return None
-        return from_mapping(self.options_class, values, f"optimizer {self.name}")
+@dataclass
+class AdamOptions(Options):
+    eps: float = option(1e-8, "Adam's epsilon (Tip-Adapter-F: 1e-4)")
 
 
-_OPTIMIZERS: dict[str, OptimizerSpec] = {}
+@dataclass
+class SgdOptions(Options):
+    momentum: float = option(0.9, "SGD momentum (Dassl's default, the prompt learners' trainer)")
 
 
-def register_optimizer(name: str, options_class: Optional[type] = None):
-    """Decorator registering a parameter-group builder ``fn(model, lr, weight_decay, options)``."""
-
-    def decorator(fn):
-        _OPTIMIZERS[name] = OptimizerSpec(name, fn, options_class)
-        return fn
-
-    return decorator
+def _adam(kind):
+    return lambda groups, lr, betas, weight_decay, options, fused: kind(
+        groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=getattr(options, "eps", 1e-8), fused=fused)
 
 
-def list_optimizers() -> list[str]:
-    discover()
-    return sorted(_OPTIMIZERS)
+#: how an optimizer builder's groups are stepped (``OptimizerSpec.algorithm``); betas apply to the Adams only
+ALGORITHMS = {
+    "adamw": _adam(torch.optim.AdamW),
+    "adam": _adam(torch.optim.Adam),
+    "sgd": lambda groups, lr, betas, weight_decay, options, fused: torch.optim.SGD(
+        groups, lr=lr, momentum=options.momentum, weight_decay=weight_decay, fused=fused),
+}
 
 
-def get_optimizer(name: str) -> OptimizerSpec:
-    discover()
-    try:
-        return _OPTIMIZERS[name]
-    except KeyError:
-        raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(list_optimizers())}") from None
-
-
-@register_optimizer("adamw")
 def single_group(model: nn.Module, lr: float, weight_decay: float, options=None) -> list[dict]:
-    """Every trainable adapter tensor in one group at ``lr``."""
+    """Every trainable tensor of the method in one group at ``lr``."""
     return [{"name": "adapters", "params": list(named_trainable_parameters(model).values()), "lr": lr,
              "weight_decay": weight_decay}]
 
 
+register_optimizer("adamw", AdamOptions)(single_group)
+register_optimizer("adam", AdamOptions, algorithm="adam")(single_group)
+register_optimizer("sgd", SgdOptions, algorithm="sgd")(single_group)
+
+
+def get_optimizer(name: str) -> OptimizerSpec:
+    """The registered optimizer builder ``name`` (``catalog.get_optimizer`` imports every method module first)."""
+    return lookup_optimizer(name)
+
+
 def model_optimizer_name(model: nn.Module) -> str:
     """The optimizer builder the model's method is registered with."""
-    return get_method(adapter_setup(model).method).optimizer
+    return lookup_method(method_setup(model).method).optimizer
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, optimizer: Optional[str] = None,
                  **options) -> list[dict]:
-    """AdamW parameter groups for the adapted ``model`` from builder ``optimizer`` (default: the method's)."""
+    """Parameter groups for the adapted ``model`` from builder ``optimizer`` (default: the method's)."""
     spec = get_optimizer(optimizer or model_optimizer_name(model))
     groups = [g for g in spec.build_groups(model, lr, weight_decay, spec.options(options)) if g["params"]]
     if not groups:
@@ -154,14 +149,16 @@ def decay_toward_init_hook(sources: Mapping[int, tuple[nn.Module, str]]):
 
 
 def build_optimizer(model: nn.Module, lr: float, *, weight_decay: float, betas: Sequence[float],
-                    optimizer: Optional[str] = None, decay_to_init: bool = False, **options) -> torch.optim.AdamW:
-    """AdamW over ``param_groups(model, ...)``; each group is logged (name, tensors, scalars, lr).
+                    optimizer: Optional[str] = None, decay_to_init: bool = False, **options) -> torch.optim.Optimizer:
+    """The builder's algorithm (AdamW unless it says otherwise: SGD, Adam) over ``param_groups(model, ...)``;
+    each group is logged (name, tensors, scalars, lr).
 
     ``weight_decay`` and ``betas`` have their defaults in one place, ``config.TrainConfig``. ``decay_to_init``:
     decay tensors that have a θ₀ snapshot toward θ₀ instead of 0 (module docstring). On CUDA the fused
     kernel steps every tensor in one launch (the same update; the step's host work off the GPU's path).
     """
-    groups = param_groups(model, lr, weight_decay, optimizer, **options)
+    spec = get_optimizer(optimizer or model_optimizer_name(model))
+    groups = param_groups(model, lr, weight_decay, spec.name, **options)
     sources = initial_value_sources(model) if decay_to_init else {}
     if sources:
         groups = split_toward_init(groups, sources)
@@ -171,7 +168,19 @@ def build_optimizer(model: nn.Module, lr: float, *, weight_decay: float, betas: 
                     group["lr"], group.get("decay_to_init", group["weight_decay"]),
                     " toward init" if "decay_to_init" in group else "")
     fused = all(p.is_cuda for g in groups for p in g["params"])
-    adamw = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None)
+    stepper = ALGORITHMS[spec.algorithm](groups, lr, betas, weight_decay, spec.options(options), fused or None)
     if any("decay_to_init" in g for g in groups):
-        adamw.register_step_pre_hook(decay_toward_init_hook(sources))
-    return adamw
+        stepper.register_step_pre_hook(decay_toward_init_hook(sources))
+    if spec.algorithm == "sgd":  # Adam counts its steps per tensor; SGD is given the same count (skipped fp16 steps)
+        stepper.register_step_post_hook(count_steps)
+    return stepper
+
+
+def count_steps(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Step post-hook: ``state["step"] += 1`` of every tensor the step updated, as Adam keeps it (in the optimizer's
+    state, so a checkpoint resumes it; ``train.optimizer_steps`` reads it)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                state = optimizer.state[param]
+                state["step"] = state.get("step", 0) + 1

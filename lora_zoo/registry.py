@@ -1,4 +1,4 @@
-"""Method registry: one decorator beside each adapter class, with the metadata tables and sweeps need.
+"""Method and optimizer registries: one decorator beside each method class, with the metadata tables and sweeps need.
 
     @register_method("nora", display_name="NoRA", citation="Li et al., ICCV 2025",
                      lr=1e-3)   # the protocol's learning rate, with a comment saying where it comes from
@@ -6,74 +6,104 @@
 
     register_preset("loraplus", layer="lora", optimizer="loraplus", display_name="LoRA+", ...)
 
-A *layer method* is an ``AdapterLinear`` subclass; a *preset* is a registered
-layer trained with another optimizer builder (LoRA+ = LoRA layers + the LoRA+
-optimizer), so it stays runnable by name. Each registration carries the display
-name (tables), the citation (docs, ``--help``), the protocol learning rate (the
-runner's default), the optimizer builder the method trains with, and the
-training schedule (AdaLoRA's rank allocator, DyLoRA's rank sampler), if any.
+A *method* is a registered class of one of the kinds (``kinds.py``): an ``AdapterLinear``
+subclass (weights: an update of linear layers' weights), or a ``Learner`` subclass (prompts
+fed to a tower, a head on frozen features, tensors of the backbone). A *preset* is a
+registered method trained with another optimizer builder (LoRA+ = LoRA layers + the LoRA+
+optimizer), so it stays runnable by name. Each registration carries the display name
+(tables), the citation (docs, ``--help``), the protocol learning rate (the runner's
+default), the optimizer builder the method trains with, its own training recipe (the loop's
+settings it trains with by default, e.g. SGD with a warm-up epoch for the prompt learners),
+and its training hooks (AdaLoRA's rank allocator, DyLoRA's rank sampler), if any.
 
-Every module of the ``lora_zoo`` package that registers something (a top-level
-``@register_method``, ``register_preset`` or ``@register_optimizer``) is imported
-the first time the registry is asked (``list_methods``, ``get_method``), so adding
-a method is one new file in ``lora_zoo/``: nothing lists methods by hand, and a
-lookup never imports the pipeline.
+This module only holds what was registered; it imports no method. ``catalog.py`` imports
+every method module by a plain import (so the import contracts see them) and is where
+names are looked up (``catalog.get_method``, ``catalog.list_methods``).
 """
 from __future__ import annotations
 
-import importlib
-import re
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
 
 from .options import OptionError, field_names
 
 _METHODS: dict[str, "MethodSpec"] = {}
-_DISCOVERED = False
+_OPTIMIZERS: dict[str, "OptimizerSpec"] = {}
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: how its adapters are built and trained, and how it is named."""
+    """A registered method: what it is built of, how it trains by default, and how it is named."""
 
     name: str
-    layer: str            # the layer method its adapters are (itself, for a layer method)
+    layer: str            # the registered class its modules are (itself, except for a preset)
     display_name: str     # as in tables (e.g. "LoRA+")
     citation: str         # paper the method comes from
     lr: float             # the protocol's learning rate for this method (the runner's default)
-    optimizer: str        # optimizer builder (lora_zoo.optim) it trains with by default
-    schedule: Optional[type] = None       # TrainingHooks subclass driving it from the loop, or None
-    adapter_class: Optional[type] = None  # the AdapterLinear subclass (layer methods only)
+    optimizer: str        # optimizer builder it trains with by default
+    hooks: Optional[type] = None          # TrainingHooks subclass driving it from the loop, or None
+    module_class: Optional[type] = None   # the registered class (AdapterLinear or Learner subclass); None: preset
+    #: the loop's settings (``TrainConfig`` fields) its own recipe sets; a value may be a function of
+    #: ``(shots, dataset)`` (CoOp's epochs per shot count)
+    recipe: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def layer_class(self) -> type:
-        return _METHODS[self.layer].adapter_class
+        return _METHODS[self.layer].module_class
+
+    @property
+    def kind(self) -> str:
+        """The kind of method (``kinds.py``): weights, prompts, head or tensors."""
+        return self.layer_class.kind
 
     @property
     def config_class(self) -> type:
-        """The layer's config dataclass: what is saved with the adapters and rebuilds them."""
+        """The config dataclass of its modules: what is saved with them and rebuilds them."""
         return self.layer_class.config_class
 
     @property
-    def schedule_options_class(self) -> Optional[type]:
-        return getattr(self.schedule, "options_class", None)
+    def hooks_options_class(self) -> Optional[type]:
+        return getattr(self.hooks, "options_class", None)
 
     def option_classes(self) -> list[type]:
-        """Every dataclass the method's options (``method_options``) go to: layer, then schedule."""
-        return [c for c in (self.config_class, self.schedule_options_class) if c is not None]
+        """Every dataclass the method's options (``method_options``) go to: module, then hooks."""
+        return [c for c in (self.config_class, self.hooks_options_class) if c is not None]
 
     def split_options(self, options: Mapping[str, Any]) -> tuple[dict, dict]:
-        """``(layer options, schedule options)`` from one mapping of method options."""
-        layer_names = set(field_names(self.config_class))
-        schedule_names = set(field_names(self.schedule_options_class)) if self.schedule_options_class else set()
-        unknown = sorted(set(options) - layer_names - schedule_names)
+        """``(module options, hooks options)`` from one mapping of method options."""
+        module_names = set(field_names(self.config_class))
+        hooks_names = set(field_names(self.hooks_options_class)) if self.hooks_options_class else set()
+        unknown = sorted(set(options) - module_names - hooks_names)
         if unknown:
             raise OptionError(f"unknown option(s) {', '.join(unknown)} for method {self.name}; expected some of "
-                              f"{', '.join(sorted(layer_names | schedule_names))}")
-        layer = {k: v for k, v in options.items() if k in layer_names}
-        schedule = {k: v for k, v in options.items() if k in schedule_names}
-        return layer, schedule
+                              f"{', '.join(sorted(module_names | hooks_names))}")
+        return ({k: v for k, v in options.items() if k in module_names},
+                {k: v for k, v in options.items() if k in hooks_names})
+
+    def recipe_settings(self, shots: int, dataset: str) -> dict[str, Any]:
+        """The loop's settings of the method's own recipe for a run of ``shots`` on ``dataset``."""
+        return {key: value(shots, dataset) if callable(value) else value for key, value in self.recipe.items()}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A registered optimizer builder: ``build_groups(model, lr, weight_decay, options)`` gives the parameter groups
+    that ``algorithm`` (adamw, sgd, adam; ``optim.ALGORITHMS``) steps."""
+
+    name: str
+    build_groups: Callable
+    options_class: Optional[type] = None
+    algorithm: str = "adamw"
+
+    def options(self, values: Optional[Mapping[str, Any]] = None):
+        from .options import from_mapping
+
+        values = dict(values or {})
+        if self.options_class is None:
+            if values:
+                raise ValueError(f"optimizer {self.name} takes no options, got {', '.join(sorted(values))}")
+            return None
+        return from_mapping(self.options_class, values, f"optimizer {self.name}")
 
 
 def _same(a: Optional[type], b: Optional[type]) -> bool:
@@ -83,17 +113,17 @@ def _same(a: Optional[type], b: Optional[type]) -> bool:
 
 def _add(spec: MethodSpec) -> None:
     known = _METHODS.get(spec.name)
-    if known is not None and not (_same(known.adapter_class, spec.adapter_class) and known.layer == spec.layer):
+    if known is not None and not (_same(known.module_class, spec.module_class) and known.layer == spec.layer):
         raise ValueError(f"method {spec.name!r} is already registered")
     _METHODS[spec.name] = spec
 
 
 def register_method(name: str, *, display_name: str, citation: str, lr: float, optimizer: str = "adamw",
-                    schedule: Optional[type] = None):
-    """Class decorator registering an ``AdapterLinear`` subclass as layer method ``name``."""
+                    hooks: Optional[type] = None, recipe: Optional[Mapping[str, Any]] = None):
+    """Class decorator registering a method class (``AdapterLinear`` or ``Learner`` subclass) as method ``name``."""
 
     def decorator(cls):
-        _add(MethodSpec(name, name, display_name, citation, float(lr), optimizer, schedule, cls))
+        _add(MethodSpec(name, name, display_name, citation, float(lr), optimizer, hooks, cls, dict(recipe or {})))
         cls.method_name = name
         return cls
 
@@ -101,54 +131,47 @@ def register_method(name: str, *, display_name: str, citation: str, lr: float, o
 
 
 def register_preset(name: str, *, layer: str, display_name: str, citation: str, lr: float,
-                    optimizer: str = "adamw", schedule: Optional[type] = None) -> MethodSpec:
-    """Register ``name`` as layer method ``layer`` trained with optimizer builder ``optimizer``."""
-    spec = MethodSpec(name, layer, display_name, citation, float(lr), optimizer, schedule)
+                    optimizer: str = "adamw", hooks: Optional[type] = None,
+                    recipe: Optional[Mapping[str, Any]] = None) -> MethodSpec:
+    """Register ``name`` as method ``layer``'s modules trained with optimizer builder ``optimizer``."""
+    spec = MethodSpec(name, layer, display_name, citation, float(lr), optimizer, hooks, None, dict(recipe or {}))
     _add(spec)
     return spec
 
 
-#: a line that registers a method, a preset or an optimizer builder at a module's top level
-REGISTRATION = re.compile(r"^(@register_method|@register_optimizer|register_preset)\(", re.MULTILINE)
+def register_optimizer(name: str, options_class: Optional[type] = None, algorithm: str = "adamw"):
+    """Decorator registering a parameter-group builder ``fn(model, lr, weight_decay, options)`` stepped by
+    ``algorithm``."""
+
+    def decorator(fn):
+        _OPTIMIZERS[name] = OptimizerSpec(name, fn, options_class, algorithm)
+        return fn
+
+    return decorator
 
 
-def registering_modules() -> list[str]:
-    """The package's modules that register something, found by reading their source (nothing is imported)."""
-    folder = Path(__file__).resolve().parent
-    return sorted(path.stem for path in folder.glob("*.py") if REGISTRATION.search(path.read_text(encoding="utf-8")))
+def registered_methods() -> dict[str, MethodSpec]:
+    """What has been registered so far (``catalog`` imports every method first)."""
+    return dict(_METHODS)
 
 
-def discover() -> None:
-    """Import, once, every module of the package that registers a method, preset or optimizer builder.
-
-    Only those: a method lookup loads the methods (and torch), never the pipeline or open_clip.
-    """
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    for module in registering_modules():
-        importlib.import_module(f"{__package__}.{module}")  # a module that fails to import fails every lookup
-    _DISCOVERED = True
+def registered_optimizers() -> dict[str, OptimizerSpec]:
+    return dict(_OPTIMIZERS)
 
 
-def protocol_lr(lr: Optional[float], method: str) -> float:
-    """``lr`` as given, or (None) the method's registered protocol learning rate: the one place None is resolved."""
-    return float(lr) if lr is not None else get_method(method).lr
-
-
-def list_methods() -> list[str]:
-    """Names of every registered method (layer methods and presets), sorted."""
-    discover()
-    return sorted(_METHODS)
-
-
-def get_method(name: str) -> MethodSpec:
-    """The registered method ``name``; a one-line error lists the known names otherwise."""
-    discover()
+def lookup_method(name: str) -> MethodSpec:
+    """The registered method ``name`` among those imported; a one-line error lists the known names otherwise."""
     try:
         spec = _METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown adapter method {name!r}; expected one of {', '.join(list_methods())}") from None
-    if spec.layer not in _METHODS or _METHODS[spec.layer].adapter_class is None:
-        raise ValueError(f"method {name!r} is built on layer {spec.layer!r}, which is not a registered layer method")
+        raise ValueError(f"unknown adapter method {name!r}; expected one of {', '.join(sorted(_METHODS))}") from None
+    if spec.layer not in _METHODS or _METHODS[spec.layer].module_class is None:
+        raise ValueError(f"method {name!r} is built on {spec.layer!r}, which is not a registered method class")
     return spec
+
+
+def lookup_optimizer(name: str) -> OptimizerSpec:
+    try:
+        return _OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(sorted(_OPTIMIZERS))}") from None

@@ -35,6 +35,9 @@ ABSENT = "n/a"  # the value of an option a method does not have
 AXES = ("method", "run_name", "dataset", "shots", "seed", "backbone")
 PROTOCOLS = ("fewshot", "base2new", "cross_dataset", "domain")
 MISSING = "—"  # a table cell without a run
+#: the loop settings records written before methods had recipes (lora_zoo 0.3) lack: what those runs used
+LOOP_BEFORE_RECIPES = {"recipe": "method", "epochs": None, "drop_last": False, "lr_schedule": "cosine",
+                       "warmup_epochs": 0, "warmup_lr": 1e-5}
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ def setting_of(result: dict) -> tuple:
     if "amp" in train and "precision" not in train:  # lora_zoo 0.2 records: amp meant fp16 autocast on CUDA only
         train["precision"] = "fp16" if train.pop("amp") and str(result.get("device", "")).startswith("cuda") else "fp32"
     config = {"augment_on": "cpu", **config}  # runs written before augment_on existed augmented on the CPU
+    train = {**LOOP_BEFORE_RECIPES, **train}  # runs written before the recipes ran CLIP-LoRA's loop
     flat = {k: v for k, v in {**config, **train}.items()  # protocol: told apart by the run's folder
             if k not in (*AXES, *bookkeeping_keys(), "protocol", "train", "method_options", "optimizer_options")}
     flat.update({f"optimizer_options.{k}": v for k, v in (train.get("optimizer_options") or {}).items()})

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapter import adapter_modules
 from .files import atomic_write
 from .naming import adapter_state_dict
 from .results import first_difference
@@ -144,11 +143,9 @@ def restore(model: nn.Module, optimizer, scheduler, scaler, hooks, state: dict) 
         if name.endswith("_init") and not torch.equal(tensor.cpu(), state["adapters"][name]):
             raise ValueError(f"the run's checkpoint continues another initialisation ({name} differs); "
                              "delete it to start again")
-    for prefix, adapter in adapter_modules(model).items():
-        for name, tensor in adapter.state_dict().items():
-            key = f"{prefix}.{name}"
-            if key in state["adapters"]:
-                getattr(adapter, name).copy_(state["adapters"][key])
+    named = model.state_dict(keep_vars=True)
+    for key, tensor in state["adapters"].items():  # the rebuilt modules' own tensors, by qualified name
+        named[key].copy_(tensor)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

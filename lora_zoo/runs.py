@@ -64,11 +64,7 @@ def read_result(folder: Path) -> dict[str, Any] | None:
 
 def recorded_options(cfg: ExperimentConfig) -> dict[str, Any]:
     """The optimizer and the resolved method options (layer and schedule) as ``result.json`` records them."""
-    from .inject import method_options
-
-    _, method_config, schedule_options = method_options(cfg.method, cfg.method_options)
-    return {"optimizer": cfg.optimizer,
-            "method_config": {**method_config.to_dict(), **(schedule_options.to_dict() if schedule_options else {})}}
+    return {"optimizer": cfg.optimizer, "method_config": cfg.method_record}
 
 
 def run_setting(cfg: ExperimentConfig) -> tuple:
@@ -93,8 +89,6 @@ def is_finished(folder: Path, cfg: Optional[ExperimentConfig] = None) -> bool:
 def saved_config(out: Path, cfg: ExperimentConfig) -> dict[str, Any]:
     """The config of the finished run an evaluation reloads, with ``cfg``'s evaluation settings (``EVAL_KEYS``);
     a one-line error if the run is missing or ``cfg`` would change the model it evaluates."""
-    from .inject import method_options
-
     saved = read_result(out)
     if saved is None or not (out / ADAPTER_FILE).is_file():
         raise ValueError(f"no finished run to evaluate at {out} (train it first)")
@@ -103,7 +97,7 @@ def saved_config(out: Path, cfg: ExperimentConfig) -> dict[str, Any]:
         if requested[key] != saved["config"].get(key):
             raise ValueError(f"the run at {out} was trained with {key}={saved['config'].get(key)!r}; evaluating "
                              f"it with {key}={requested[key]!r} would evaluate another model")
-    layer_config = method_options(cfg.method, cfg.method_options)[1].to_dict()
+    layer_config = cfg.method_config.to_dict()
     for key in cfg.method_options:
         if key in layer_config and layer_config[key] != saved["method_config"].get(key):
             raise ValueError(f"the run at {out} was trained with method_options.{key}="

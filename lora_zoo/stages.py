@@ -3,8 +3,9 @@
 ``prepare_data`` reads the few-shot split and builds the evaluation plan of the run's protocol
 (``evaluation.py``) plus any other datasets it is evaluated on; ``build_model`` builds the backbone
 and checks the adapted layers and the method's shapes before any work; ``zero_shot`` scores the
-pretrained model; ``training_stream`` and ``adapt`` prepare the augmented batches, the calibration
-statistics and the adapters; ``train`` runs the one loop; ``evaluate_plan`` and
+pretrained model; ``training_stream`` and ``adapt`` prepare the augmented batches (or a head's features,
+encoded once), the calibration statistics and the method (``kinds.apply_method``: any kind); ``fit``
+runs the one training loop; ``evaluate_plan`` and
 ``evaluate_targets`` score the adapted model; ``save_outputs`` and the exports write what the run
 produced. Nothing here decides what a request does (train or reload, which files): that is
 ``experiment.py``.
@@ -21,19 +22,24 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from . import resume as resume_state
-from .adapter import adapter_modules
 from .calibration import collect_activation_stats
 from .checkpoint import read_adapter_config, save_adapters
-from .config import ExperimentConfig
-from .evaluation import Evaluation, base_to_new_plan, few_shot_plan, target_plan, test_loader, zero_shot_accuracy
+from .config import ExperimentConfig, batches_per_epoch
+from .evaluation import (Evaluation, base_to_new_plan, evaluate, few_shot_plan, target_plan, test_loader,
+                         zero_shot_accuracy)
+from .features import FeatureStream, encode_views, support_views
 from .files import write_json
-from .inject import apply_adapters, check_fits, layer_ranks, merge_adapters, method_options
+from .inject import layer_ranks
+from .kinds import apply_method, kind_of
+from .learner import Support
 from .metrics import Sinks, write_curves
 from .models import Backbone, build_clip
+from .naming import count_trainable
 from .results import harmonic_mean
 from .runs import ADAPTER_FILE, RANKS_FILE, STATE_FILE, dataset_name, recorded_options, run_setting, target_file
+from .scoring import ClassSet
 from .targets import check_layers
-from .train import evaluate, train_adapters
+from .train import train_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +52,33 @@ class RunData:
     prompts: list[str]      # one per training class, in label order
     plan: list[Evaluation]  # the protocol's evaluations, then the other datasets' (``target``)
 
+    def classes(self, tokenizer) -> ClassSet:
+        """The training classes: names, prompts and their tokens."""
+        return ClassSet.of(self.ds.classnames, self.prompts, tokenizer, self.ds.name)
+
 
 @dataclass
 class Scoring:
-    """Each evaluation of the plan with what scoring it needs: its class tokens and its test loader."""
+    """Each evaluation of the plan with what scoring it needs: its classes and its test loader."""
 
     plan: list[Evaluation]
-    tokens: list[torch.Tensor]
+    classes: list[ClassSet]
     loaders: list[Any]
 
-    def items(self, targets: Optional[bool] = None):
-        """``(evaluation, tokens, loader)`` of the plan: all, only the protocol's (False) or only targets (True)."""
-        return [item for item in zip(self.plan, self.tokens, self.loaders) if targets in (None, item[0].target)]
+    @property
+    def everything(self) -> list[tuple[Evaluation, ClassSet, Any]]:
+        """``(evaluation, classes, loader)`` of every evaluation of the plan."""
+        return list(zip(self.plan, self.classes, self.loaders))
+
+    @property
+    def protocol(self) -> list[tuple[Evaluation, ClassSet, Any]]:
+        """The protocol's evaluations (test; base and new)."""
+        return [item for item in self.everything if not item[0].target]
+
+    @property
+    def targets(self) -> list[tuple[Evaluation, ClassSet, Any]]:
+        """The other datasets' evaluations (``--eval_on``)."""
+        return [item for item in self.everything if item[0].target]
 
 
 def seed_everything(seed: int) -> None:
@@ -89,8 +110,8 @@ def build_model(cfg: ExperimentConfig, device: torch.device, check_options: bool
     backbone = build_clip(cfg.backbone, cfg.pretrained, device, seed=cfg.backbone_seed)
     check_layers(backbone.model, cfg.encoders, cfg.layers)
     if check_options:
-        check_fits(backbone.model, cfg.method, encoders=cfg.encoders, targets=cfg.targets, layers=cfg.layers,
-                   **cfg.method_options)
+        kind_of(cfg.method).check_fits(backbone.model, cfg.method, cfg.method_options, cfg.encoders, cfg.targets,
+                                       cfg.layers)
     return backbone
 
 
@@ -98,17 +119,17 @@ def build_scoring(cfg: ExperimentConfig, backbone: Backbone, plan: list[Evaluati
     from datasets import build_test_transform
 
     transform = build_test_transform(backbone.model)
-    return Scoring(plan, [backbone.tokenizer(list(e.prompts)) for e in plan],
+    return Scoring(plan, [ClassSet.of(e.names, e.prompts, backbone.tokenizer, e.dataset) for e in plan],
                    [test_loader(cfg, e.test, transform, workers) for e in plan])
 
 
 def zero_shot(cfg: ExperimentConfig, model, items, device) -> tuple[dict[str, Any], dict[str, float]]:
-    """The pretrained model's accuracy on each ``(evaluation, tokens, loader)`` (cached): ``(result.json keys of
+    """The pretrained model's accuracy on each ``(evaluation, classes, loader)`` (cached): ``(result.json keys of
     the protocol's evaluations, {target: accuracy} of the other datasets)``."""
     record: dict[str, Any] = {}
     targets: dict[str, float] = {}
-    for evaluation, tokens, loader in items:
-        accuracy, cached = zero_shot_accuracy(cfg, model, loader, evaluation, tokens, device)
+    for evaluation, classes, loader in items:
+        accuracy, cached = zero_shot_accuracy(cfg, model, loader, evaluation, classes, device)
         if evaluation.target:
             targets[evaluation.name] = accuracy
         else:
@@ -119,27 +140,52 @@ def zero_shot(cfg: ExperimentConfig, model, items, device) -> tuple[dict[str, An
     return record, targets
 
 
-def training_stream(cfg: ExperimentConfig, ds, model, workers: int, device) -> tuple[Any, Callable[[int], Any]]:
-    """``(decoded images, stream(start_step))``: the few-shot set decoded once, and its augmented batches, made
-    on the CPU (PIL, ``loader.TrainStream``) or on ``device`` (``device_augment``; the same crops and flips)."""
+@dataclass
+class TrainingData:
+    """What the loop trains on: the few-shot images decoded once, ``stream(start_step)`` (augmented images, or a head's
+    cached features), its batches per pass, and a head's ``support`` features (None for the other kinds)."""
+
+    images: Any
+    stream: Callable[[int], Any]
+    size: int                  # few-shot training images
+    per_epoch: int             # batches per pass over them
+    support: Optional[Support] = None
+
+
+def training_stream(cfg: ExperimentConfig, ds, model, workers: int, device) -> TrainingData:
+    """The few-shot set decoded once and its augmented batches, made on the CPU (PIL, ``loader.TrainStream``) or
+    on ``device`` (``device_augment``; the same crops and flips); for a method that trains on frozen features (its
+    kind caches them), their features, encoded once (``features.py``)."""
     from datasets import build_train_transform
     from datasets.cache import DecodedImages
     from datasets.loader import TrainStream
 
+    train, size = cfg.train, len(ds.train_x)
+    per_epoch = batches_per_epoch(size, train.batch_size, train.drop_last)
     images = DecodedImages(ds.train_x, cfg.train_cache_mb)
     transform = build_train_transform(model)
+    if kind_of(cfg.method).caches_features:
+        epochs = -(-cfg.iterations(size) // per_epoch)
+        views = support_views(cfg.method_spec.layer_class, cfg.method_config, epochs)
+        support = encode_views(model, ds.train_x, transform, views, cfg.seed, device, train.precision,
+                               cfg.eval_batch_size, images=images)
+        logger.info("image features of %d augmented views of %d train images encoded once", views, size)
+        return TrainingData(images, lambda start: FeatureStream(support, train.batch_size, cfg.seed, start,
+                                                                train.drop_last), size, per_epoch, support)
     if cfg.augment_on == "device":
         from datasets.device_augment import DeviceImages, DeviceTrainStream
 
         on_device = DeviceImages(ds.train_x, device, cfg.train_cache_mb, decoded=images)
-        return images, lambda start: DeviceTrainStream(ds.train_x, transform, cfg.train.batch_size, cfg.seed, device,
-                                                        start_step=start, images=on_device)
-    return images, lambda start: TrainStream(ds.train_x, transform, cfg.train.batch_size, cfg.seed,
-                                             num_workers=workers, start_step=start, images=images)
+        return TrainingData(images, lambda start: DeviceTrainStream(
+            ds.train_x, transform, train.batch_size, cfg.seed, device, start_step=start, images=on_device,
+            drop_last=train.drop_last), size, per_epoch)
+    return TrainingData(images, lambda start: TrainStream(ds.train_x, transform, train.batch_size, cfg.seed,
+                                                          num_workers=workers, start_step=start, images=images,
+                                                          drop_last=train.drop_last), size, per_epoch)
 
 
-def adapt(cfg: ExperimentConfig, model, ds, class_tokens: torch.Tensor, images, stream, workers: int) -> None:
-    """Calibration statistics for methods that need them (only the adapted towers), then the adapters.
+def adapt(cfg: ExperimentConfig, model, ds, classes: ClassSet, training: TrainingData, workers: int) -> None:
+    """Calibration statistics for methods that need them (only the adapted towers), then the method on the model.
 
     Standard: the few-shot train images with the test transform and every class prompt, padding
     excluded. ``calibration="authors"`` (their NoRA/AIRA code): the first augmented training batch
@@ -147,38 +193,38 @@ def adapt(cfg: ExperimentConfig, model, ds, class_tokens: torch.Tensor, images, 
     """
     from datasets import build_data_loader, build_test_transform
 
-    method_config = method_options(cfg.method, cfg.method_options)[1]
     stats = None
-    if method_config.needs_calibration:
-        authors = getattr(method_config, "calibration", "standard") == "authors"
+    if cfg.method_config.needs_calibration:
+        authors = getattr(cfg.method_config, "calibration", "standard") == "authors"
         if authors:
-            image_batches = [next(iter(stream(0)))[0]]
+            image_batches = [next(iter(training.stream(0)))[0]]
             index = random.Random(cfg.seed).randrange(len(ds.classnames))
-            text_batches = [class_tokens[index:index + 1]]
+            text_batches = [classes.tokens[index:index + 1]]
         else:
             loader = build_data_loader(ds.train_x, build_test_transform(model), batch_size=cfg.eval_batch_size,
-                                       num_workers=workers, images=images)
-            image_batches, text_batches = (x for x, _ in loader), [class_tokens]
+                                       num_workers=workers, images=training.images)
+            image_batches, text_batches = (x for x, _ in loader), [classes.tokens]
         stats = collect_activation_stats(model, image_batches=image_batches if "vision" in cfg.encoders else None,
                                          text_batches=text_batches if "text" in cfg.encoders else None,
                                          targets=cfg.targets, layers=cfg.layers, include_padding=authors)
     seed_everything(cfg.seed)
-    apply_adapters(model, cfg.method, encoders=cfg.encoders, targets=cfg.targets, layers=cfg.layers, stats=stats,
-                   **cfg.method_options)
-    logger.info("%s adapters on %d layers; %d of %d train images decoded in memory", cfg.method,
-                len(adapter_modules(model)), len(images), len(ds.train_x))
+    apply_method(model, cfg.method, classes=classes, support=training.support, stats=stats, encoders=cfg.encoders,
+                 targets=cfg.targets, layers=cfg.layers, **cfg.method_options)
+    logger.info("%s (%s) applied: %d trainable parameters; %d of %d train images decoded in memory", cfg.method,
+                cfg.method_spec.kind, count_trainable(model), len(training.images), len(ds.train_x))
 
 
-def train(cfg: ExperimentConfig, model, class_tokens: torch.Tensor, stream, state: Optional[dict], out: Path,
+def fit(cfg: ExperimentConfig, model, classes: ClassSet, training: TrainingData, state: Optional[dict], out: Path,
           device: torch.device, progress: bool) -> dict[str, Any]:
-    """The one training loop, checkpointing every ``checkpoint_every`` iterations and at the end (the trained
+    """Train: the one loop, checkpointing every ``checkpoint_every`` iterations and at the end (the trained
     adapters stay in the checkpoint until the result is written); returns what it records."""
     setting, state_path = run_setting(cfg), out / STATE_FILE
     sinks = Sinks(cfg.log_to, out, out.name, cfg.to_dict())
     try:
         trained = train_adapters(
-            model, stream(state["step"] if state else 0), class_tokens, cfg.train, iterations=cfg.total_iterations,
-            device=device, seed=cfg.seed, text_adapted="text" in cfg.encoders, progress=progress, resume=state,
+            model, training.stream(state["step"] if state else 0), classes, cfg.train,
+            iterations=cfg.iterations(training.size),
+            device=device, seed=cfg.seed, per_epoch=training.per_epoch, progress=progress, resume=state,
             on_log=sinks.log, checkpoint=lambda s: (resume_state.save(state_path, {**s, "setting": setting}),
                                                     write_curves(out, s["history"])))
     finally:
@@ -192,18 +238,15 @@ def train(cfg: ExperimentConfig, model, class_tokens: torch.Tensor, stream, stat
 
 
 def merge_for_evaluation(model) -> dict[str, Any]:
-    """Merge the adapters where they can be (the evaluated model is then the exported one)."""
-    mergeable = all(a.mergeable for a in adapter_modules(model).values())
-    if mergeable:
-        merge_adapters(model)
-    return {"merged": mergeable}
+    """Merge the method's update where it can be (the evaluated model is then the exported one)."""
+    return {"merged": kind_of(model).merge(model)}
 
 
 def evaluate_plan(cfg: ExperimentConfig, model, items, device: torch.device) -> dict[str, Any]:
     """Top-1 on each of the protocol's evaluations (base-to-new: and the harmonic mean of base and new)."""
     record: dict[str, Any] = {"protocol": cfg.protocol}
-    for evaluation, tokens, loader in items:
-        record[f"{evaluation.prefix}accuracy"] = evaluate(model, loader, tokens, device, cfg.train.precision)
+    for evaluation, classes, loader in items:
+        record[f"{evaluation.prefix}accuracy"] = evaluate(model, loader, classes, device, cfg.train.precision)
         record[f"{evaluation.prefix}test_images"] = len(evaluation.test)
     if cfg.protocol == "base2new":
         record["harmonic_mean"] = harmonic_mean(record["base_accuracy"], record["new_accuracy"])
@@ -215,8 +258,8 @@ def evaluate_targets(cfg: ExperimentConfig, model, items, zero_shots: dict[str, 
                      device: torch.device) -> dict[str, float]:
     """Top-1 on each other dataset (``--eval_on``), each recorded in ``eval_on/<target>.json`` as it finishes."""
     scores = {}
-    for evaluation, tokens, loader in items:
-        accuracy = evaluate(model, loader, tokens, device, cfg.train.precision)
+    for evaluation, classes, loader in items:
+        accuracy = evaluate(model, loader, classes, device, cfg.train.precision)
         write_json(target_file(out, evaluation.name), {
             "target": evaluation.name, "accuracy": accuracy, "test_images": len(evaluation.test),
             "classes": len(evaluation.prompts), "zero_shot_accuracy": zero_shots.get(evaluation.name),

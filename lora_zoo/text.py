@@ -59,9 +59,26 @@ def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     length = short_context_length(model, tokens)
     if length is None or length == tokens.shape[1]:
         return model.encode_text(tokens)
-    tokens = tokens[:, :length]
+    return _tower(model, model.token_embedding(tokens[:, :length]), tokens[:, :length])
+
+
+def encode_embeddings(model: nn.Module, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The text tower on token embeddings (``N × L × width``, what ``token_embedding`` would give for ``tokens``,
+    learned prompts in place of some) instead of token ids: positional embedding, the transformer with its causal
+    mask, ``ln_final``, the feature at each prompt's end token of ``tokens`` (``N × L`` ids: where the end token
+    sits), the projection; on the shortest exact context. Unnormalised, as ``encode_text``; for open_clip's
+    ``CLIP`` layout only (a one-line error otherwise)."""
+    length = short_context_length(model, tokens)
+    if length is None:
+        raise ValueError(f"the text tower of a {type(model).__name__} cannot be fed embeddings (open_clip's CLIP "
+                         "with argmax or eos pooling and a causal mask only)")
+    return _tower(model, embeddings[:, :length], tokens[:, :length])
+
+
+def _tower(model: nn.Module, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    length = tokens.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = embeddings.to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
     x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))

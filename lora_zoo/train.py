@@ -1,17 +1,21 @@
-"""The one training loop and the evaluation every method shares (METHODS.md, "Experiment protocol").
+"""The one training loop every method shares (METHODS.md, "Experiment protocol").
 
 CLIP few-shot adaptation as in CLIP-LoRA (Zanella & Ben Ayed, CVPRW 2024) and
-the NoRA/AIRA papers (Li et al., ICCV 2025):
+the NoRA/AIRA papers (Li et al., ICCV 2025), for every kind of method:
 
-- logits = 100 · normalize(image features) @ normalize(class text features)ᵀ
-  (the logit scale is fixed, not learned), cross-entropy on the labels;
-- AdamW on the parameter groups of the run's optimizer builder (``optim.py``:
-  the method's by default, e.g. LoRA+'s; with ``decay_to_init`` residual-initialised
-  tensors decay toward θ₀ instead of 0; fused on CUDA), cosine schedule to ``eta_min``
-  stepped every iteration; the train loader is cycled until the requested number of
-  iterations; every loop setting comes from one ``TrainConfig``;
-- class text features are recomputed with gradients every step when the text
-  tower is adapted, computed once under ``no_grad`` otherwise;
+- the method's scorer (``kinds.scorer_of``; ``scoring.Scorer`` for weight adapters:
+  logits = 100 · normalize(image features) @ normalize(class text features)ᵀ, the logit
+  scale fixed) gives the loss terms (cross-entropy on the labels, and a method's own terms)
+  and their gradients (``Scorer.backward``; ProGrad projects one on the other);
+- the optimizer of the run's builder (``optim.py``: the method's by default, e.g. LoRA+'s
+  AdamW groups or the prompt learners' SGD; with ``decay_to_init`` residual-initialised
+  tensors decay toward θ₀ instead of 0; fused on CUDA) and the learning-rate schedule
+  (``lr_schedule``: cosine to ``eta_min`` stepped every iteration, or Dassl's per-epoch
+  cosine after a constant warm-up), both stepped every iteration; the train loader is
+  cycled until the requested number of iterations; every loop setting comes from one
+  ``TrainConfig``, resolved from the method's recipe;
+- the class side (text features) is recomputed with gradients every step when it trains
+  (an adapted text tower, learned prompts), computed once under ``no_grad`` otherwise;
 - ``precision``: fp32, or fp16 / bf16 autocast (fp16 with a GradScaler), on any device;
   the default is fp16 on CUDA (as CLIP-LoRA and the authors run) and fp32 elsewhere;
 - a method's schedule runs through ``lora_zoo.hooks`` (``before_forward``,
@@ -37,20 +41,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .attached import method_setup
+from .catalog import protocol_lr
 from .config import TrainConfig, default_precision
 from .errors import NonFiniteError
 from .hooks import training_hooks
 from .host import available_cpus, cpus_busy_elsewhere
+from .kinds import scorer_of
 from .naming import count_trainable, named_trainable_parameters
 from .optim import build_optimizer
-from .registry import protocol_lr
-from .text import encode_text
+from .scoring import Scorer, as_classes, autocast
 
-LOGIT_SCALE = 100.0
-AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 logger = logging.getLogger(__name__)
 
 
@@ -72,60 +75,6 @@ class TrainResult:
         """Of this process: ``seconds`` counts only the iterations after ``resumed_from``."""
         done = self.iterations - self.resumed_from
         return done / self.seconds if self.seconds > 0 else float("nan")
-
-
-def autocast(device: torch.device, precision: str):
-    """Autocast to fp16 or bf16 for ``precision`` on ``device``; a disabled context for fp32."""
-    dtype = AUTOCAST_DTYPES.get(precision)
-    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-def text_features(model: nn.Module, class_tokens: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
-    """L2-normalised text features of the class prompts (one row per class): the one place they are computed.
-
-    The tower runs on the shortest exact context (``text.encode_text``). Without gradients the prompts
-    go through in chunks of ``chunk_size`` (ImageNet's 1,000 classes), each on its own shortest context.
-    """
-    if torch.is_grad_enabled() or class_tokens.shape[0] <= chunk_size:
-        return F.normalize(encode_text(model, class_tokens).float(), dim=-1)
-    return torch.cat([F.normalize(encode_text(model, chunk).float(), dim=-1)
-                      for chunk in class_tokens.split(chunk_size)])
-
-
-def clip_logits(model: nn.Module, images: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
-    """``100 · normalize(encode_image(images)) @ class_featuresᵀ`` in fp32."""
-    image_features = F.normalize(model.encode_image(images).float(), dim=-1)
-    return LOGIT_SCALE * image_features @ class_features.t()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, class_tokens: torch.Tensor, device: torch.device,
-             precision: str = "fp32") -> float:
-    """Top-1 accuracy (%) of zero-shot-style CLIP classification over ``loader``.
-
-    Logits that are not all finite (NaN adapters, an overflow) raise ``NonFiniteError``: argmax over NaNs
-    would pick class 0 and report its share as an accuracy. The host waits for the device once, at the end.
-    """
-    was_training = model.training
-    model.eval()
-    correct, finite, total = torch.zeros((), dtype=torch.long, device=device), torch.ones((), dtype=torch.bool,
-                                                                                          device=device), 0
-    try:
-        with autocast(device, precision):
-            features = text_features(model, class_tokens.to(device))
-            for images, labels in loader:
-                logits = clip_logits(model, images.to(device, non_blocking=True), features)
-                finite &= logits.isfinite().all()
-                correct += (logits.argmax(dim=-1) == labels.to(device, non_blocking=True)).sum()
-                total += labels.numel()
-    finally:
-        model.train(was_training)
-    if total == 0:
-        raise ValueError("evaluation loader is empty")
-    if not bool(finite):
-        raise NonFiniteError(f"the model's logits are not finite on {total} test images ({precision}); no "
-                             "accuracy recorded (non-finite adapter tensors, or an overflow)")
-    return 100.0 * int(correct) / total
 
 
 def cycle(loader: Iterable) -> Iterator:
@@ -160,19 +109,25 @@ def prepare_device(device: torch.device, threads: int | None = None, workers: in
     return torch.get_num_threads()
 
 
-def training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, class_tokens: torch.Tensor,
-                  optimizer, hooks, step: int, device: torch.device, precision: str = "fp32", scaler=None,
-                  fixed_features: torch.Tensor | None = None) -> torch.Tensor:
+def training_step(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, classes, optimizer, hooks,
+                  step: int, device: torch.device, precision: str = "fp32", scaler=None, fixed_state: Any = None,
+                  scorer: Scorer | None = None) -> torch.Tensor:
     """One optimizer step with the method's hooks; returns the loss (a detached tensor: reading it waits for the
-    device). ``optimizer=None`` only runs backward (the frozen lower bound of ``scripts/bench.py``). With a
-    ``scaler`` (fp16), the hooks see unscaled gradients and a step with inf/NaN gradients is skipped."""
+    device). ``inputs`` are what the method's scorer takes (images, or a head's cached features); ``classes`` a
+    ``ClassSet`` or class prompts' token ids; ``fixed_state`` the class side computed once (``Scorer.fixed_classes``).
+    ``optimizer=None`` only runs backward (the frozen lower bound of ``scripts/bench.py``). With a ``scaler``
+    (fp16), the hooks see unscaled gradients and a step with inf/NaN gradients is skipped."""
+    scorer = scorer or scorer_of(model)
     hooks.before_forward(step)
     with autocast(device, precision):
-        features = fixed_features if fixed_features is not None else text_features(model, class_tokens)
-        loss = F.cross_entropy(clip_logits(model, images, features), labels) + hooks.regularizer()
+        state = fixed_state if fixed_state is not None else scorer.class_state(model, as_classes(classes))
+        losses = scorer.losses(model, inputs, labels, state)
+        regularizer = hooks.regularizer()
+        if not (isinstance(regularizer, float) and regularizer == 0.0):
+            losses["regularizer"] = regularizer
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
-    (scaler.scale(loss) if scaler is not None else loss).backward()
+    loss = scorer.backward(losses, scaler.scale if scaler is not None else (lambda total: total))
     if scaler is not None and optimizer is not None:
         scaler.unscale_(optimizer)  # hooks see true gradients
     hooks.after_backward(step)
@@ -198,17 +153,44 @@ class Loop:
     groups: list[dict[str, Any]]
 
 
+def epoch_cosine(config: TrainConfig, per_epoch: int, epochs: int, base_lr: float) -> Callable[[int], float]:
+    """Dassl's schedule as a factor of ``base_lr`` at each iteration: the whole of each of the first
+    ``warmup_epochs`` epochs at the constant ``warmup_lr``, then ``eta_min + (base - eta_min)·(1 + cos(π·(e −
+    warmup_epochs)/epochs))/2`` for epoch ``e`` (0-based), stepped once per epoch (so the last epoch does not
+    reach ``eta_min``; docs/METHODS.md, "Recipes")."""
+    def factor(step: int) -> float:
+        epoch = step // per_epoch
+        if epoch < config.warmup_epochs:
+            return config.warmup_lr / base_lr
+        cosine = (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / epochs)) / 2
+        return (config.eta_min + (base_lr - config.eta_min) * cosine) / base_lr
+    return factor
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, iterations: int, per_epoch: int):
+    """The run's learning-rate schedule, stepped once per iteration (``TrainConfig.lr_schedule``)."""
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=config.eta_min)
+    if config.lr_schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    epochs = max(1, -(-iterations // per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [epoch_cosine(config, per_epoch, epochs, group["lr"]) for group in optimizer.param_groups])
+
+
 def build_loop(model: nn.Module, config: TrainConfig, iterations: int, device: torch.device, seed: int,
-               precision: str) -> Loop:
+               precision: str, per_epoch: int | None = None) -> Loop:
     """The optimizer of the run's builder at its lr (``config.lr = None``: the method's registered one), the
-    cosine schedule over ``iterations``, a GradScaler (enabled for fp16) and the method's schedule hooks."""
-    lr = protocol_lr(config.lr, model.lora_zoo_setup.method) * config.lr_scale
+    schedule over ``iterations`` (epochs of ``per_epoch`` iterations for a per-epoch schedule), a GradScaler
+    (enabled for fp16) and the method's training hooks."""
+    config = config.resolved()
+    lr = protocol_lr(config.lr, method_setup(model).method) * config.lr_scale
     optimizer = build_optimizer(model, lr, weight_decay=config.weight_decay, betas=config.betas,
                                 optimizer=config.optimizer, decay_to_init=config.decay_to_init,
                                 **config.optimizer_options)
     groups = [{"name": g.get("name", "?"), "tensors": len(g["params"]), "parameters": sum(p.numel() for p in g["params"]),
                "lr": g["lr"]} for g in optimizer.param_groups]
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=config.eta_min)
+    scheduler = lr_scheduler(optimizer, config, iterations, per_epoch or iterations)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     return Loop(optimizer, scheduler, scaler, training_hooks(model, iterations, seed), lr, groups)
 
@@ -253,15 +235,18 @@ def loss_entries(losses: list[float], log_every: int, iterations: int) -> list[t
 
 
 # long: the loop reads top to bottom as one iteration; each part of it is a function above
-def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tensor, config: TrainConfig | None = None,
-                   *, iterations: int, device: torch.device, seed: int = 0, text_adapted: bool = True,
+def train_adapters(model: nn.Module, loader: Iterable, classes, config: TrainConfig | None = None,
+                   *, iterations: int, device: torch.device, seed: int = 0, per_epoch: int | None = None,
                    progress: bool = True, resume: dict | None = None,
                    checkpoint: Callable[[dict], Any] | None = None, on_log: Callable[..., Any] | None = None
                    ) -> TrainResult:
-    """Train the adapters of ``model`` (from ``apply_adapters``) for ``iterations`` steps with ``config``.
+    """Train the method applied to ``model`` (``apply_adapters``, ``apply_method``) for ``iterations`` steps.
 
-    ``seed`` seeds the method's schedule (DyLoRA's rank sampler). ``loader`` yields training batches (an
-    endless stream such as ``datasets.loader.TrainStream`` or any loader, cycled). ``resume``: a state from
+    ``classes``: the training classes (a ``ClassSet``, or their prompts' token ids for weight adapters).
+    ``seed`` seeds the method's hooks (DyLoRA's rank sampler). ``loader`` yields training batches of what the
+    method's scorer takes (images; a head's cached features): an endless stream such as
+    ``datasets.loader.TrainStream`` or any loader, cycled; ``per_epoch``: its batches per pass (a per-epoch
+    learning-rate schedule counts epochs in them). ``resume``: a state from
     ``resume.capture`` to continue from (``loader`` must then start at its step); ``checkpoint(state)`` is
     called every ``config.checkpoint_every`` iterations. ``on_log(step, loss, lr)`` is called every
     ``config.log_every`` iterations (default: about 20 entries per run) with the mean loss since the last
@@ -272,11 +257,11 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
 
     from . import resume as resume_state
 
-    config = config or TrainConfig()
+    config = (config or TrainConfig()).resolved()
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     precision = config.precision or default_precision(device.type)
-    loop = build_loop(model, config, iterations, device, seed, precision)
+    loop = build_loop(model, config, iterations, device, seed, precision, per_epoch)
     history: dict[str, list] = {"loss": [], "lr": []}  # per iteration
     start = 0
     if resume is not None:
@@ -285,11 +270,11 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
         logger.info("resuming at iteration %d/%d", start, iterations)
     trainable = count_trainable(model)
     logger.info("%d trainable parameters, lr %.3g, %d iterations, %s", trainable, loop.lr, iterations, precision)
-    class_tokens = class_tokens.to(device)
-    fixed_features = None
-    if not text_adapted:
+    classes, scorer = as_classes(classes).to(device), scorer_of(model)
+    fixed_state = None
+    if scorer.fixed_classes:  # nothing of the class side trains: computed once
         with torch.no_grad(), autocast(device, precision):
-            fixed_features = text_features(model, class_tokens)
+            fixed_state = scorer.class_state(model, classes)
     log_every = config.log_every or max(1, iterations // 20)
     batches, pending = cycle(loader), []
     model.train()
@@ -297,11 +282,11 @@ def train_adapters(model: nn.Module, loader: Iterable, class_tokens: torch.Tenso
                initial=start, total=iterations)
     started = time.perf_counter()
     for step in bar:
-        images, labels = next(batches)
+        inputs, labels = next(batches)
         lr_now = loop.optimizer.param_groups[0]["lr"]
-        pending.append(training_step(model, images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
-                                     class_tokens, loop.optimizer, loop.hooks, step, device, precision, loop.scaler,
-                                     fixed_features))
+        pending.append(training_step(model, inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                                     classes, loop.optimizer, loop.hooks, step, device, precision, loop.scaler,
+                                     fixed_state, scorer))
         loop.scheduler.step()
         history["lr"].append(lr_now)
         done = step + 1

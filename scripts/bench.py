@@ -38,8 +38,10 @@ import bench_pipeline as pipeline  # noqa: E402
 import lora_zoo as lz  # noqa: E402
 from datasets.registry import BENCHMARK_SIZES  # noqa: E402
 from lora_zoo.files import write_json  # noqa: E402
+from lora_zoo.learner import Support  # noqa: E402
 from lora_zoo.models import build_clip  # noqa: E402
-from lora_zoo.train import autocast, prepare_device, training_step  # noqa: E402
+from lora_zoo.scoring import autocast  # noqa: E402
+from lora_zoo.train import prepare_device, training_step  # noqa: E402
 
 FROZEN = "frozen"
 
@@ -89,9 +91,10 @@ def cuda_peak_step(step, device) -> int:
 class Variant:
     """One row: a method (or the frozen bound) with its model, optimizer and hooks."""
 
-    def __init__(self, name, method, options, base_model, calibrate, steps, amp=False):
+    def __init__(self, name, method, options, base_model, calibrate, steps, classes, images, labels, amp=False):
         self.name, self.method, self.options = name, method, options
         self.model = copy.deepcopy(base_model)
+        self.inputs = images
         start = time.perf_counter()
         if method is None:  # frozen lower bound: grads reach every activation, no weight gets one
             self.model.requires_grad_(False)
@@ -100,7 +103,12 @@ class Variant:
             self.optimizer, self.hooks, self.trainable = None, lz.TrainingHooks(), 0
         else:
             stats = calibrate(self.model) if lz.build_config(method, **options).needs_calibration else None
-            lz.apply_adapters(self.model, method, stats=stats, **options)
+            support = None
+            if lz.kind_of(method).caches_features:  # a head trains on features encoded once (lora_zoo/features.py)
+                with torch.no_grad():
+                    support = Support(self.model.encode_image(images).float()[None], labels)
+                self.inputs = torch.nn.functional.normalize(support.features[0], dim=-1)
+            lz.apply_method(self.model, method, classes=classes, support=support, stats=stats, **options)
             self.optimizer = lz.build_optimizer(self.model, lr=1e-4, **pipeline.ADAMW)  # the method's builder
             self.trainable = lz.count_trainable(self.model)  # after the builder (LoRA-FA freezes A)
             self.hooks = lz.training_hooks(self.model, steps)
@@ -116,11 +124,12 @@ class Variant:
             return path.stat().st_size + path.with_suffix(".json").stat().st_size
 
 
-def train_step(variant: Variant, images, tokens, labels, device, amp: bool) -> None:
-    """One step of the runner's own ``training_step`` (same loss, hooks and optimizer handling)."""
+def train_step(variant: Variant, images, classes, labels, device, amp: bool) -> None:
+    """One step of the runner's own ``training_step`` (same loss, hooks and optimizer handling) on what the
+    method trains on (the images, or a head's features of them)."""
     variant.model.train()
-    training_step(variant.model, images, labels, tokens, variant.optimizer, variant.hooks, variant.step_index,
-                  device, "fp16" if amp else "fp32", variant.scaler)
+    training_step(variant.model, variant.inputs, labels, classes, variant.optimizer, variant.hooks,
+                  variant.step_index, device, "fp16" if amp else "fp32", variant.scaler)
     variant.step_index += 1
 
 
@@ -148,7 +157,9 @@ def run_benchmark(model_name="ViT-B-16", batch=4, classes=10, image_size=None, d
     size = image_size or plain.visual.image_size[0]
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.arange(batch, device=device) % classes
-    tokens = backbone.tokenizer([f"a photo of a class {i}." for i in range(classes)]).to(device)
+    names = [f"class {i}" for i in range(classes)]
+    class_set = lz.ClassSet.of(names, [f"a photo of a {name}." for name in names], backbone.tokenizer).to(device)
+    tokens = class_set.tokens
     base = lz.split_attention(copy.deepcopy(plain))
 
     def calibrate(model):
@@ -164,22 +175,23 @@ def run_benchmark(model_name="ViT-B-16", batch=4, classes=10, image_size=None, d
     variants = []
     for name, method, options in specs:
         log(f"building {name} ...")
-        variants.append(Variant(name, method, options, base, calibrate, steps, amp and device.type == "cuda"))
+        variants.append(Variant(name, method, options, base, calibrate, steps, class_set, images, labels,
+                                amp and device.type == "cuda"))
     for variant in variants:  # warm-up (allocator, kernels)
-        train_step(variant, images, tokens, labels, device, amp)
+        train_step(variant, images, class_set, labels, device, amp)
     step_times = {v.name: [] for v in variants}
     for rep in range(reps):
         for variant in variants:
-            step_times[variant.name].append(timed(lambda: train_step(variant, images, tokens, labels, device, amp),
+            step_times[variant.name].append(timed(lambda: train_step(variant, images, class_set, labels, device, amp),
                                                   device))
         log(f"repetition {rep + 1}/{reps} done")
     saved, peak = {}, {}
     for variant in variants:
         with SavedActivations(variant.model) as activations:
-            train_step(variant, images, tokens, labels, device, amp)
+            train_step(variant, images, class_set, labels, device, amp)
         saved[variant.name] = activations.bytes
         if device.type == "cuda":
-            peak[variant.name] = cuda_peak_step(lambda: train_step(variant, images, tokens, labels, device, amp),
+            peak[variant.name] = cuda_peak_step(lambda: train_step(variant, images, class_set, labels, device, amp),
                                                 device)
     # merged evaluation throughput against the plain (fused-attention) open_clip model
     eval_times = {"plain open_clip": []}
@@ -187,8 +199,7 @@ def run_benchmark(model_name="ViT-B-16", batch=4, classes=10, image_size=None, d
         variant.model.eval()
         if variant.method is not None:
             variant.hooks.finish()
-            if all(a.mergeable for a in lz.adapter_modules(variant.model).values()):
-                lz.merge_adapters(variant.model)
+            if lz.kind_of(variant.model).merge(variant.model):
                 eval_times[variant.name] = []
     contenders = [("plain open_clip", plain)] + [(v.name, v.model) for v in variants if v.name in eval_times]
 

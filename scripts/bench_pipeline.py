@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import lora_zoo as lz
+import lora_zoo.scoring as scoring
 import lora_zoo.train as train
 from datasets.base import Datum
 from datasets.cache import DecodedImages
@@ -37,7 +38,7 @@ from datasets.transforms import build_train_transform
 from lora_zoo.config import TrainConfig
 from lora_zoo.text import short_context_length
 
-ADAMW = {"weight_decay": TrainConfig().weight_decay, "betas": TrainConfig().betas}  # the protocol's AdamW settings
+ADAMW = {"weight_decay": TrainConfig().resolved().weight_decay, "betas": TrainConfig().betas}  # the protocol's AdamW settings
 
 WORDS = ("red", "spotted", "garden", "lizard", "apple", "pie", "baby", "back", "ribs", "sea", "salt", "crab",
          "brown", "bread", "pudding", "golden", "eagle", "stone", "bridge", "mountain", "bike", "frozen", "yogurt")
@@ -60,12 +61,12 @@ def full_context_features(model, tokens, chunk_size=256):
 @contextmanager
 def full_context():
     """The training loop with open_clip's full context (the reference the cut context is measured against)."""
-    cut = train.text_features
-    train.text_features = full_context_features
+    cut = scoring.text_features
+    scoring.text_features = full_context_features
     try:
         yield
     finally:
-        train.text_features = cut
+        scoring.text_features = cut
 
 
 def median_times(variants: dict, reps: int, sync) -> dict:
@@ -96,9 +97,9 @@ def text_context(model, tokenizer, prompts: int, reps: int, device) -> dict:
         return step
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    seconds = median_times({"full": run(full_context_features), "cut": run(train.text_features)}, reps, sync)
+    seconds = median_times({"full": run(full_context_features), "cut": run(scoring.text_features)}, reps, sync)
     with torch.no_grad():
-        difference = (full_context_features(adapted, tokens) - train.text_features(adapted, tokens)).abs().max()
+        difference = (full_context_features(adapted, tokens) - scoring.text_features(adapted, tokens)).abs().max()
     return {"prompts": prompts, "context_full": tokens.shape[1],
             "context_cut": short_context_length(adapted, tokens) or tokens.shape[1],
             "text_full_s": seconds["full"], "text_cut_s": seconds["cut"],
@@ -164,7 +165,7 @@ def eval_throughput(model, batch: int, reps: int, device, amp: bool) -> float:
     images = torch.randn(batch, 3, size, size).to(device)
 
     def encode():
-        with torch.no_grad(), train.autocast(device, "fp16" if amp else "fp32"):
+        with torch.no_grad(), scoring.autocast(device, "fp16" if amp else "fp32"):
             model.encode_image(images)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -75,7 +75,7 @@ def fresh_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-ADAMW = TrainConfig()  # weight_decay and betas: the protocol's AdamW settings
+ADAMW = TrainConfig().resolved()  # weight_decay and betas: the protocol's AdamW settings
 
 
 class Variant:

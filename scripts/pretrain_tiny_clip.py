@@ -42,7 +42,9 @@ from datasets import build_data_loader, build_dataset, build_test_transform  # n
 from datasets.scenes import TASKS, caption_matches, pretraining_batch, write_task  # noqa: E402
 from lora_zoo.files import sha256_file  # noqa: E402
 from lora_zoo.models import SHIPPED_WEIGHTS, TINY_CONFIGS, build_clip, checksum_file  # noqa: E402
-from lora_zoo.train import LOGIT_SCALE, evaluate, prepare_device  # noqa: E402
+from lora_zoo.evaluation import evaluate  # noqa: E402
+from lora_zoo.scoring import LOGIT_SCALE  # noqa: E402
+from lora_zoo.train import prepare_device  # noqa: E402
 
 BACKBONE = "tiny-clip"
 WEIGHT_ARGUMENTS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "seed", "threads")  # what decides them

@@ -221,7 +221,7 @@ def check_base2new(datasets: list[str], root: Path) -> None:
 
 def axes(args, root: Path) -> tuple[list[str], list[str], list[int], list[int], tuple[str, ...]]:
     """Methods, datasets, shots, seeds and evaluation targets of the request, each checked."""
-    from lora_zoo.registry import list_methods
+    from lora_zoo.catalog import list_methods
 
     if args.eval_on and args.protocol == "base2new":
         raise SweepError("--eval_on evaluates few-shot runs on other datasets; a base-to-new run is evaluated on "

@@ -79,7 +79,7 @@ def test_reading_a_dataset_imports_neither_torch_open_clip_nor_the_adapter_libra
 
 
 def test_a_method_lookup_imports_methods_not_the_pipeline():
-    loaded = imported_after("from lora_zoo.registry import get_method; assert get_method('nora').lr > 0")
+    loaded = imported_after("from lora_zoo.catalog import get_method; assert get_method('nora').lr > 0")
     assert "lora_zoo.nora" in loaded and "torch" in loaded  # the methods, which need torch
     assert not loaded & {"open_clip", "torchvision", "lora_zoo.experiment", "lora_zoo.train", "lora_zoo.cli",
                          "lora_zoo.config", "lora_zoo.inject"}
@@ -113,8 +113,8 @@ def test_no_file_over_400_lines():
 def field_defaults(cls) -> dict:
     if not dataclasses.is_dataclass(cls):
         return {}
-    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(cls)}
+    return {f.name: f.metadata.get("fallback", f.default if f.default is not dataclasses.MISSING
+                                   else f.default_factory()) for f in dataclasses.fields(cls)}
 
 
 def test_no_config_file_restates_a_default():
@@ -133,7 +133,7 @@ def test_no_config_file_restates_a_default():
                     others = {k: v for k, v in value.items() if k != name}
                     try:
                         resolved = {**lz.build_config(spec.name, **others).to_dict(),
-                                    **field_defaults(spec.schedule_options_class or type(None))}
+                                    **field_defaults(spec.hooks_options_class or type(None))}
                     except ValueError:
                         continue  # the file needs it
                     assert option != resolved.get(name), f"{path.name}: method_options.{name} is the default"

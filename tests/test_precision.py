@@ -34,7 +34,8 @@ from lora_zoo.inject import method_options
 from lora_zoo.naming import adapter_state_dict
 from lora_zoo.runs import RESULT_FILE, is_finished, run_dir, run_setting
 from lora_zoo.results import first_difference
-from lora_zoo.train import autocast, train_adapters
+from lora_zoo.scoring import autocast
+from lora_zoo.train import train_adapters
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -284,7 +285,7 @@ def test_a_step_with_inf_gradients_is_skipped_and_still_an_iteration(case):
         before.update({k: after[k] for k in before if k.endswith("lora_rank_mask")})
     assert equal_tensors(after, before)
     # the cosine schedule and the iteration count advance as in the uninterrupted run (CLIP-LoRA's loop)
-    lr0, eta_min = 1e-2, TrainConfig().eta_min
+    lr0, eta_min = 1e-2, TrainConfig().resolved().eta_min
     cosine = [eta_min + (lr0 - eta_min) * (1 + math.cos(math.pi * t / SKIP_RUN)) / 2 for t in range(SKIP_RUN)]
     assert forced.curves["lr"] == reference.curves["lr"] == pytest.approx(cosine, rel=1e-9)
     assert states[FORCED]["step"] == FORCED + 1 and states[FORCED]["scheduler"]["last_epoch"] == FORCED + 1

@@ -26,7 +26,7 @@ from lora_zoo.cli import run as main_run
 from lora_zoo.inject import merge_adapters
 from lora_zoo.models import build_clip
 from lora_zoo.runlock import claim
-from lora_zoo.train import evaluate
+from lora_zoo.evaluation import evaluate
 from scripts import make_table, sweep
 from scripts.sweep_plan import Standing, is_complete
 

@@ -161,7 +161,7 @@ def test_config_precedence_and_coercion(tmp_path):
     first.write_text("method: nora\nbatch_size: 8\nmethod_options: {inner_init: lora}\n")
     extra.write_text("lr: 1e-3\nn_iters: 7\nmethod_options: {inner_rank: 4}\n")
     cfg = load_config([first, extra], {"n_iters": 9, "method_options.outer_rank": 0.5})
-    assert (cfg.train.lr, cfg.train.n_iters, cfg.shots * cfg.train.n_iters) == (1e-3, 9, cfg.total_iterations)
+    assert (cfg.train.lr, cfg.train.n_iters, cfg.shots * cfg.train.n_iters) == (1e-3, 9, cfg.iterations(train_size=100))
     assert cfg.train.batch_size == 8 and cfg.train.weight_decay == 1e-2  # a file's value; the dataclass default
     assert cfg.method_options == {"inner_init": "lora", "inner_rank": 4, "outer_rank": 0.5}
     assert run_dir(cfg) == Path("outputs/ViT-B-16/dtd/16shots/seed1/nora")

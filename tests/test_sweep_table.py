@@ -148,7 +148,7 @@ def test_finished_runs_with_other_settings_are_refused_not_skipped(capsys, data_
     (["--grid", "method_options.rank=2,two"], RUN_ARGS, "lora dtd 1-shot seed 1 [rank=two]: rank must be an integer"),
     (["--grid", "lr=0.01"], RUN_ARGS + ["--run_name", "x"], "--run_name after '--' cannot be combined with --grid"),
     (["--backbone", "ViT-Z-99"], RUN_ARGS, "unknown backbone 'ViT-Z-99'"),
-    ([], ["--n_iters", "many"], "n_iters must be an integer, got 'many'"),
+    ([], ["--n_iters", "many"], "n_iters must be an integer or null, got 'many'"),
     (["--no_such_option"], RUN_ARGS, "unrecognized arguments: --no_such_option (see --help)"),
 ])
 def test_bad_requests_are_one_line_and_run_nothing(capsys, data_root, tmp_path, options, run_args, expect):

@@ -26,7 +26,7 @@ from lora_zoo.config import load_config
 from lora_zoo.experiment import run_experiment
 from lora_zoo.files import sha256_file
 from lora_zoo.models import SHIPPED_WEIGHTS, build_clip, checksum_file
-from lora_zoo.train import evaluate
+from lora_zoo.evaluation import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "pretrain_tiny_clip.py"

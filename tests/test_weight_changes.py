@@ -9,7 +9,7 @@ from torch import nn
 
 import lora_zoo as lz
 import lora_zoo.adapter
-import lora_zoo.checkpoint
+import lora_zoo.kinds
 import lora_zoo.export
 from conftest import tiny_clip
 from lora_zoo import registry
@@ -20,7 +20,7 @@ from lora_zoo.lora import LoraConfig, LoraLinear
 @pytest.fixture
 def biased():
     """A throwaway layer method (LoRA plus a trainable bias update Δb), registered for one test, then removed."""
-    registry.discover()
+    import lora_zoo.catalog  # noqa: F401 - every method registered first
 
     @registry.register_method("biased_test", display_name="Biased", citation="a test", lr=1e-3)
     class BiasedLinear(LoraLinear):
@@ -49,7 +49,7 @@ def calls(monkeypatch):
             return real(weight, bias, weight_delta, bias_delta, sign)
         return wrapped
 
-    for module in (lora_zoo.adapter, lora_zoo.export, lora_zoo.checkpoint):
+    for module in (lora_zoo.adapter, lora_zoo.export, lora_zoo.kinds):  # kinds: checkpoint loading
         monkeypatch.setattr(module, "apply_delta", spy(module.__name__.rsplit(".", 1)[1]))
     return seen
 
