@@ -21,7 +21,8 @@ Imports are lazy: ``import lora_zoo`` (or any of its modules, e.g. ``lora_zoo.fi
 from ``datasets``) loads no torch; each name above is imported from its module on
 first use, and ``lora_zoo.<module>`` works for every module of the package. The
 package's layers (entry points > pipeline > loop > methods > adapter base >
-primitives) are import contracts in ``.importlinter``, checked by the test suite.
+primitives) are import contracts in ``pyproject.toml`` (``[tool.importlinter]``),
+checked by the test suite.
 """
 import importlib
 
