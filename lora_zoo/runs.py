@@ -4,7 +4,8 @@
 run; a readable ``result.json`` (written last, atomically) means it finished. The sweep
 plans with these functions and the pipeline (``experiment.py``) writes what they read;
 reading a folder imports neither torch nor open_clip (comparing a run's settings with a
-config resolves the method's options, which loads the methods).
+config resolves the method's options, which loads the methods). A run records what the
+tables show of its method (``method_record``), so tables are made from JSON alone.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Optional
 
 from .config import ExperimentConfig
 from .errors import RunFinishedError
+from .registry import get_method
 from .results import first_difference, setting_of
 
 RESULT_FILE, ADAPTER_FILE, RANKS_FILE, EVAL_FILE = "result.json", "adapters.safetensors", "ranks.json", "eval.json"
@@ -25,8 +27,8 @@ MODEL_KEYS = ("pretrained", "backbone_seed", "encoders", "targets", "layers")
 EVAL_KEYS = ("device", "eval_batch_size", "num_workers", "template", "test_cache_dir", "threads")
 
 __all__ = ["ADAPTER_FILE", "EVAL_FILE", "EVAL_ON_DIR", "RANKS_FILE", "RESULT_FILE", "STATE_FILE", "RunFinishedError",
-           "dataset_name", "is_finished", "read_result", "recorded_options", "run_dir", "run_setting", "saved_config",
-           "target_file"]
+           "dataset_name", "is_finished", "method_record", "read_result", "recorded_options", "run_dir", "run_setting",
+           "saved_config", "target_file"]
 
 
 def dataset_name(cfg: ExperimentConfig) -> str:
@@ -60,6 +62,14 @@ def read_result(folder: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return result if isinstance(result, dict) and isinstance(result.get("accuracy"), (int, float)) else None
+
+
+def method_record(method: str) -> dict[str, str]:
+    """What ``result.json`` and ``eval_on/<target>.json`` record of the method for the tables to show: its display
+    name, citation and kind (``lora_zoo.tables`` reads them; it looks nothing up in the registry)."""
+    spec = get_method(method)
+    # MethodSpec.kind is on its way; until it lands every method is a weights adapter
+    return {"display_name": spec.display_name, "citation": spec.citation, "kind": getattr(spec, "kind", "weights")}
 
 
 def recorded_options(cfg: ExperimentConfig) -> dict[str, Any]:
