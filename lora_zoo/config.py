@@ -32,7 +32,6 @@ from datasets.base import check_template
 from datasets.registry import get_spec as dataset_spec
 
 from .options import Options, field_names, option
-from .registry import get_method, protocol_lr
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the adapters' dtype
 RUN_NAME = re.compile(r"[A-Za-z0-9._=,+-]{1,120}")
@@ -125,10 +124,11 @@ class ExperimentConfig(Options):
 
     def __post_init__(self):
         # checked against the libraries they name, imported here: reading this module (results, make_table)
-        # must not load torch or open_clip
+        # must not load torch, open_clip or the method registry
         from .inject import method_options
         from .models import list_backbones, resolve_pretrained
         from .optim import get_optimizer
+        from .registry import protocol_lr
         from .targets import check_targets
 
         if self.layers in ("all", ""):
@@ -169,6 +169,7 @@ class ExperimentConfig(Options):
     @property
     def optimizer(self) -> str:
         """The optimizer builder this run uses (``train.optimizer``, else the method's)."""
+        from .registry import get_method
         return self.train.optimizer or get_method(self.method).optimizer
 
     @property
