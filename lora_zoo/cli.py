@@ -1,8 +1,8 @@
 """The command line of ``main.py``, ``main_nora.py`` and ``main_aira.py``: flags built from the settings' dataclasses.
 
-The top layer of the package (``.importlinter``): the only module that parses arguments and turns the
-library's one-line errors into exit codes; nothing in the library imports it, the entry points and
-``scripts/sweep.py`` (which plans runs with ``parse_config``) do.
+The top layer of the package (``[tool.importlinter]`` in ``pyproject.toml``): the only module that parses
+arguments and turns the library's one-line errors into exit codes; nothing in the library imports it, the
+entry points and ``scripts/sweep.py`` (which plans runs with ``parse_config``) do.
 
     python main.py --method lora --root_path DATA --dataset dtd --shots 4 --seed 1
     python main_nora.py --root_path DATA --dataset food101 --shots 16      # NoRA (Li et al., ICCV 2025)

@@ -184,7 +184,7 @@ class ExperimentConfig(Options):
 
     def __post_init__(self):
         # checked against the libraries they name, imported here: reading this module (results, make_table)
-        # must not load torch or open_clip
+        # must not load torch, open_clip or the method registry
         from .catalog import get_optimizer
         from .inject import method_options
         from .models import list_backbones, resolve_pretrained
@@ -236,7 +236,7 @@ class ExperimentConfig(Options):
         return self.train.iterations(self.shots, train_size)
 
     @property
-    def method_record(self) -> dict[str, Any]:
+    def resolved_method_options(self) -> dict[str, Any]:
         """The method options as ``result.json`` records them: the module's, then its hooks', all resolved."""
         hooks = self.hooks_options.to_dict() if self.hooks_options is not None else {}
         return {**self.method_config.to_dict(), **hooks}

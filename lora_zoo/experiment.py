@@ -45,7 +45,7 @@ from .models import check_weights
 from .provenance import RunLog, environment, peak_memory
 from .runlock import claim, claimed_by
 from .runs import (ADAPTER_FILE, EVAL_FILE, EVAL_ON_DIR, RESULT_FILE, STATE_FILE, dataset_name, is_finished,
-                   read_result, run_dir, run_setting, saved_config, target_file)
+                   method_record, read_result, run_dir, run_setting, saved_config, target_file)
 from .train import prepare_device
 
 logger = logging.getLogger(__name__)
@@ -215,7 +215,8 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
         model, classes = backbone.model, data.classes(backbone.tokenizer)
         scoring = stages.build_scoring(cfg, backbone, data.plan, workers)
         subset = stages.train_subset_record(data.ds)
-        record: dict[str, Any] = {"method": cfg.method, "dataset": dataset_name(cfg), "shots": cfg.shots,
+        record: dict[str, Any] = {"method": cfg.method, **method_record(cfg), "dataset": dataset_name(cfg),
+                                  "shots": cfg.shots,
                                   "seed": cfg.seed, "run_name": cfg.run_name, "backbone": cfg.backbone,
                                   "pretrained": cfg.pretrained, "device": str(device), "threads": threads,
                                   "num_workers": workers}

@@ -13,7 +13,9 @@ few-shot ``result.json`` has ``"protocol": "fewshot"`` or no protocol key (runs
 written before there were others), a base-to-new one ``"protocol": "base2new"``
 (``load_base2new``), and a few-shot run evaluated on other datasets holds one
 ``eval_on/<target>.json`` per target (``load_transfers``: cross-dataset transfer
-and domain generalisation). ``load_results`` reads few-shot runs only. The cell
+and domain generalisation). ``load_results`` reads few-shot runs only. Each run
+keeps the display name its record gives its method (``runs.method_record``; None in
+records written before runs recorded it): tables read no method registry. The cell
 format of the tables (``cell_text``, ``average_text``) is here too.
 A result whose accuracy is not a finite number (NaN from weights that diverged) is
 never read as a run: ``load_results`` skips it with a warning naming the file, so no
@@ -53,6 +55,7 @@ class Run:
     run_name: str | None
     setting: tuple
     zero_shot: float | None = None  # the base model's accuracy on the same test split and prompts
+    display_name: str | None = None  # the method's, as the run recorded it (None: written before runs did)
 
     def value(self, key: str):
         return getattr(self, key) if key in AXES else dict(self.setting).get(key, ABSENT)
@@ -129,6 +132,10 @@ def optional_float(value) -> float | None:
     return None if value is None else float(value)
 
 
+def optional_text(value) -> str | None:
+    return None if value is None else str(value)
+
+
 def read_records(paths, parse) -> tuple[list, int]:
     """``parse(record)`` of each JSON file (None: not wanted), and how many could not be read (each warned about)."""
     out, unreadable = [], 0
@@ -157,7 +164,7 @@ def load_results(root: Path) -> tuple[list[Run], int]:
             return None
         return Run(str(r["backbone"]), str(r["method"]), str(r["dataset"]), int(r["shots"]), int(r["seed"]),
                    finite_score(r, "accuracy"), (r.get("config") or {}).get("run_name"), setting_of(r),
-                   optional_float(r.get("zero_shot_accuracy")))
+                   optional_float(r.get("zero_shot_accuracy")), optional_text(r.get("display_name")))
     return read_records(sorted(root.rglob("result.json")), parse)
 
 
@@ -181,6 +188,7 @@ class Base2NewRun:
     new: float
     zero_shot_base: float | None = None
     zero_shot_new: float | None = None
+    display_name: str | None = None
 
 
 def load_base2new(root: Path) -> tuple[list[Base2NewRun], int]:
@@ -192,7 +200,7 @@ def load_base2new(root: Path) -> tuple[list[Base2NewRun], int]:
         return Base2NewRun(str(r["backbone"]), str(r["method"]), run_name, str(r["dataset"]), int(r["shots"]),
                            int(r["seed"]), finite_score(r, "base_accuracy"), finite_score(r, "new_accuracy"),
                            optional_float(r.get("zero_shot_base_accuracy")),
-                           optional_float(r.get("zero_shot_new_accuracy")))
+                           optional_float(r.get("zero_shot_new_accuracy")), optional_text(r.get("display_name")))
     return read_records(sorted(root.rglob("result.json")), parse)
 
 
@@ -212,6 +220,7 @@ class TransferRun:
     zero_shot: float | None = None
     source_accuracy: float | None = None
     source_zero_shot: float | None = None
+    display_name: str | None = None
 
 
 def load_transfers(root: Path) -> tuple[list[TransferRun], int]:
@@ -224,7 +233,7 @@ def load_transfers(root: Path) -> tuple[list[TransferRun], int]:
         return TransferRun(str(r["backbone"]), str(r["method"]), r.get("run_name"), str(r["source_dataset"]),
                            str(r["target"]), int(r["shots"]), int(r["seed"]), finite_score(r, "accuracy"),
                            optional_float(r.get("zero_shot_accuracy")), optional_float(source.get("accuracy")),
-                           optional_float(source.get("zero_shot_accuracy")))
+                           optional_float(source.get("zero_shot_accuracy")), optional_text(r.get("display_name")))
     return read_records(sorted(root.rglob("eval_on/*.json")), parse)
 
 

@@ -4,7 +4,8 @@
 run; a readable ``result.json`` (written last, atomically) means it finished. The sweep
 plans with these functions and the pipeline (``experiment.py``) writes what they read;
 reading a folder imports neither torch nor open_clip (comparing a run's settings with a
-config resolves the method's options, which loads the methods).
+config resolves the method's options, which loads the methods). A run records what the
+tables show of its method (``method_record``), so tables are made from JSON alone.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ MODEL_KEYS = ("pretrained", "backbone_seed", "encoders", "targets", "layers")
 EVAL_KEYS = ("device", "eval_batch_size", "num_workers", "template", "test_cache_dir", "threads")
 
 __all__ = ["ADAPTER_FILE", "EVAL_FILE", "EVAL_ON_DIR", "RANKS_FILE", "RESULT_FILE", "STATE_FILE", "RunFinishedError",
-           "dataset_name", "is_finished", "read_result", "recorded_options", "run_dir", "run_setting", "saved_config",
-           "target_file"]
+           "dataset_name", "is_finished", "method_fields", "method_record", "read_result", "recorded_options", "run_dir", "run_setting",
+           "saved_config", "target_file"]
 
 
 def dataset_name(cfg: ExperimentConfig) -> str:
@@ -62,9 +63,20 @@ def read_result(folder: Path) -> dict[str, Any] | None:
     return result if isinstance(result, dict) and isinstance(result.get("accuracy"), (int, float)) else None
 
 
+def method_record(cfg: ExperimentConfig) -> dict[str, str]:
+    """What ``result.json`` and ``eval_on/<target>.json`` record of the run's method for the tables to show: its
+    display name, citation and kind (``lora_zoo.tables`` reads them; it looks nothing up in the registry)."""
+    return method_fields(cfg.method_spec)
+
+
+def method_fields(spec) -> dict[str, str]:
+    """A ``registry.MethodSpec``'s display name, citation and kind, as records hold them."""
+    return {"display_name": spec.display_name, "citation": spec.citation, "kind": spec.kind}
+
+
 def recorded_options(cfg: ExperimentConfig) -> dict[str, Any]:
     """The optimizer and the resolved method options (layer and schedule) as ``result.json`` records them."""
-    return {"optimizer": cfg.optimizer, "method_config": cfg.method_record}
+    return {"optimizer": cfg.optimizer, "method_config": cfg.resolved_method_options}
 
 
 def run_setting(cfg: ExperimentConfig) -> tuple:

@@ -36,7 +36,8 @@ from .metrics import Sinks, write_curves
 from .models import Backbone, build_clip
 from .naming import count_trainable
 from .results import harmonic_mean
-from .runs import ADAPTER_FILE, RANKS_FILE, STATE_FILE, dataset_name, recorded_options, run_setting, target_file
+from .runs import (ADAPTER_FILE, RANKS_FILE, STATE_FILE, dataset_name, method_record, recorded_options, run_setting,
+                   target_file)
 from .scoring import ClassSet
 from .targets import check_layers
 from .train import train_adapters
@@ -263,7 +264,8 @@ def evaluate_targets(cfg: ExperimentConfig, model, items, zero_shots: dict[str, 
         write_json(target_file(out, evaluation.name), {
             "target": evaluation.name, "accuracy": accuracy, "test_images": len(evaluation.test),
             "classes": len(evaluation.prompts), "zero_shot_accuracy": zero_shots.get(evaluation.name),
-            "source_dataset": dataset_name(cfg), "method": cfg.method, "shots": cfg.shots, "seed": cfg.seed,
+            "source_dataset": dataset_name(cfg), "method": cfg.method, **method_record(cfg),
+            "shots": cfg.shots, "seed": cfg.seed,
             "backbone": cfg.backbone, "run_name": cfg.run_name, "template": cfg.template,
             "precision": cfg.train.precision})
         logger.info("top-1 %.2f%% on %s (%d test images, %d classes)", accuracy, evaluation.name,

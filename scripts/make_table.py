@@ -11,7 +11,9 @@ where the runs started from random weights, ``pretrained: null``). The paper's
 rows (``reported/nora_table2.csv``) appear beside ViT-B-16 results only; one table per backbone. Markdown,
 LaTeX, CSV; ``--plot_dir`` adds accuracy-vs-shots PNGs (``scripts/plot_shots.py``, matplotlib). Runs of the
 other protocols never enter it: ``--protocol base2new|cross_dataset|domain`` tabulates those
-(``scripts/protocol_tables.py``).
+(``scripts/protocol_tables.py``). A method's rows are named by the display name its runs recorded (the method's
+name in records written before runs recorded it): tables are read from the JSON records alone, with the labels,
+column order and rendering of ``lora_zoo/tables.py``; neither torch, open_clip nor the method registry is loaded.
 
     python scripts/make_table.py outputs [--backbone ViT-B-16] [--rows lr] [--cols method_options.inner_rank]
                                  [--best_over lr] [--datasets benchmark] [--format md|latex|csv|all] [--plot_dir DIR]
@@ -25,18 +27,15 @@ import statistics
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
-from io import StringIO
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from lora_zoo.results import (ABSENT, AXES, MISSING, average_text, cell_text, load_results, mean_std,  # noqa: E402
                               short_key, value_text)
-from scripts.protocol_tables import PAPER_BACKBONE, add_protocol_arguments, protocol_main  # noqa: E402
-
-
-class TableError(ValueError):
-    """A bad request; printed as one line, exit code 2."""
+from lora_zoo.tables import (PAPER_BACKBONE, TableError, column_order, dataset_label, display_names,  # noqa: E402
+                             known_average, method_label, number_text, print_table, single)
+from scripts.protocol_tables import add_protocol_arguments, protocol_main  # noqa: E402
 
 
 def canonical_key(key: str | None, runs, role: str, refused=("dataset", "shots", "seed", "backbone")):
@@ -85,17 +84,6 @@ def identity_keys(runs, rows, cols, best) -> list[str]:
     return lead + [k for k in varying if k not in (rows, cols, best)] + ([best] if best else [])
 
 
-def display_name(method: str) -> str:
-    """The method's registered display name (the name itself for a method this checkout does not have)."""
-    import lora_zoo
-    return lora_zoo.get_method(method).display_name if method in lora_zoo.list_methods() else method
-
-
-def dataset_label(name: str) -> str:
-    from datasets import get_spec, list_datasets
-    return get_spec(name).display_name if name in list_datasets() else name
-
-
 @dataclass
 class Layout:
     """What one table shows: key roles, shots, seeds, methods in order, column datasets or values."""
@@ -127,12 +115,13 @@ def settings(runs, layout: Layout):
     return sorted(identities, key=order), index, repeated
 
 
-def label(ident) -> str:
+def label(ident, names: dict[str, str]) -> str:
+    """A setting's row: ``NoRA (ours, nora): lr=0.001`` (``names``: ``tables.display_names``)."""
     options = ", ".join(f"{short_key(k)}={value_text(v)}" for k, v in ident[1:])
-    return f"{display_name(ident[0])} (ours, {ident[0]})" + (f": {options}" if options else "")
+    return method_label(ident[0], names) + (f": {options}" if options else "")
 
 
-def our_rows(runs, layout: Layout, columns: list) -> list[tuple[str, list[str]]]:
+def our_rows(runs, layout: Layout, columns: list, names: dict[str, str]) -> list[list[str]]:
     """One row per setting, each group of settings followed by its best-over row when asked."""
     expected = len(layout.seeds)
     identities, index, repeated = settings(runs, layout)
@@ -153,7 +142,7 @@ def our_rows(runs, layout: Layout, columns: list) -> list[tuple[str, list[str]]]
         groups[ident[:-1] if layout.best else ident].append(ident)
     rows = []
     for group, members in groups.items():
-        rows += [(label(m), cells(lambda k, c, m=m: (index.get((m, k, c), {}), ""))) for m in members]
+        rows += [[label(m, names), *cells(lambda k, c, m=m: (index.get((m, k, c), {}), ""))] for m in members]
         if layout.best:
             def best(k, c):  # the member with the highest mean; the first in order on a tie
                 found = [(statistics.fmean(p.values()), -i, p, m[-1][1]) for i, m in enumerate(members)
@@ -162,17 +151,15 @@ def our_rows(runs, layout: Layout, columns: list) -> list[tuple[str, list[str]]]
                     return {}, ""
                 _, _, p, value = max(found, key=lambda f: f[:2])
                 return p, f" ({short_key(layout.best)}={value_text(value)})"
-            rows.append((f"best {short_key(layout.best)} per cell, selected on the test split: {label(group)}",
-                         cells(best)))
+            rows.append([f"best {short_key(layout.best)} per cell, selected on the test split: {label(group, names)}",
+                         *cells(best)])
     return rows
 
 
 def zero_shot_of(runs, layout: Layout, dataset: str):
     """The zero-shot accuracy the runs of ``dataset`` recorded: one value, ``None`` (none recorded), or ``"varies"``
     (runs with other prompts or weights in one table)."""
-    values = {round(r.zero_shot, 6) for r in runs
-              if r.dataset == dataset and r.seed in layout.seeds and r.zero_shot is not None}
-    return values.pop() if len(values) == 1 else ("varies" if values else None)
+    return single(r.zero_shot for r in runs if r.dataset == dataset and r.seed in layout.seeds)
 
 
 def zero_shot_row(runs, layout: Layout, datasets: list[str]):
@@ -180,11 +167,8 @@ def zero_shot_row(runs, layout: Layout, datasets: list[str]):
     found = [zero_shot_of(runs, layout, d) for d in datasets]
     if all(v is None for v in found):
         return None
-    known = [v for v in found if isinstance(v, float)]
-    average = MISSING if not known else f"{statistics.fmean(known):.2f}" + (
-        f" [{len(known)}/{len(found)} datasets]" if len(known) < len(found) else "")
-    cells = [MISSING if v is None else v if isinstance(v, str) else f"{v:.2f}" for v in found] + [average]
-    return zero_shot_label(runs, layout, datasets), cells * len(layout.shots)
+    cells = [*map(number_text, found), known_average(found)]
+    return [zero_shot_label(runs, layout, datasets), *cells * len(layout.shots)]
 
 
 def zero_shot_label(runs, layout: Layout, datasets: list[str]) -> str:
@@ -216,34 +200,15 @@ def reported_rows(path: Path, shots_list, datasets):
         for shots in shots_list:
             row = per_shots.get(shots)
             cells += [row[k] if row and row.get(k) else MISSING for k in [*datasets, "average"]]
-        rows.append((f"{method} (paper)", cells))
+        rows.append([f"{method} (paper)", *cells])
     return rows
-
-
-def render(groups: list[str], labels: list[str], rows, fmt: str) -> str:
-    """Rows under ``labels`` repeated for each group (``"4-shot"``), as Markdown, LaTeX or CSV."""
-    head = ["Method"] + [f"{name} {group}" for group in groups for name in labels]
-    if fmt == "md":
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(lines + ["| " + " | ".join([name] + cells) + " |" for name, cells in rows])
-    if fmt == "latex":
-        tex = lambda s: s.replace("±", r"$\pm$").replace("—", "--").replace("%", r"\%").replace("_", r"\_")
-        lines = [r"\begin{tabular}{l" + "c" * (len(head) - 1) + "}", r"\toprule",
-                 " & ".join(["Method"] + [rf"\multicolumn{{{len(labels)}}}{{c}}{{{g}}}" for g in groups]) + r" \\",
-                 " & ".join([""] + [tex(n) for _ in groups for n in labels]) + r" \\", r"\midrule"]
-        lines += [" & ".join(tex(c) for c in [name] + cells) + r" \\" for name, cells in rows]
-        return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"])
-    out = StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(head)
-    writer.writerows([name] + cells for name, cells in rows)
-    return out.getvalue().rstrip("\n")
 
 
 def shot_curves(runs, layout: Layout, dataset: str) -> list[tuple[str, list[tuple[int, float, float | None]]]]:
     """What the plot of ``dataset`` draws: per setting, ``(label, [(shots, mean, sample std), ...])``."""
     identities, index, _ = settings(runs, layout)
-    curves = [(label(ident), [(k, *mean_std(index[ident, k, dataset].values())[:2]) for k in layout.shots
+    names = display_names(runs)
+    curves = [(label(ident, names), [(k, *mean_std(index[ident, k, dataset].values())[:2]) for k in layout.shots
                               if index.get((ident, k, dataset))]) for ident in identities]
     return [(name, points) for name, points in curves if points]
 
@@ -265,26 +230,15 @@ def column_datasets(requested, present, reported_order) -> list[str]:
     """``requested`` (``benchmark``: CoOp's eleven; ``all``: those and every other with results), else every
     dataset with results: the paper's first, in its order, then CoOp's order, then the rest."""
     from datasets import BENCHMARK_DATASETS, list_datasets
-    if requested in (["benchmark"], ["all"]):
-        extra = sorted(present - set(BENCHMARK_DATASETS)) if requested == ["all"] else []
-        return [*BENCHMARK_DATASETS, *extra]
-    if requested:
-        unknown = [d for d in requested if d not in list_datasets() and d not in present]
-        if unknown:
-            raise TableError(f"--datasets {unknown[0]}: no such dataset and no results for it "
-                             f"(registered: {', '.join(list_datasets())}; or benchmark, all)")
-        return list(requested)
-    order = [d for d in (*reported_order, *BENCHMARK_DATASETS) if d in present]
-    return list(dict.fromkeys(order)) + sorted(present - set(order))
+    paper_first = [] if requested in (["benchmark"], ["all"]) else reported_order  # those two: CoOp's order
+    fixed = list(dict.fromkeys([*paper_first, *BENCHMARK_DATASETS]))
+    return column_order(requested, present, fixed, list_datasets(), always=False)
 
 
 def tables(runs, args, backbone: str) -> list[tuple[str, list[str], list[str], list]]:
-    """``(header lines, column groups, column labels, rows)`` of each table for one backbone."""
-    import lora_zoo
+    """``(header lines, column groups, header, rows)`` of each table for one backbone."""
     mine = [r for r in runs if r.backbone == backbone and (not args.methods or r.method in args.methods)]
-    found = {r.method for r in mine}
-    registered = lora_zoo.list_methods()
-    methods = args.methods or [m for m in registered if m in found] + sorted(found - set(registered))
+    names, methods = display_names(mine), args.methods or sorted({r.method for r in mine})
     seeds = args.seeds or sorted({r.seed for r in mine})
     layout = Layout(args.rows, args.cols, args.best_over, args.shots or sorted({r.shots for r in mine}), set(seeds),
                     methods)
@@ -317,14 +271,15 @@ def tables(runs, args, backbone: str) -> list[tuple[str, list[str], list[str], l
             plot(mine, layout, backbone, datasets, args.plot_dir)
         rows = reported_rows(args.reported, layout.shots, datasets) if paper else []
         zero_shot = zero_shot_row(mine, layout, datasets)
-        rows += ([zero_shot] if zero_shot else []) + our_rows(mine, layout, datasets)
-        return [(title(backbone), groups, [dataset_label(d) for d in datasets] + ["Average"], rows)]
+        rows += ([zero_shot] if zero_shot else []) + our_rows(mine, layout, datasets, names)
+        return [(title(backbone), groups, ["Method", *map(dataset_label, datasets), "Average"], rows)]
     out = []
     for dataset in datasets:
         in_dataset = [r for r in mine if r.dataset == dataset]
         values = sorted({r.value(args.cols) for r in in_dataset}, key=order_of)
         out.append((title(f"{backbone}, {dataset_label(dataset)}"), groups,
-                    [f"{short_key(args.cols)}={value_text(v)}" for v in values], our_rows(in_dataset, layout, values)))
+                    ["Method", *(f"{short_key(args.cols)}={value_text(v)}" for v in values)],
+                    our_rows(in_dataset, layout, values, names)))
     return out
 
 
@@ -352,7 +307,7 @@ def main(argv=None) -> int:
         print(f"error: results folder not found: {args.results}", file=sys.stderr)
         return 1
     if args.protocol != "fewshot":  # base-to-new, cross-dataset, domain generalisation: scripts/protocol_tables.py
-        return protocol_main(args, lambda method: label((method,)))
+        return protocol_main(args)
     runs, args.unreadable = load_results(args.results)
     backbones = sorted({r.backbone for r in runs}, key=lambda b: (b != PAPER_BACKBONE, b))
     try:
@@ -375,10 +330,8 @@ def main(argv=None) -> int:
         return 2
     if len(backbones) > 1 and not args.backbone:
         print(f"results of {len(backbones)} backbones ({', '.join(backbones)}): one table each\n")
-    for notes, groups, labels, rows in shown:
-        print(notes + "\n")
-        for fmt in (["md", "latex", "csv"] if args.format == "all" else [args.format]):
-            print(render(groups, labels, rows, fmt) + "\n")
+    for notes, groups, head, rows in shown:
+        print_table(notes, head, rows, args.format, groups)
     return 0
 
 

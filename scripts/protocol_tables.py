@@ -18,27 +18,23 @@ them out:
 A cell is mean ± sample std over the seeds found, ``(n/N)`` with fewer seeds
 than the table's, "—" with no run; an average is taken per seed over the
 datasets the row has (``[k/D datasets]`` when some are missing). Rows are
-settings named by method and run name (the run folder's name). One table per
-backbone and shot count. Records are read by ``lora_zoo.results`` (no torch or
-open_clip import here).
+settings named by method (the display name the runs recorded) and run name (the
+run folder's name). One table per backbone and shot count. Records are read by
+``lora_zoo.results``; labels, column order and rendering are ``lora_zoo.tables``
+(no torch, open_clip or method registry import here).
 """
 from __future__ import annotations
 
-import csv
 import statistics
 import sys
 from collections import defaultdict
-from io import StringIO
 
 from lora_zoo.results import (MISSING, PROTOCOLS, average_text, cell_text, harmonic_mean, load_base2new,
                               load_transfers, mean_std)
+from lora_zoo.tables import (PAPER_BACKBONE, TableError, column_order, dataset_label, display_names, known_average,
+                             method_label, number_text, print_table, single)
 
-PAPER_BACKBONE = "ViT-B-16"
 ZERO_SHOT = "Zero-shot (the pretrained model, no training)"
-
-
-class ProtocolTableError(ValueError):
-    """A request no table can answer; printed as one line, exit code 2."""
 
 
 def add_protocol_arguments(parser) -> None:
@@ -48,34 +44,6 @@ def add_protocol_arguments(parser) -> None:
                              "-A | -R | average (scripts/protocol_tables.py)")
     parser.add_argument("--source", default="imagenet",
                         help="cross_dataset and domain: the dataset the runs trained on (default: imagenet)")
-
-
-def dataset_label(name: str) -> str:
-    from datasets import get_spec, list_datasets
-    return get_spec(name).display_name if name in list_datasets() else name
-
-
-def single(values):
-    """The one value recorded (rounded), None when none was, ``"varies"`` when runs disagree."""
-    found = {round(v, 6) for v in values if v is not None}
-    return found.pop() if len(found) == 1 else ("varies" if found else None)
-
-
-def number_text(value) -> str:
-    return MISSING if value is None else value if isinstance(value, str) else f"{value:.2f}"
-
-
-def column_order(requested, present: set, fixed: list, known: list, always: bool) -> list:
-    """``requested`` datasets (``benchmark``: ``fixed``; ``all``: those and every other present), else ``fixed``
-    (``always``) or those of it present, then the other present ones, sorted."""
-    if requested and requested not in (["benchmark"], ["all"]):
-        unknown = [d for d in requested if d not in known and d not in present]
-        if unknown:
-            raise ProtocolTableError(f"--datasets {unknown[0]}: no such dataset and no results for it "
-                                     f"(registered: {', '.join(known)}; or benchmark, all)")
-        return list(requested)
-    first = fixed if always or requested else [d for d in fixed if d in present]
-    return first + (sorted(present - set(fixed)) if requested != ["benchmark"] else [])
 
 
 def base_new_cells(per_seed: dict, expected: int, note: str = "") -> list[str]:
@@ -152,33 +120,15 @@ def transfer_rows(runs, targets: list[str], seeds: list[int], label, methods=Non
             source[r.method, r.run_name].setdefault(r.seed, r.source_accuracy)
     zero = [single(r.zero_shot for r in runs if r.target == t) for t in targets]
     source_zero = single(r.source_zero_shot for r in runs)
-    known = [v for v in zero if isinstance(v, float)]
     rows = []
-    if known or source_zero is not None:
-        average = MISSING if not known else f"{statistics.fmean(known):.2f}" + (
-            f" [{len(known)}/{len(zero)} datasets]" if len(known) < len(zero) else "")
-        rows.append([ZERO_SHOT, number_text(source_zero), *map(number_text, zero), average])
+    if any(isinstance(v, float) for v in zero) or source_zero is not None:
+        rows.append([ZERO_SHOT, number_text(source_zero), *map(number_text, zero), known_average(zero)])
     for ident in idents:
         per_target = [index.get((ident, t), {}) for t in targets]
         rows.append([label(*ident), cell_text(mean_std(source[ident].values()), len(seeds)),
                      *(cell_text(mean_std(p.values()), len(seeds)) for p in per_target),
                      average_text(per_target, len(seeds))])
     return rows
-
-
-def render_rows(head: list[str], rows: list[list[str]], fmt: str) -> str:
-    """A flat table as Markdown, LaTeX or CSV."""
-    if fmt == "md":
-        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                         + ["| " + " | ".join(row) + " |" for row in rows])
-    if fmt == "latex":
-        tex = lambda s: s.replace("±", r"$\pm$").replace("—", "--").replace("%", r"\%").replace("_", r"\_")
-        lines = [r"\begin{tabular}{l" + "c" * (len(head) - 1) + "}", r"\toprule", " & ".join(map(tex, head)) + r" \\",
-                 r"\midrule", *(" & ".join(map(tex, row)) + r" \\" for row in rows), r"\bottomrule", r"\end{tabular}"]
-        return "\n".join(lines)
-    out = StringIO()
-    csv.writer(out, lineterminator="\n").writerows([head, *rows])
-    return out.getvalue().rstrip("\n")
 
 
 def load_protocol(args):
@@ -198,18 +148,20 @@ def load_protocol(args):
                                                if sources else ""))
     runs = [r for r in runs if not args.methods or r.method in args.methods]
     if not runs:
-        raise ProtocolTableError(f"no {what} under {args.results}" + (f"; {unreadable} unreadable" if unreadable
+        raise TableError(f"no {what} under {args.results}" + (f"; {unreadable} unreadable" if unreadable
                                                                      else ""))
     return runs, unreadable
 
 
-def protocol_tables(args, label) -> list[tuple[str, list[str], list[list[str]]]]:
+def protocol_tables(args) -> list[tuple[str, list[str], list[list[str]]]]:
     """``(title, header, rows)`` of each table: one per backbone and shot count."""
     from datasets import BENCHMARK_DATASETS, DOMAIN_DATASETS, list_datasets
     runs, unreadable = load_protocol(args)
+    names = display_names(runs)
+    label = lambda method, run_name: method_label(method, names) + (f": {run_name}" if run_name else "")
     backbones = sorted({r.backbone for r in runs}, key=lambda b: (b != PAPER_BACKBONE, b))
     if args.backbone and args.backbone not in backbones:
-        raise ProtocolTableError(f"no {args.protocol} results for backbone {args.backbone} under {args.results} "
+        raise TableError(f"no {args.protocol} results for backbone {args.backbone} under {args.results} "
                                  f"(found: {', '.join(backbones)})")
     note = f"\n{unreadable} unreadable record(s) skipped (see the warnings)" if unreadable else ""
     out = []
@@ -243,25 +195,20 @@ def protocol_tables(args, label) -> list[tuple[str, list[str], list[list[str]]]]
     return out
 
 
-def protocol_main(args, method_label=lambda method: method) -> int:
-    """Print the ``args.protocol`` tables of ``args.results`` (make_table's parsed arguments); the exit code.
-
-    ``method_label(method)`` names a method in a row (make_table passes its display names)."""
-    label = lambda method, run_name: method_label(method) + (f": {run_name}" if run_name else "")
+def protocol_main(args) -> int:
+    """Print the ``args.protocol`` tables of ``args.results`` (make_table's parsed arguments); the exit code."""
     fewshot_only = [flag for flag, used in (("--rows", getattr(args, "rows", None)),
                                             ("--cols", getattr(args, "cols", "dataset") != "dataset"),
                                             ("--best_over", getattr(args, "best_over", None)),
                                             ("--plot_dir", getattr(args, "plot_dir", None))) if used]
     try:
         if fewshot_only:
-            raise ProtocolTableError(f"{fewshot_only[0]} lays out the few-shot table only; the {args.protocol} "
+            raise TableError(f"{fewshot_only[0]} lays out the few-shot table only; the {args.protocol} "
                                      "table has a fixed layout")
-        shown = protocol_tables(args, label)
-    except ProtocolTableError as err:
+        shown = protocol_tables(args)
+    except TableError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for title, head, rows in shown:
-        print(title + "\n")
-        for fmt in (["md", "latex", "csv"] if args.format == "all" else [args.format]):
-            print(render_rows(head, rows, fmt) + "\n")
+        print_table(title, head, rows, args.format)
     return 0

@@ -25,6 +25,7 @@ from lora_zoo.checkpoint import load_adapters
 from lora_zoo.cli import run as main_run
 from lora_zoo.inject import merge_adapters
 from lora_zoo.models import build_clip
+from lora_zoo.catalog import get_method
 from lora_zoo.runlock import claim
 from lora_zoo.evaluation import evaluate
 from scripts import make_table, sweep
@@ -250,6 +251,16 @@ def test_transfer_tables_cells(capsys, transfer):
     lora = next(row for row in rows if row[0] == "CLIP-LoRA (ours, lora)")
     assert lora[1:] == [f"{source:.2f}", *(f"{acc[v]:.2f}" for v in VARIANTS),
                         f"{statistics.fmean(acc[v] for v in VARIANTS):.2f}"]
+
+
+def test_every_record_names_its_method_as_the_tables_show_it(base2new, transfer):
+    """result.json (few-shot and base-to-new) and each eval_on/<target>.json carry the method's display name,
+    citation and kind: the tables read them there, not from the method registry."""
+    shown = {"display_name": "CLIP-LoRA", "citation": get_method("lora").citation, "kind": "weights"}
+    records = [*base2new.rglob("result.json"), transfer[1] / "result.json", *(transfer[1] / "eval_on").glob("*.json")]
+    assert len(records) == 2 + 1 + 6  # two dtd runs; the ImageNet source and its six targets
+    for path in records:
+        assert {key: json.loads(path.read_text())[key] for key in shown} == shown, path
 
 
 # ---- runs another process holds ----------------------------------------------------------------------------

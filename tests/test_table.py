@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from lora_zoo.catalog import get_method
+from lora_zoo.runs import method_fields
 from scripts import make_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +21,7 @@ def write_result(root, method, dataset, shots, seed, accuracy, backbone="ViT-B-1
     folder = root / backbone / dataset / f"{shots}shots" / f"seed{seed}" / leaf
     folder.mkdir(parents=True)
     result = {"backbone": backbone, "method": method, "dataset": dataset, "shots": shots, "seed": seed,
-              "accuracy": accuracy}
+              "accuracy": accuracy, **method_fields(get_method(method))}  # the display name the tables show, as runs record it
     if config is not None:
         result["config"] = {"method": method, "run_name": run_name, "output_dir": str(root), **config}
     if method_config is not None:
