@@ -22,6 +22,7 @@ from torch import nn
 from .adapter import AdapterLinear, apply_delta
 from .attention import SplitAttention
 from .files import atomic_write
+from .kinds import refuse_without_weight_update
 from .naming import is_adapter_tensor
 
 
@@ -32,6 +33,7 @@ def fused_state_dict(model: nn.Module, reference: Optional[nn.Module] = None) ->
     With ``reference`` (a fresh plain model of the same architecture), the keys and shapes are checked
     against it and a one-line ``ValueError`` names the first difference.
     """
+    refuse_without_weight_update(model, "folded into plain open_clip weights")
     state = {}
     for name, tensor in model.state_dict().items():
         if not is_adapter_tensor(name):

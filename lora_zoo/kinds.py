@@ -206,6 +206,13 @@ def apply_method(model: nn.Module, method: str, *, classes: Optional[ClassSet] =
                             encoders=encoders, targets=targets, layers=layers)
 
 
+def refuse_without_weight_update(model: nn.Module, what: str) -> None:
+    """A one-line error when the method applied to ``model`` has no weight update to be ``what`` (exported...)."""
+    setup = getattr(model, "lora_zoo_setup", None)
+    if setup is not None and not KINDS[setup.kind].merges:
+        raise ValueError(f"{setup.method} cannot be {what}: {KINDS[setup.kind].instead(setup.method)}")
+
+
 def scorer_of(model: nn.Module) -> Scorer:
     """How ``model`` classifies: what the loop and the evaluation call (CLIP's zero-shot classifier for a model
     with no method applied)."""

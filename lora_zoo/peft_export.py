@@ -53,6 +53,7 @@ from .adapter import AdapterLinear, adapter_modules
 from .dora import DoraLinear
 from .files import atomic_write, write_text
 from .hf_clip import INSTALL, convertible_config
+from .kinds import refuse_without_weight_update
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # what peft puts before a module name in its state dict
@@ -198,6 +199,7 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: Optional[s
     anything is written; the weights are written first and the config last, each atomically, so a
     readable config means a complete adapter. Returns ``directory``.
     """
+    refuse_without_weight_update(model, "exported as a peft adapter")
     exports = peft_exports(model)
     config = peft_config(exports, base_model_name_or_path)
     tensors = peft_tensors(exports)

@@ -1,8 +1,8 @@
 """Table-driven test matrix over every registered method (peft's test_custom_models style).
 
-Each method has one row in ``CASES``: the small options used on the tiny model,
-whether it promises an unchanged output at init, and its trainable-parameter
-formula. A registered method without a row fails ``test_every_method_has_a_case``.
+Each method has one row in ``tests/method_cases.py``: the small options used on the tiny model,
+whether it promises an unchanged output at init, and its trainable-parameter formula. A registered
+method without a row fails ``test_every_method_has_a_row``.
 """
 import copy
 import json
@@ -12,105 +12,38 @@ import torch
 
 import lora_zoo as lz
 from conftest import tiny_clip
+from method_cases import CASES, CLASSES, LABELS, apply_case, method_of as case_method, missing_rows
 
 
-def lora_count(adapter):
-    return adapter.config.rank * (adapter.in_features + adapter.out_features)
-
-
-def nora_count(adapter):  # per inner_structure (docs/METHODS.md); the paper's NoRA is "nested" (eq. 4)
-    d_out, d_in, r, k = adapter.out_features, adapter.in_features, adapter.outer_rank, adapter.inner_rank
-    counts = {"nested": lambda: 2 * k * r, "output": lambda: 2 * k * d_out, "nested_full": lambda: r * r,
-              "output_full": lambda: d_out * d_out, "down_parallel": lambda: k * (r + d_in),
-              "up_parallel": lambda: k * (d_out + r), "none": lambda: r * (d_in + d_out)}
-    return counts[adapter.config.inner_structure]()
-
-
-def lorafa_count(adapter):  # A frozen: only B (d_out × r) trains
-    return adapter.config.rank * adapter.out_features
-
-
-def vera_count(adapter):  # d ∈ R^r, b ∈ R^{d_out}
-    return adapter.config.rank + adapter.out_features
-
-
-def adalora_count(adapter):  # P, Q and λ at the initial rank
-    return adapter.config.init_rank * (adapter.in_features + adapter.out_features + 1)
-
-
-def dora_count(adapter):  # LoRA plus the magnitude vector
-    return lora_count(adapter) + adapter.out_features
-
-
-# method -> (options, output unchanged at init, per-layer trainable count; mergeable unless said otherwise)
-CASES = {
-    "lora": dict(options=dict(rank=4, alpha=8), preserves=True, count=lora_count),
-    "nora": dict(options=dict(outer_rank=0.5, inner_rank=4), preserves=True, count=nora_count),
-    "nora_act": dict(method="nora", options=dict(outer_rank=40, inner_rank=4, act_weighted=True), preserves=True,
-                     count=nora_count),
-    "nora_plain": dict(method="nora", options=dict(outer_rank=0.5, inner_rank=4, inner_init="lora", residual=False),
-                       preserves=True, count=nora_count),
-    # the authors' variant: every choice of their tables C, B and A (docs/METHODS.md); their model moves at init
-    "nora_authors": dict(method="nora", options=dict(variant="authors"), preserves=False, count=nora_count),
-    "nora_authors_output": dict(method="nora", options=dict(variant="authors", inner_structure="output",
-                                                            sigma_side="split"), preserves=False, count=nora_count),
-    "nora_authors_nested_full": dict(method="nora", options=dict(
-        variant="authors", inner_structure="nested_full", sigma_side="output", outer_rank=16,
-        inner_init="kaiming_authors"), preserves=False, count=nora_count),
-    "nora_authors_output_full": dict(method="nora", options=dict(
-        variant="authors", inner_structure="output_full", sigma_side="none", outer_rank=16,
-        inner_init="kaiming_authors"), preserves=False, count=nora_count),
-    "nora_authors_down_parallel": dict(method="nora", options=dict(
-        variant="authors", inner_structure="down_parallel", outer_rank=16, inner_init="kaiming_authors"),
-        preserves=False, count=nora_count),
-    "nora_authors_up_parallel_kaiming_outer": dict(method="nora", options=dict(
-        variant="authors", inner_structure="up_parallel", outer_init="kaiming_authors", outer_rank=16,
-        inner_init="kaiming_authors"), preserves=False, count=nora_count),
-    "nora_authors_table_a": dict(method="nora", options=dict(variant="authors", inner_structure="none",
-                                                             sigma_side="output", outer_rank=16),
-                                 preserves=False, count=nora_count),
-    "nora_authors_table_a_kaiming_outer": dict(method="nora", options=dict(
-        variant="authors", inner_structure="none", outer_init="kaiming_authors", outer_rank=16),
-        preserves=False, count=nora_count),
-    "aira": dict(options=dict(rank=4, rank_min=1, rank_max=16), preserves=True, count=lora_count),
-    "aira_noalloc": dict(method="aira", options=dict(rank=4, rank_alloc=False), preserves=True, count=lora_count),
-    # the authors' code: no residual, per-batch output scaling (not mergeable); a budget the tiny model can spend
-    "aira_authors": dict(method="aira", options=dict(variant="authors", rank_budget=8000.0), preserves=False,
-                         mergeable=False, count=lora_count),
-    "loraplus": dict(options=dict(rank=4, alpha=8), preserves=True, count=lora_count),
-    "lorafa": dict(options=dict(rank=4, alpha=8), preserves=True, count=lorafa_count),
-    "vera": dict(options=dict(rank=16), preserves=True, count=vera_count),
-    "adalora": dict(options=dict(init_rank=6, target_rank=4), preserves=True, count=adalora_count),
-    "dylora": dict(options=dict(rank=4, alpha=4), preserves=True, count=lora_count),
-    "dora": dict(options=dict(rank=4, alpha=8), preserves=True, count=dora_count),
-    "pissa": dict(options=dict(rank=4), preserves=True, count=lora_count),
-}
-
-
-def case_method(case_id):
-    return CASES[case_id].get("method", case_id)
-
-
-def test_every_method_has_a_case():
-    covered = {case_method(c) for c in CASES}
-    assert set(lz.list_methods()) <= covered, f"add a CASES row for {set(lz.list_methods()) - covered}"
+def test_every_method_has_a_row():
+    assert not missing_rows(), f"add a row to tests/method_cases.py for {missing_rows()}"
+    for case in CASES:
+        assert lz.get_method(case_method(case)).kind == CASES[case]["kind"], case
 
 
 def adapted(case_id, images, texts, seed=0):
-    """(split model before adapters, adapted model, its optimizer) for one case, built as a run builds it:
-    adapters, then the method's optimizer builder (which may freeze tensors: LoRA-FA's A)."""
+    """(split model before the method, adapted model, its optimizer) for one case, built as a run builds it: the
+    method (``method_cases.apply_case``), then the method's optimizer builder (which may freeze tensors: LoRA-FA's
+    A)."""
     base = tiny_clip(seed=seed)
     lz.split_attention(base)
-    stats = lz.collect_activation_stats(base, [images], [texts], targets=("q", "k", "v"))
     model = copy.deepcopy(base)
-    lz.apply_adapters(model, case_method(case_id), stats=stats, **CASES[case_id]["options"])
+    apply_case(model, case_id, images, texts)
     optimizer = lz.build_optimizer(model, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.999))
     return base, model, optimizer
 
 
+def logits(model, images):
+    """The adapted model's classifier over ``CLASSES`` (``kinds.scorer_of``: CLIP's, or a learner's)."""
+    scorer = lz.scorer_of(model)
+    return scorer.logits(model, scorer.inputs(model, images), scorer.class_state(model, CLASSES))
+
+
 def outputs(model, images, texts):
+    """Both towers' features and the classifier's logits, these / 100 (the logit scale): on the features' scale,
+    so one tolerance fits all three."""
     with torch.no_grad():
-        return model.encode_image(images), model.encode_text(texts)
+        return model.encode_image(images), model.encode_text(texts), logits(model, images) / 100
 
 
 @torch.no_grad()
@@ -137,9 +70,15 @@ def test_output_unchanged_at_init(case_id, images, texts):
 def test_merge_unmerge(case_id, images, texts):
     _, model, _ = adapted(case_id, images, texts)
     perturb(model)
-    if not CASES[case_id].get("mergeable", True):
-        with pytest.raises(RuntimeError, match="not mergeable"):
-            lz.merge_adapters(model)
+    if not CASES[case_id]["mergeable"]:
+        if CASES[case_id]["kind"] == "weights":
+            with pytest.raises(RuntimeError, match="not mergeable"):
+                lz.merge_adapters(model)
+        else:  # no weight update: nothing is merged, and the model computes what it computed
+            expected = outputs(model, images, texts)
+            assert lz.kind_of(model).merge(model) is False and not lz.kind_of(model).merges
+            for a, b in zip(outputs(model, images, texts), expected):
+                assert torch.equal(a, b)
         return
     unmerged = outputs(model, images, texts)
     weights = {n: a.base_layer.weight.clone() for n, a in lz.adapter_modules(model).items()}
@@ -172,6 +111,7 @@ def test_only_adapter_tensors_train(case_id, images, texts):
         optimizer.zero_grad()
         img, txt = model.encode_image(images), model.encode_text(texts)
         loss = (img @ txt.t()).pow(2).mean() + img.pow(2).mean()
+        loss = loss + torch.nn.functional.cross_entropy(logits(model, images), LABELS[:len(images)])
         loss.backward()
         for n, p in model.named_parameters():
             if n not in named:
@@ -187,10 +127,9 @@ def test_only_adapter_tensors_train(case_id, images, texts):
 @pytest.mark.parametrize("case_id", ALL)
 def test_trainable_count_formula(case_id, images, texts):
     _, model, _ = adapted(case_id, images, texts)
-    adapters = lz.adapter_modules(model)
-    assert len(adapters) == 2 * 2 * 3  # 2 towers × 2 blocks × q/k/v
-    expected = sum(CASES[case_id]["count"](a) for a in adapters.values())
-    assert lz.count_trainable(model) == expected
+    if CASES[case_id]["kind"] == "weights":
+        assert len(lz.adapter_modules(model)) == 2 * 2 * 3  # 2 towers × 2 blocks × q/k/v
+    assert lz.count_trainable(model) == CASES[case_id]["count"](model)
 
 
 def test_aira_allocation_respects_budget(images, texts):

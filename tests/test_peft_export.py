@@ -30,7 +30,7 @@ from safetensors.torch import load_file  # noqa: E402
 import lora_zoo as lz  # noqa: E402
 from conftest import tiny_clip  # noqa: E402
 from lora_zoo.hf_clip import hf_clip_state_dict, to_hf_clip  # noqa: E402
-from lora_zoo.config import read_yaml  # noqa: E402
+from method_cases import CASES, apply_case, cases_with, column, method_of, missing_rows  # noqa: E402
 from lora_zoo.models import TINY_CONFIGS  # noqa: E402
 from lora_zoo.peft_export import CONFIG_NAME, WEIGHTS_NAME, export_peft, hf_module_name  # noqa: E402
 
@@ -39,43 +39,14 @@ from lora_zoo.peft_export import CONFIG_NAME, WEIGHTS_NAME, export_peft, hf_modu
 TARGETS = ("q", "k", "v", "o", "fc2")
 TOLERANCE = 1e-4
 REPO = Path(__file__).resolve().parents[1]
-#: the authors' variants as their presets set them (the presets' method_options)
-NORA_AUTHORS = read_yaml(REPO / "configs" / "nora_authors.yaml")["method_options"]
-AIRA_AUTHORS = read_yaml(REPO / "configs" / "aira_authors.yaml")["method_options"]
 
-# case -> method, options, targets, and what the export is: (peft form, rank of every layer) or the refusal
-CASES = {
-    "lora": dict(options=dict(rank=4, alpha=8), form="lora", ranks={4}),
-    "lora_all_targets": dict(method="lora", options=dict(rank=4, alpha=8), targets=("q", "k", "v", "o", "fc1", "fc2"),
-                             layers=(1,), form="lora", ranks={4}),
-    "loraplus": dict(options=dict(rank=4, alpha=8), form="lora", ranks={4}),
-    "lorafa": dict(options=dict(rank=4, alpha=8), form="lora", ranks={4}),
-    "dylora": dict(options=dict(rank=4, alpha=4, eval_rank=3), form="lora", ranks={3}),
-    "vera": dict(options=dict(rank=16), form="lora", ranks={16}),
-    "adalora": dict(options=dict(init_rank=6, target_rank=3), form="lora + rank_pattern", ranks=None),
-    "dora": dict(options=dict(rank=4, alpha=8), form="dora", ranks={4}),
-    "pissa": dict(options=dict(rank=4), form="lora", ranks={8}),                      # residual: 2r
-    "nora": dict(options=dict(outer_rank=0.5, inner_rank=4), form="lora", ranks={8}),  # residual: 2 r_in
-    "nora_plain": dict(method="nora", options=dict(outer_rank=0.5, inner_rank=4, inner_init="lora", residual=False),
-                       form="lora", ranks={4}),
-    "nora_authors": dict(method="nora", options=NORA_AUTHORS, form="lora_bias", ranks={16}),
-    "nora_authors_table_a": dict(method="nora", options=dict(NORA_AUTHORS, inner_structure="none", outer_rank=8,
-                                                             sigma_side="output"), form="lora_bias", ranks={8}),
-    "aira": dict(options=dict(rank=4, rank_min=1, rank_max=16), form="lora + rank_pattern", ranks=None),
-    "aira_authors": dict(method="aira", options=dict(AIRA_AUTHORS, rank_budget=8000.0), targets=("q", "k", "v"),
-                         refused="depends on the batch"),
-}
-EXPORTED = [c for c in CASES if "refused" not in CASES[c]]
-REFUSED = [c for c in CASES if "refused" in CASES[c]]
-
-
-def case_method(case):
-    return CASES[case].get("method", case)
+EXPORTED = [c for c in cases_with("export") if "refused" not in CASES[c]["export"]]
+REFUSED = [c for c in cases_with("export") if "refused" in CASES[c]["export"]]
 
 
 def test_every_method_has_a_row():
-    covered = {case_method(c) for c in CASES}
-    assert set(lz.list_methods()) <= covered, f"add a CASES row for {set(lz.list_methods()) - covered}"
+    assert not missing_rows(), f"add a row to tests/method_cases.py for {missing_rows()}"
+    assert {method_of(c) for c in cases_with("export")} == set(lz.list_methods())  # each export is tested
 
 
 def train_steps(model, images, texts, steps=3):
@@ -99,11 +70,9 @@ def trained(case, images, texts):
     """(pretrained model, adapted model trained 3 steps) for one case."""
     base = tiny_clip()
     lz.split_attention(base)
-    targets = CASES[case].get("targets", TARGETS)
-    stats = lz.collect_activation_stats(base, [images], [texts], targets=targets)
+    export = column(case, "export")
     model = copy.deepcopy(base)
-    lz.apply_adapters(model, case_method(case), targets=targets, layers=CASES[case].get("layers"), stats=stats,
-                      **CASES[case]["options"])
+    apply_case(model, case, images, texts, export["options"], export.get("targets", TARGETS), export.get("layers"))
     before = {n: p.detach().clone() for n, p in lz.named_trainable_parameters(model).items()}
     train_steps(model, images, texts)
     trainable = lz.named_trainable_parameters(model)  # after the optimizer builder froze what it freezes
@@ -151,10 +120,10 @@ def test_export_reproduces_the_adapted_model_in_transformers(case, images, texts
     ranks = {m: config["rank_pattern"].get(m, config["r"]) for m in config["target_modules"]}
     assert all(config["alpha_pattern"].get(m, config["lora_alpha"]) == r for m, r in ranks.items())  # scaling 1
     assert not config["use_rslora"]
-    form = CASES[case]["form"]
+    form = CASES[case]["export"]["form"]
     assert config["use_dora"] == (form == "dora") and config["lora_bias"] == (form == "lora_bias")
-    if CASES[case]["ranks"] is not None:
-        assert set(ranks.values()) == CASES[case]["ranks"]
+    if CASES[case]["export"]["ranks"] is not None:
+        assert set(ranks.values()) == CASES[case]["export"]["ranks"]
     else:  # AIRA's allocation, AdaLoRA's pruned ranks: per-layer ranks in rank_pattern
         assert config["rank_pattern"] and len(set(ranks.values())) > 1
     if case == "adalora":
@@ -281,8 +250,8 @@ def assert_refused(model, directory, message):
 @pytest.mark.parametrize("case", REFUSED)
 def test_a_method_that_cannot_be_exported_exactly_is_refused(case, images, texts, tmp_path):
     _, model = trained(case, images, texts)
-    assert_refused(model, tmp_path / case, f"{case_method(case)} cannot be exported as a peft adapter: .*"
-                                           f"{CASES[case]['refused']}")
+    assert_refused(model, tmp_path / case, f"{method_of(case)} cannot be exported as a peft adapter: .*"
+                                           f"{CASES[case]['export']['refused']}")
 
 
 def test_a_model_without_adapters_or_with_an_unrepresentable_feature_is_refused(tmp_path):

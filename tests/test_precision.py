@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 import lora_zoo as lz
 import lora_zoo.train as train_module
 from conftest import tiny_clip
+from method_cases import CLASSES, apply_case, cases_with, column, method_of, missing_rows
 from lora_zoo.adalora import budget_schedule
 from lora_zoo.config import TrainConfig, load_config
 from lora_zoo.experiment import run_experiment
@@ -60,27 +60,8 @@ ITERATIONS = {"bf16": 3, "fp16": 11}
 TOLERANCE = {name: 2 * torch.finfo(dtype).eps for name, dtype in DTYPES.items()}  # 1.6e-2 bf16, 2.0e-3 fp16
 
 
-def authors_options(path):
-    preset = yaml.safe_load((REPO / path).read_text())
-    return dict(method=preset["method"], options=preset["method_options"])
-
-
-# case -> the registered method (default: the case's name) and the options it trains with on the tiny model
-CASES = {
-    "lora": dict(options=dict(rank=4, alpha=8)),
-    "nora": dict(options=dict(outer_rank=0.5, inner_rank=4)),
-    "aira": dict(options=dict(rank=4, rank_min=1, rank_max=16)),
-    "loraplus": dict(options=dict(rank=4, alpha=8)),
-    "lorafa": dict(options=dict(rank=4, alpha=8)),
-    "vera": dict(options=dict(rank=16), lr=1e-1),  # VeRA trains only two scaling vectors
-    # no allocation in these few steps (the skip test runs it): a pruned λ is zeroed back to its init, unmoved
-    "adalora": dict(options=dict(init_rank=6, target_rank=4, t_final=0.0, delta_t=100), lr=1e-1),  # λ starts at 0
-    "dylora": dict(options=dict(rank=4, alpha=4)),
-    "dora": dict(options=dict(rank=4, alpha=8)),
-    "pissa": dict(options=dict(rank=4)),
-    "nora_authors": authors_options("configs/nora_authors.yaml"),
-    "aira_authors": authors_options("configs/aira_authors.yaml"),
-}
+#: the rows of tests/method_cases.py that train under autocast (every method, both authors' presets)
+CASES = {case: column(case, "precision") for case in cases_with("precision")}
 
 
 def inputs():
@@ -98,24 +79,37 @@ IMAGES, LABELS, TOKENS = inputs()
 
 
 def adapted(case, **extra_options):
-    """The tiny model with the case's adapters (calibrated on the batch where the method needs it), seeded."""
-    method, options = CASES[case].get("method", case), {**CASES[case]["options"], **extra_options}
+    """The tiny model with the case's method (calibrated on the batch where the method needs it), seeded."""
+    options = {**CASES[case]["options"], **extra_options}
     model = tiny_clip()
-    layer_config = method_options(method, options)[1]
-    stats = None
-    if layer_config.needs_calibration:
-        stats = lz.collect_activation_stats(model, [IMAGES], [TOKENS],
-                                            include_padding=getattr(layer_config, "calibration", "") == "authors")
-    torch.manual_seed(0)
-    lz.apply_adapters(model, method, stats=stats, **options)
+    layer_config = method_options(method_of(case), options)[1]
+    apply_case(model, case, IMAGES, TOKENS, options,
+               include_padding=getattr(layer_config, "calibration", "") == "authors")
     return model
 
 
+def classes(model):
+    """What the method is trained and scored over: the batch's prompt tokens, a learner's ``CLASSES``."""
+    return TOKENS if lz.kind_of(model).name == "weights" else CLASSES
+
+
 def features(model, precision):
-    """Unit-norm image and text features of the batch under ``precision``'s autocast, stacked (fp32)."""
+    """Unit-norm image and text features of the batch under ``precision``'s autocast, and the classifier's logits
+    / 100 (the logit scale), stacked (fp32)."""
+    scorer = lz.scorer_of(model)
     with torch.no_grad(), autocast(CPU, precision):
-        return torch.cat([F.normalize(model.encode_image(IMAGES).float(), dim=-1),
-                          F.normalize(model.encode_text(TOKENS).float(), dim=-1)])
+        logits = scorer.logits(model, scorer.inputs(model, IMAGES), scorer.class_state(model, lz.ClassSet.from_tokens(
+            TOKENS) if classes(model) is TOKENS else CLASSES))
+        return torch.cat([F.normalize(model.encode_image(IMAGES).float(), dim=-1).flatten(),
+                          F.normalize(model.encode_text(TOKENS).float(), dim=-1).flatten(),
+                          logits.float().flatten() / 100])
+
+
+def batches(model):
+    """The training batch as the method takes it: images, or a head's features of them."""
+    scorer = lz.scorer_of(model)
+    with torch.no_grad():
+        return [(scorer.inputs(model, IMAGES) if scorer.takes_features else IMAGES, LABELS)]
 
 
 TRAINED = {}
@@ -132,7 +126,7 @@ def trained(case, precision):
         handles = [a.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
                    for a in lz.adapter_modules(model).values()]
         config = TrainConfig(lr=CASES[case].get("lr", LR), precision=precision)
-        result = train_adapters(model, [(IMAGES, LABELS)], TOKENS, config, iterations=ITERATIONS[precision],
+        result = train_adapters(model, batches(model), classes(model), config, iterations=ITERATIONS[precision],
                                 device=CPU, progress=False)
         for handle in handles:
             handle.remove()
@@ -144,16 +138,17 @@ MATRIX = [(case, precision) for case in CASES for precision in DTYPES]
 
 
 def test_every_method_has_a_precision_case():
-    covered = {spec.get("method", case) for case, spec in CASES.items()}
-    assert set(lz.list_methods()) <= covered, f"add a CASES row for {set(lz.list_methods()) - covered}"
+    assert not missing_rows(), f"add a row to tests/method_cases.py for {missing_rows()}"
+    assert set(lz.list_methods()) <= {method_of(case) for case in CASES}, "add a precision column to its row"
     for case in ("nora_authors", "aira_authors"):
-        assert method_options(CASES[case]["method"], CASES[case]["options"])[1].variant == "authors"
+        assert method_options(method_of(case), CASES[case]["options"])[1].variant == "authors"
 
 
 @pytest.mark.parametrize("case, precision", MATRIX)
 def test_trains_under_cpu_autocast(case, precision):
     model, result, _, before, dtypes = trained(case, precision)
-    assert dtypes == {DTYPES[precision]}  # every adapter layer computed in the autocast dtype
+    if lz.kind_of(model).name == "weights":
+        assert dtypes == {DTYPES[precision]}  # every adapter layer computed in the autocast dtype
     assert len(result.curves["loss"]) == ITERATIONS[precision]
     assert all(math.isfinite(loss) for loss in result.curves["loss"])
     if precision == "fp16":
@@ -181,6 +176,9 @@ def test_save_load_round_trips_under_autocast(case, precision, tmp_path):
 def test_merged_equals_unmerged_within_the_dtype_tolerance(case, precision):
     model, _, initial, _, _ = trained(case, precision)
     model = copy.deepcopy(model)
+    if not lz.kind_of(model).merges:
+        assert lz.kind_of(model).merge(model) is False  # a learner: nothing to merge
+        return
     if not all(a.mergeable for a in lz.adapter_modules(model).values()):
         assert case == "aira_authors"  # act_scale batch: no fixed weight reproduces it (README)
         with pytest.raises(RuntimeError, match="not mergeable"):
