@@ -35,7 +35,7 @@ import torch
 
 from . import resume as resume_state
 from . import stages
-from .checkpoint import load_adapters
+from .checkpoint import RECORD_DIGEST, config_path, load_adapters
 from .config import ExperimentConfig
 from .errors import RunClaimedError, RunFinishedError
 from .files import write_json
@@ -156,11 +156,12 @@ def reload_adapters(model, out: Path, train_subset_sha1: str) -> None:
     """The finished run's adapters, refused when the file is not the one its result recorded or when the run was
     trained on other images than this run's few-shot set, ``train_subset_sha1`` (a re-drawn split, another folder)."""
     saved = read_result(out) or {}
-    recorded = saved.get("adapters_sha256")
-    meta = load_adapters(model, out / ADAPTER_FILE)  # checks the tensors' bytes against adapters.json
-    if recorded is not None and meta.get("sha256") != recorded:
-        raise ValueError(f"{out / ADAPTER_FILE} is not the adapter file {out / RESULT_FILE} recorded (sha256 "
-                         "differs): retrain the run (--overwrite)")
+    meta = load_adapters(model, out / ADAPTER_FILE)  # checks the tensors' bytes and the JSON against adapters.json
+    for key, field, name in (("adapters_sha256", "sha256", ADAPTER_FILE),
+                             ("adapters_record_sha256", RECORD_DIGEST, config_path(ADAPTER_FILE))):
+        if saved.get(key) is not None and meta.get(field) != saved[key]:  # a file swapped, or its digest removed
+            raise ValueError(f"{out / name} is not the adapter file {out / RESULT_FILE} recorded ({field} "
+                             "differs): retrain the run (--overwrite)")
     current = train_subset_sha1
     if saved.get("train_subset_sha1") not in (None, current):
         raise ValueError(f"the adapters at {out} were trained on other images than this run's few-shot set "

@@ -7,7 +7,8 @@ is one ``OSError`` naming ``path`` (never the temporary file). Used by both
 packages (``lora_zoo`` and ``datasets``). Files get
 the permissions of a normally created file (``0666`` minus the umask), so
 results are readable by collaborators on a shared filesystem. ``sha256_file(path)``
-is the checksum saved files are recorded and verified with.
+is the checksum saved files are recorded and verified with, ``sha256_json(data, key)`` that of a
+JSON record's content.
 """
 from __future__ import annotations
 
@@ -60,6 +61,13 @@ def write_text(path, text: str) -> Path:
 def write_json(path, data) -> Path:
     """``data`` as indented JSON, atomically."""
     return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def sha256_json(data: dict, leave_out: str) -> str:
+    """The sha256 hex digest of ``data`` without its key ``leave_out``, as canonical JSON (sorted keys, no spaces):
+    the same for the dictionary a writer holds and for what ``json.loads`` reads back from ``write_json``."""
+    content = {key: value for key, value in json.loads(json.dumps(data)).items() if key != leave_out}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def sha256_file(path, chunk_bytes: int = 1 << 20) -> str:

@@ -23,7 +23,7 @@ import torch
 from . import resume as resume_state
 from .adapter import adapter_modules
 from .calibration import collect_activation_stats
-from .checkpoint import read_adapter_config, save_adapters
+from .checkpoint import RECORD_DIGEST, read_adapter_config, save_adapters
 from .config import ExperimentConfig
 from .evaluation import Evaluation, base_to_new_plan, few_shot_plan, target_plan, test_loader, zero_shot_accuracy
 from .files import write_json
@@ -239,13 +239,15 @@ def train_subset_record(ds) -> dict[str, Any]:
 
 
 def save_outputs(model, out: Path) -> dict[str, Any]:
-    """The trained adapters (their sha256 recorded) and, for a planned rank allocation (AIRA's), the ranks."""
+    """The trained adapters (the sha256 of their tensors and of their JSON recorded) and, for a planned rank
+    allocation (AIRA's), the ranks."""
     save_adapters(model, out / ADAPTER_FILE)
     files = {"adapters": ADAPTER_FILE, "log": "train.log", "curves": "curves.csv"}
     if any("rank" in o for o in model.lora_zoo_setup.layer_overrides.values()):
         write_json(out / RANKS_FILE, layer_ranks(model))
         files["ranks"] = RANKS_FILE
-    return {"files": files, "adapters_sha256": read_adapter_config(out / ADAPTER_FILE)["sha256"]}
+    meta = read_adapter_config(out / ADAPTER_FILE)
+    return {"files": files, "adapters_sha256": meta["sha256"], "adapters_record_sha256": meta[RECORD_DIGEST]}
 
 
 def export_merged_weights(cfg: ExperimentConfig, model, path) -> dict[str, Any]:
