@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from .errors import NonFiniteError, RunClaimedError, RunFinishedError
+from .files import FULL_DISK, WriteError, errno_of, write_error
 from .options import yaml_value
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -202,7 +203,10 @@ def setup_logging(quiet: bool) -> None:
 
 
 def hint(err: Exception) -> str:
-    """The library's one-line message (command-line hints are added where the error is handled)."""
+    """The library's one-line message (command-line hints are added where the error is handled); a full disk that
+    a writer reported without our ``WriteError`` still names its file and says how to go on."""
+    if isinstance(err, OSError) and not isinstance(err, WriteError) and err.filename and errno_of(err) in FULL_DISK:
+        err = write_error(err.filename, err)
     return " ".join(str(err).split()) or type(err).__name__
 
 

@@ -38,7 +38,7 @@ from . import stages
 from .checkpoint import RECORD_DIGEST, config_path, load_adapters
 from .config import ExperimentConfig
 from .errors import RunClaimedError, RunFinishedError
-from .files import write_json
+from .files import FULL_DISK, WriteError, errno_of, write_error, write_json
 from .inject import method_options
 from .metrics import check_sinks
 from .models import check_weights
@@ -135,6 +135,8 @@ def open_run_folder(cfg: ExperimentConfig, out: Path, stack: contextlib.ExitStac
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
+        if errno_of(err) in FULL_DISK:
+            raise write_error(out, err) from None
         raise ValueError(f"results dir is not writable: {out} ({err.strerror or err})") from None
     if not os.access(out, os.W_OK):
         raise ValueError(f"results dir is not writable: {out}")
@@ -172,9 +174,11 @@ def reload_adapters(model, out: Path, train_subset_sha1: str) -> None:
 def kept(out: Path, err: OSError) -> OSError:
     """A failure to write after training, saying where the trained adapters are kept."""
     state = out / STATE_FILE
-    where = (f"; the trained adapters are kept in {state}: free space and run the same command again to finish "
-             "from it without training") if state.is_file() else ""
-    return OSError(f"{err}{where}")
+    if not state.is_file():
+        return err
+    fix = "free space" if errno_of(err) in FULL_DISK else "fix that"
+    return OSError(f"{err.head if isinstance(err, WriteError) else err}; the trained adapters are kept in {state}: "
+                   f"{fix} and run the same command again to finish from it without training")
 
 
 def finish(out: Path, record: dict[str, Any], request: Request) -> None:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .adapter import adapter_modules
-from .files import atomic_write
+from .files import atomic_write, torch_save
 from .naming import adapter_state_dict
 from .results import first_difference
 
@@ -88,7 +88,7 @@ def state_digest(value, digest=None) -> str:
 def save(path, state: dict) -> Path:
     """Write ``state`` with its checksum (``state_digest``), atomically."""
     sealed = {**state, CHECKSUM: state_digest(state)}
-    return atomic_write(path, lambda tmp: torch.save(sealed, tmp))
+    return atomic_write(path, lambda tmp: torch_save(sealed, tmp))  # a full disk: one line naming path
 
 
 def _check_integrity(state, path: Path) -> None:

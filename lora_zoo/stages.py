@@ -263,13 +263,13 @@ def export_merged_weights(cfg: ExperimentConfig, model, path) -> dict[str, Any]:
 def export_peft_adapter(cfg: ExperimentConfig, model, directory) -> dict[str, Any]:
     """A peft LoRA adapter for transformers' CLIPModel; with weights no hub name stands for (tiny backbones, a
     file), the converted pretrained model is written beside it (``base_model/``) for ``PeftModel`` to load onto."""
-    from .hf_clip import to_hf_clip
+    from .hf_clip import save_hf_clip
     from .peft_export import export_peft
 
     hub = "openai/clip-vit-base-patch16" if (cfg.backbone, cfg.pretrained) == ("ViT-B-16", "openai") else None
     exported = export_peft(model, directory, base_model_name_or_path=hub)
     if hub is None:
-        to_hf_clip(model).save_pretrained(Path(directory) / "base_model")
+        save_hf_clip(model, Path(directory) / "base_model")
     logger.info("exported a peft adapter to %s", directory)
     return {"exported_peft": str(exported)}
 

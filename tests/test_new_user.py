@@ -8,6 +8,7 @@ writer that raises what a full disk raises where the bytes are written (``OSErro
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,144 @@ def test_the_record_digest_covers_every_key_and_files_saved_before_it_load(tmp_p
     assert lz.load_adapters(build_clip("tiny-vit", seed=0).model, path)["config"]["alpha"] == 1.0
     config_path(path).write_text(json.dumps({k: v for k, v in saved.items() if k != RECORD_DIGEST}))  # 1e4b56c's
     assert lz.load_adapters(build_clip("tiny-vit", seed=0).model, path)["sha256"] == saved["sha256"]
+
+
+# ---- 3: a full disk is one line naming the file, and the same command resumes once space is freed ------------------
+class FileOnAFullDisk:
+    """A file opened on a full disk: opening works, writing raises ENOSPC (as Python's file objects do)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def fill_the_disk_for(monkeypatch, hit) -> None:
+    """Every file opened for writing whose path ``hit(path)`` accepts is on a full disk: builtins' ``open`` and
+    ``io.open`` (``Path.write_text``, ``csv``, ``torch_save``, ``numpy``'s memory map, ``logging``)."""
+    real = open
+
+    def full_open(file, mode="r", *args, **kwargs):
+        handle = real(file, mode, *args, **kwargs)
+        writing = isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+")
+        return FileOnAFullDisk(handle) if writing and hit(Path(file)) else handle
+    monkeypatch.setattr("builtins.open", full_open)
+    monkeypatch.setattr("io.open", full_open)
+
+
+def named(name):
+    """Writes of ``name``: the file itself, or ``atomic_write``'s temporary ``.<name>.<random>.tmp`` of it."""
+    return lambda path: path.name == name or path.name.startswith(f".{name}.")
+
+
+def fill_the_disk_at_safetensors(monkeypatch, module) -> None:
+    """safetensors' writer on a full disk, in ``module``: its own error type, the errno only in the text."""
+    from safetensors import SafetensorError
+
+    def no_space(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(module, "save_file", no_space)
+
+
+def fill_the_disk_at_the_claim(monkeypatch) -> None:
+    def no_space(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "pwrite", no_space)
+
+
+FULL_DISK_SITES = {  # where: the extra arguments, how the disk fills, the file the line names (a pattern)
+    "zero-shot cache": ([], lambda p: fill_the_disk_for(p, lambda path: path.parent.name == "zero_shot"),
+                        r"{out}/\.cache/zero_shot/[0-9a-f]{40}\.json"),
+    "test cache": (["--test_cache_dir", "{tmp}/test_cache"],
+                   lambda p: fill_the_disk_for(p, lambda path: path.name.startswith(".images-")),
+                   r"{tmp}/test_cache/images-[0-9a-f]{20}\.npy"),
+    "claim": ([], fill_the_disk_at_the_claim, r"{run}/\.claim"),
+    "train.log": ([], lambda p: fill_the_disk_for(p, named("train.log")), r"{run}/train\.log"),
+    "checkpoint.pt": ([], lambda p: fill_the_disk_for(p, named("checkpoint.pt")), r"{run}/checkpoint\.pt"),
+    "curves.csv": ([], lambda p: fill_the_disk_for(p, named("curves.csv")), r"{run}/curves\.csv"),
+    "adapters.safetensors": ([], lambda p: fill_the_disk_at_safetensors(p, lz.checkpoint),
+                             r"{run}/adapters\.safetensors"),
+    "adapters.json": ([], lambda p: fill_the_disk_for(p, named("adapters.json")), r"{run}/adapters\.json"),
+    "ranks.json": (["--method", "aira"], lambda p: fill_the_disk_for(p, named("ranks.json")), r"{run}/ranks\.json"),
+    "eval_on": (["--eval_on", "eurosat"], lambda p: fill_the_disk_for(p, named("eurosat.json")),
+                r"{run}/eval_on/eurosat\.json"),
+    "result.json": ([], lambda p: fill_the_disk_for(p, named("result.json")), r"{run}/result\.json"),
+    "export_merged": (["--export_merged", "{tmp}/merged.pt"], lambda p: fill_the_disk_for(p, named("merged.pt")),
+                      r"{tmp}/merged\.pt"),
+    "export_peft": (["--export_peft", "{tmp}/peft"], lambda p: fill_the_disk_at_safetensors(p, lz.peft_export),
+                    r"{tmp}/peft/adapter_model\.safetensors"),
+    "export_peft base_model": (["--export_peft", "{tmp}/peft"],
+                               lambda p: fill_the_disk_for(p, lambda path: path.parent.name == "base_model"),
+                               r"{tmp}/peft/base_model"),
+}
+AFTER_TRAINING = {"adapters.safetensors", "adapters.json", "ranks.json", "eval_on", "result.json", "export_merged",
+                  "export_peft", "export_peft base_model"}  # the line says where the trained adapters are kept
+RESUMES = "free space and run the same command again to resume the run"
+KEPT = "the trained adapters are kept in {run}/checkpoint.pt: free space and run the same command again to finish " \
+       "from it without training"
+
+
+@pytest.fixture(scope="module")
+def two_datasets(tmp_path_factory):
+    """DTD (4 classes) and EuroSAT (3 classes) under one root, small: a run on one evaluated on the other."""
+    from datasets import write_synthetic_dataset
+    root = tmp_path_factory.mktemp("two_datasets")
+    for name, classes in (("dtd", 4), ("eurosat", 3)):
+        write_synthetic_dataset(root, name, num_classes=classes, train_per_class=2, val_per_class=1,
+                                test_per_class=2, image_size=32)
+    return root
+
+
+@pytest.mark.parametrize("site", sorted(FULL_DISK_SITES))
+def test_a_full_disk_at_each_write_site_is_one_line_and_the_same_command_then_finishes(site, two_datasets, tmp_path,
+                                                                                       capsys, monkeypatch):
+    if site.startswith("export_peft"):
+        pytest.importorskip("transformers")
+    extra, fill, named_file = FULL_DISK_SITES[site]
+    extra = [arg.replace("{tmp}", str(tmp_path)) for arg in extra]
+    out = tmp_path / "out"
+    args = ["--method", "lora", *TINY, "--root_path", two_datasets, "--output_dir", out, *extra]
+    folder = run_folder(out, leaf=extra[1] if extra[:1] == ["--method"] else "lora")
+    with monkeypatch.context() as patch:
+        fill(patch)
+        code, err = cli(capsys, *args)
+    line = one_line(err)
+    path = named_file.replace("{run}", re.escape(str(folder))).replace("{out}", re.escape(str(out)))
+    path = path.replace("{tmp}", re.escape(str(tmp_path)))
+    trained = (folder / "checkpoint.pt").is_file()
+    assert trained == (site in AFTER_TRAINING or site == "curves.csv")  # curves.csv: written after each checkpoint
+    tail = re.escape(KEPT.format(run=folder) if site in AFTER_TRAINING else RESUMES)
+    assert code == 1 and re.fullmatch(f"error: cannot write {path}: No space left on device; {tail}", line), line
+    assert not (folder / "result.json").exists()
+    assert [p for p in tmp_path.rglob("*.tmp")] == []  # no half-written file left anywhere
+    assert cli(capsys, *args)[0] == 0  # space freed: the same command finishes the run
+    assert result(folder)["resumed_from"] == (2 if trained else 0)
+
+
+def test_torch_save_on_a_full_disk_keeps_the_errno_that_torch_hides(tmp_path, monkeypatch):
+    """torch's own file writer reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc:672]
+    ... unexpected pos``: through ``files.torch_save`` the errno survives, whichever way torch raises it."""
+    from lora_zoo import resume
+    from lora_zoo.files import WriteError
+
+    with monkeypatch.context() as patch:
+        fill_the_disk_for(patch, named("checkpoint.pt"))
+        with pytest.raises(WriteError) as err:
+            resume.save(tmp_path / "checkpoint.pt", {"step": 1, "adapters": {"a": torch.zeros(1000)}})
+    assert err.value.errno == errno.ENOSPC and str(err.value) == (
+        f"cannot write {tmp_path / 'checkpoint.pt'}: No space left on device; {RESUMES}")
+    hidden = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662")
+    hidden.__context__ = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # how torch raises it from a Python file
+    assert lz.files.write_error(tmp_path / "x.pt", hidden).disk_full
+    assert lz.files.write_error(tmp_path / "x.pt", RuntimeError("something else")) is None
+    assert list(tmp_path.iterdir()) == []
