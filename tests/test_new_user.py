@@ -230,3 +230,32 @@ def test_torch_save_on_a_full_disk_keeps_the_errno_that_torch_hides(tmp_path, mo
     assert lz.files.write_error(tmp_path / "x.pt", hidden).disk_full
     assert lz.files.write_error(tmp_path / "x.pt", RuntimeError("something else")) is None
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- 4: degenerate tasks are refused before any work ---------------------------------------------------------------
+@pytest.mark.parametrize("classes, protocol, expect", [
+    (1, "fewshot", "imagefolder at {folder} has 1 class: classification needs at least 2 (with one, every prediction "
+                   "is right and top-1 is 100% whatever the model does)"),
+    (2, "base2new", "base-to-new needs at least 2 classes in each half, 4 in all (a half of one class scores 100% "
+                    "whatever the model does); imagefolder has 2"),
+    (3, "base2new", "base-to-new needs at least 2 classes in each half, 4 in all (a half of one class scores 100% "
+                    "whatever the model does); imagefolder has 3"),
+])
+def test_a_task_of_one_class_or_a_half_of_one_class_is_refused_before_any_work(classes, protocol, expect, tmp_path,
+                                                                              capsys):
+    """A one-class few-shot run recorded 100%, a 2-class base-to-new run (1 base, 1 new) HM 100%."""
+    from datasets import build_dataset, write_synthetic_dataset
+
+    folder = tmp_path / "birds"
+    write_synthetic_dataset(folder, "imagefolder", num_classes=classes, train_per_class=4, val_per_class=1,
+                            test_per_class=2, image_size=16)
+    listing = sorted(p.name for p in folder.iterdir())
+    code, err = cli(capsys, "--method", "lora", *TINY, "--dataset", "imagefolder", "--root_path", folder,
+                    "--protocol", protocol, "--output_dir", tmp_path / "out")
+    assert code == 1 and one_line(err) == "error: " + expect.format(folder=folder)
+    assert not (tmp_path / "out").exists()  # no run folder, no zero-shot cache entry
+    assert sorted(p.name for p in folder.iterdir()) == listing  # nor the folder's split file
+    write_synthetic_dataset(folder, "imagefolder", num_classes=4, train_per_class=4, val_per_class=1,
+                            test_per_class=2, image_size=16)
+    assert build_dataset("imagefolder", folder, shots=1, subsample="new").num_classes == 2  # 4 classes: 2 per half
+
