@@ -157,16 +157,23 @@ DEMO_METHODS = ("lora", "nora", "aira")
 
 
 def run_demo(output_dir, overrides: dict, quiet: bool) -> int:
-    """LoRA, NoRA and AIRA few-shot on tiny-clip, a small CLIP pretrained by this project (CPU, no download)."""
+    """LoRA, NoRA and AIRA few-shot on tiny-clip, a small CLIP pretrained by this project (CPU, no download); its
+    data and runs go to ``output_dir``, or to a temporary folder removed however the demo ends."""
     import tempfile
 
+    if output_dir:
+        return _demo(Path(output_dir), overrides, quiet, kept=True)
+    with tempfile.TemporaryDirectory(prefix="lora_zoo_demo_") as scratch:
+        return _demo(Path(scratch), overrides, quiet, kept=False)
+
+
+def _demo(root: Path, overrides: dict, quiet: bool, kept: bool) -> int:
     from datasets.scenes import TASKS, write_task
 
     from .config import load_config
     from .experiment import run_experiment
 
     start = time.perf_counter()
-    root = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="lora_zoo_demo_"))
     print("DEMO - tiny-clip, a small CLIP pretrained by this project on procedural scenes and captions "
           "(lora_zoo/weights/), adapted to two few-shot tasks it was not trained on, on CPU. The scale is "
           "a sanity check of the methods, not a paper result.", flush=True)
@@ -189,8 +196,9 @@ def run_demo(output_dir, overrides: dict, quiet: bool) -> int:
         print(f"{task:9} {classes:7d} {method:6} {result['trainable_params']:9,} {result['zero_shot_accuracy']:9.1f}% "
               f"{result['accuracy']:8.1f}%")
     print(f"compose: colour+shape pairs never captioned together in pretraining (zero-shot works partly); names: "
-          f"the same images under made-up names (zero-shot near chance, {100 / classes:.0f}%). Outputs in {root} "
-          f"({time.perf_counter() - start:.0f}s).")
+          f"the same images under made-up names (zero-shot near chance, {100 / classes:.0f}%). "
+          + (f"Outputs in {root}" if kept else "Outputs removed with their temporary folder (--output_dir DIR keeps "
+             "them)") + f" ({time.perf_counter() - start:.0f}s).")
     return 0
 
 

@@ -38,7 +38,7 @@ from . import stages
 from .checkpoint import RECORD_DIGEST, config_path, load_adapters
 from .config import ExperimentConfig
 from .errors import RunClaimedError, RunFinishedError
-from .files import FULL_DISK, WriteError, errno_of, write_error, write_json
+from .files import FULL_DISK, WriteError, errno_of, remove_temporaries, write_error, write_json
 from .inject import method_options
 from .metrics import check_sinks
 from .models import check_weights
@@ -130,7 +130,8 @@ def open_run_folder(cfg: ExperimentConfig, out: Path, stack: contextlib.ExitStac
                     request: Request, overwrite: bool) -> Optional[dict]:
     """Create and claim the run folder, start train.log when training; returns the checkpoint to resume from.
 
-    Claimed first, then checked again: a run another process finished meanwhile is not trained twice.
+    Claimed first, then checked again: a run another process finished meanwhile is not trained twice. The
+    temporary files of writes that were killed (``kill -9`` inside a checkpoint write) are removed once claimed.
     ``overwrite`` removes what would make a killed retraining look finished."""
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -141,6 +142,8 @@ def open_run_folder(cfg: ExperimentConfig, out: Path, stack: contextlib.ExitStac
     if not os.access(out, os.W_OK):
         raise ValueError(f"results dir is not writable: {out}")
     stack.enter_context(claim(out))
+    for stale in remove_temporaries(out) + remove_temporaries(out / EVAL_ON_DIR):  # ours now: a killed write's
+        logger.info("removed %s, left by a write that was killed", stale.name)
     if request.train and not overwrite and is_finished(out, cfg):
         raise RunFinishedError(f"run already finished: {out / RESULT_FILE} exists (finished by another process)")
     if request.train and overwrite:

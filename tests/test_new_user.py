@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,74 @@ def test_a_task_of_one_class_or_a_half_of_one_class_is_refused_before_any_work(c
                             test_per_class=2, image_size=16)
     assert build_dataset("imagefolder", folder, shots=1, subsample="new").num_classes == 2  # 4 classes: 2 per half
 
+
+
+# ---- 5: no litter ----------------------------------------------------------------------------------------------------
+def test_temporary_files_of_killed_writes_are_removed_when_the_run_is_claimed(data_root, tmp_path, capsys):
+    """``kill -9`` inside a checkpoint write left ``.checkpoint.pt.*.tmp`` (up to 1 MB) in the finished run folder."""
+    folder = run_folder(tmp_path / "out")
+    (folder / "eval_on").mkdir(parents=True)
+    litter = [folder / ".checkpoint.pt.k1ll3d9x.tmp", folder / ".curves.csv.a8f3k2lq.tmp",
+              folder / "eval_on" / ".eurosat.json.q0w9e8r7.tmp"]
+    for path in litter:
+        path.write_bytes(b"\0" * (1 << 20))
+    (folder / "notes.tmp").write_text("not ours: no leading dot")
+    assert cli(capsys, "--method", "lora", *TINY, "--root_path", data_root, "--output_dir", tmp_path / "out")[0] == 0
+    assert sorted(p.name for p in folder.iterdir()) == [".claim", "adapters.json", "adapters.safetensors", "curves.csv",
+                                                        "notes.tmp", "result.json", "train.log"]
+    log = (folder / "train.log").read_text()
+    assert all(f"removed {path.name}, left by a write that was killed" in log for path in litter[:2])
+
+
+def test_the_demo_removes_its_temporary_folder_however_it_ends(tmp_path, capsys, monkeypatch):
+    """Each demo left 9.9 MB in /tmp/lora_zoo_demo_*. Its runs here are stand-ins (the demo itself is run by
+    test_runner.py): one that writes a file into the run's folder, then one that fails half-way."""
+    import datasets.scenes
+    import lora_zoo.experiment
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    monkeypatch.setattr(datasets.scenes, "write_task", lambda root, task: Path(root, task).mkdir(parents=True))
+    seen = []
+
+    def stand_in(cfg, **kwargs):
+        seen.append(Path(cfg.output_dir))
+        Path(cfg.output_dir).mkdir(exist_ok=True)
+        (Path(cfg.output_dir) / f"{cfg.method}-{cfg.dataset}.json").write_text("{}")
+        if fail and len(seen) == 2:
+            raise ValueError("stopped half-way")
+        return {"test_images": 300, "trainable_params": 1, "zero_shot_accuracy": 10.0, "accuracy": 20.0}
+    monkeypatch.setattr(lora_zoo.experiment, "run_experiment", stand_in)
+    for fail in (False, True):
+        seen.clear()
+        code = run(["--demo", "--quiet"], method="nora")
+        output = capsys.readouterr()
+        assert (code, len(seen)) == ((1, 2) if fail else (0, 6))
+        assert seen[0].parent.parent == scratch and seen[0].parent.name.startswith("lora_zoo_demo_")
+        assert list(scratch.iterdir()) == []
+        assert fail or "Outputs removed with their temporary folder (--output_dir DIR keeps them)" in output.out
+    fail, seen[:] = False, []
+    assert run(["--demo", "--quiet", "--output_dir", str(tmp_path / "kept")], method="nora") == 0
+    assert "Outputs in " + str(tmp_path / "kept") in capsys.readouterr().out
+    assert len(list((tmp_path / "kept" / "runs").iterdir())) == 6
+
+
+def test_the_suite_keeps_its_temporary_files_in_one_folder_it_removes(tmp_path):
+    from conftest import SCRATCH
+
+    folder = SCRATCH["folder"]
+    assert folder.is_dir() and folder.name.startswith("lora_zoo_tests_")  # removed by conftest.pytest_unconfigure
+    assert tmp_path.is_relative_to(folder) and Path(tempfile.gettempdir()) == folder / "tmp"
+    assert os.environ["TMPDIR"] == str(folder / "tmp")  # subprocesses of tests too
+
+
+def test_the_folders_readme_commands_write_are_ignored_by_git():
+    """README's examples wrote scenes/, synth/, mini_b2n/ and transfer/ into the repository, unlisted."""
+    readme = (REPO / "README.md").read_text()
+    commands = "\n".join(re.findall(r"```bash\n(.*?)```", readme, flags=re.S))
+    written = set(re.findall(r"--(?:root|output_dir|plot_dir|json|out|export_peft|export_merged|slurm) (\S+)", commands))
+    tops = {name.split("/")[0] for name in written if not name.startswith(("/", "$", "DATA"))}
+    assert {"scenes", "synth", "mini", "mini_b2n", "transfer", "augcmp"} <= tops
+    ignored = {line.strip().strip("/") for line in (REPO / ".gitignore").read_text().splitlines()}
+    assert sorted(tops - ignored - {"docs"}) == []  # docs/: the plots README shows, committed
