@@ -331,3 +331,36 @@ def test_the_folders_readme_commands_write_are_ignored_by_git():
     assert {"scenes", "synth", "mini", "mini_b2n", "transfer", "augcmp"} <= tops
     ignored = {line.strip().strip("/") for line in (REPO / ".gitignore").read_text().splitlines()}
     assert sorted(tops - ignored - {"docs"}) == []  # docs/: the plots README shows, committed
+
+
+# ---- 6: read-only caches: the run goes on without them and says so once ----------------------------------------------
+def test_read_only_caches_are_skipped_with_one_warning_each_and_change_no_number(data_root, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """An empty read-only --test_cache_dir failed with a raw "[Errno 30] Read-only file system", a read-only
+    zero-shot cache (<output_dir>/.cache) aborted the run. Read-only here: no file can be created in them (EROFS,
+    what a read-only mount gives root too), whatever the permission bits say."""
+    out, test_cache = tmp_path / "out", tmp_path / "test_cache"
+    read_only = [out / ".cache", test_cache]
+    for folder in read_only:
+        folder.mkdir(parents=True)
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and any(Path(dir).is_relative_to(folder) for folder in read_only):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
+        return real(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    args = ["--method", "lora", *TINY, "--root_path", data_root, "--test_cache_dir", test_cache]
+    code, err = cli(capsys, *args, "--output_dir", out)
+    assert code == 0 and err.splitlines() == [
+        f"--test_cache_dir {test_cache} is not writable (Read-only file system): running without that cache",
+        f"the zero-shot cache {out / '.cache'} is not writable (Read-only file system): running without that cache"]
+    assert [p for folder in read_only for p in folder.rglob("*") if p.is_file()] == []
+    code, err = cli(capsys, *args, "--output_dir", out, "--seed", "2")  # said once per process
+    assert code == 0 and err == ""
+    monkeypatch.setattr(tempfile, "mkstemp", real)
+    assert cli(capsys, "--method", "lora", *TINY, "--root_path", data_root, "--output_dir", tmp_path / "plain")[0] == 0
+    skipped, plain = result(run_folder(out)), result(run_folder(tmp_path / "plain"))
+    assert skipped["zero_shot_cached"] is False and "Read-only file system" in (run_folder(out) / "train.log").read_text()
+    for key in ("accuracy", "zero_shot_accuracy", "loss_history"):
+        assert skipped[key] == plain[key], key
