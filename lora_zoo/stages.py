@@ -174,13 +174,15 @@ def train(cfg: ExperimentConfig, model, class_tokens: torch.Tensor, stream, stat
     """The one training loop, checkpointing every ``checkpoint_every`` iterations and at the end (the trained
     adapters stay in the checkpoint until the result is written); returns what it records."""
     setting, state_path = run_setting(cfg), out / STATE_FILE
+    threads = resume_state.thread_history(state, torch.get_num_threads(), cfg.total_iterations)
     sinks = Sinks(cfg.log_to, out, out.name, cfg.to_dict())
     try:
         trained = train_adapters(
             model, stream(state["step"] if state else 0), class_tokens, cfg.train, iterations=cfg.total_iterations,
             device=device, seed=cfg.seed, text_adapted="text" in cfg.encoders, progress=progress, resume=state,
-            on_log=sinks.log, checkpoint=lambda s: (resume_state.save(state_path, {**s, "setting": setting}),
-                                                    write_curves(out, s["history"])))
+            on_log=sinks.log, checkpoint=lambda s: (
+                resume_state.save(state_path, {**s, "setting": setting, resume_state.THREADS: threads}),
+                write_curves(out, s["history"])))
     finally:
         sinks.close()
     write_curves(out, trained.curves)
@@ -188,7 +190,7 @@ def train(cfg: ExperimentConfig, model, class_tokens: torch.Tensor, stream, stat
                 iterations=trained.iterations, resumed_from=trained.resumed_from, train_seconds=trained.seconds,
                 iterations_per_second=trained.iterations_per_second, final_loss=trained.final_loss,
                 precision=cfg.train.precision, skipped_steps=trained.skipped_steps, loss_history=trained.loss_history,
-                hooks_summary=trained.hooks_summary, **recorded_options(cfg))
+                hooks_summary=trained.hooks_summary, threads_history=threads, **recorded_options(cfg))
 
 
 def merge_for_evaluation(model) -> dict[str, Any]:

@@ -364,3 +364,35 @@ def test_read_only_caches_are_skipped_with_one_warning_each_and_change_no_number
     assert skipped["zero_shot_cached"] is False and "Read-only file system" in (run_folder(out) / "train.log").read_text()
     for key in ("accuracy", "zero_shot_accuracy", "loss_history"):
         assert skipped[key] == plain[key], key
+
+
+# ---- 7: the thread counts that trained a run ---------------------------------------------------------------------------
+def test_resuming_with_another_thread_count_warns_once_and_the_result_records_every_count(data_root, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """Resumed at another --threads, a run gave 36.67% against 37.00%, and result.json named only the last count."""
+    import lora_zoo.train as train
+
+    original = train.training_step
+
+    def killed_at_3(model, images, labels, tokens, optimizer, hooks, step, *rest, **kwargs):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(model, images, labels, tokens, optimizer, hooks, step, *rest, **kwargs)
+    for first, then, warning in ((2, 1, "resuming with 1 thread a run trained with 2 so far: the last bits of its "
+                                        "numbers can differ from an uninterrupted run's (--threads 2 resumes it as "
+                                        "it ran)"),
+                                 (1, 1, None)):
+        out = tmp_path / f"{first}-{then}"
+        args = ["--method", "lora", *TINY, "--root_path", data_root, "--output_dir", out, "--n_iters", "5",
+                "--checkpoint_every", "2"]
+        with monkeypatch.context() as patch:
+            patch.setattr(train, "training_step", killed_at_3)
+            assert cli(capsys, *args, "--threads", first)[0] == 130
+        folder = run_folder(out)
+        assert torch.load(folder / "checkpoint.pt", weights_only=True)["threads"] == [first]
+        code, err = cli(capsys, *args, "--threads", then)
+        assert code == 0 and (one_line(err) == warning if warning else err == "")
+        finished = result(folder)
+        assert (finished["resumed_from"], finished["threads"], finished["threads_history"]) == (2, then, [first, then])
+    assert cli(capsys, *args, "--threads", "1", "--output_dir", tmp_path / "whole")[0] == 0
+    assert result(run_folder(tmp_path / "whole"))["threads_history"] == [1]
