@@ -396,3 +396,49 @@ def test_resuming_with_another_thread_count_warns_once_and_the_result_records_ev
         assert (finished["resumed_from"], finished["threads"], finished["threads_history"]) == (2, then, [first, then])
     assert cli(capsys, *args, "--threads", "1", "--output_dir", tmp_path / "whole")[0] == 0
     assert result(run_folder(tmp_path / "whole"))["threads_history"] == [1]
+
+
+# ---- 8: the Library API from anywhere, without our datasets package ----------------------------------------------------
+LIBRARY_API = ("adapter", "attention", "calibration", "checkpoint", "hooks", "inject", "naming", "optim", "registry",
+               "peft_export", "hf_clip", "train")
+
+
+def test_an_editable_install_maps_lora_zoo_and_not_our_datasets_and_the_library_api_runs_from_anywhere(tmp_path):
+    """``pip install -e .`` is setuptools' editable hook (PEP 660) and a .pth file that ``site`` runs at start; both
+    are done here offline: the hook builds the editable wheel of a copy of the checkout, and a fresh interpreter
+    in another folder, isolated from the environment's paths (``-I``), adds the unpacked wheel as a site folder.
+    ``import lora_zoo`` finds the copy; ``datasets`` is not ours (it would shadow Hugging Face's ``datasets``), and
+    the Library API modules import none of it."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "checkout"
+    for name in ("lora_zoo", "datasets"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", src)
+    build = subprocess.run([sys.executable, "-c", "from setuptools import build_meta; "
+                            f"print(build_meta.build_editable({str(tmp_path / 'dist')!r}))"],
+                           cwd=src, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    zipfile.ZipFile(tmp_path / "dist" / build.stdout.split()[-1]).extractall(tmp_path / "site")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = (f"import site, sys, json, importlib, importlib.util; site.addsitedir({str(tmp_path / 'site')!r})\n"
+              f"import lora_zoo as lz, torch\n"
+              f"for name in {LIBRARY_API!r}: importlib.import_module('lora_zoo.' + name)\n"
+              "from lora_zoo.train import text_features\n"
+              "layer = lz.wrap_linear(torch.nn.Linear(8, 8), 'lora', rank=2)\n"
+              "ours = importlib.util.find_spec('datasets')\n"
+              "print(json.dumps({'file': lz.__file__, 'methods': lz.list_methods(), 'shape': list(layer(torch.ones(3, 8))"
+              ".shape), 'datasets': ours and ours.origin, 'loaded': sorted(m for m in sys.modules if "
+              "m.split('.')[0] == 'datasets')}))\n")
+    proc = subprocess.run([sys.executable, "-I", "-c", script], cwd=elsewhere, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout.splitlines()[-1])
+    assert found["file"] == str(src / "lora_zoo" / "__init__.py") and found["shape"] == [3, 8]
+    assert found["methods"] == lz.list_methods() and found["loaded"] == []
+    assert found["datasets"] is None or not found["datasets"].startswith((str(src), str(REPO)))
+    assert sorted(p.name for p in src.iterdir()) == ["datasets", "lora_zoo", "pyproject.toml"]  # nothing built here
