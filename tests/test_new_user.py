@@ -403,7 +403,7 @@ LIBRARY_API = ("adapter", "attention", "calibration", "checkpoint", "hooks", "in
                "peft_export", "hf_clip", "train")
 
 
-def test_an_editable_install_maps_lora_zoo_and_not_our_datasets_and_the_library_api_runs_from_anywhere(tmp_path):
+def test_an_editable_install_maps_only_lora_zoo_and_the_library_api_runs_from_anywhere(tmp_path):
     """``pip install -e .`` is setuptools' editable hook (PEP 660) and a .pth file that ``site`` runs at start; both
     are done here offline: the hook builds the editable wheel of a copy of the checkout, and a fresh interpreter
     in another folder, isolated from the environment's paths (``-I``), adds the unpacked wheel as a site folder.
