@@ -47,7 +47,7 @@ def result(folder: Path, name="result.json") -> dict:
     return json.loads((folder / name).read_text())
 
 
-# ---- 2: the whole adapter record is under the checksum -------------------------------------------------------------
+# ---- 2: the whole adapter record is under the checksum ---------------------------------------------------------------
 def test_eval_only_refuses_an_edited_adapters_json_in_one_line(data_root, tmp_path, capsys):
     args = ["--method", "lora", *TINY, "--root_path", data_root, "--output_dir", tmp_path / "out"]
     assert cli(capsys, *args)[0] == 0
@@ -92,7 +92,7 @@ def test_the_record_digest_covers_every_key_and_files_saved_before_it_load(tmp_p
     assert lz.load_adapters(build_clip("tiny-vit", seed=0).model, path)["sha256"] == saved["sha256"]
 
 
-# ---- 3: a full disk is one line naming the file, and the same command resumes once space is freed ------------------
+# ---- 3: a full disk is one line naming the file, and the same command resumes once space is freed --------------------
 class FileOnAFullDisk:
     """A file opened on a full disk: opening works, writing raises ENOSPC (as Python's file objects do)."""
 
@@ -214,6 +214,21 @@ def test_a_full_disk_at_each_write_site_is_one_line_and_the_same_command_then_fi
     assert result(folder)["resumed_from"] == (2 if trained else 0)
 
 
+def test_a_full_disk_at_an_evaluation_of_a_finished_run_is_one_line_and_writes_nothing(data_root, tmp_path, capsys,
+                                                                                        monkeypatch):
+    args = ["--method", "lora", *TINY, "--root_path", data_root, "--output_dir", tmp_path / "out"]
+    assert cli(capsys, *args)[0] == 0
+    folder = run_folder(tmp_path / "out")
+    with monkeypatch.context() as patch:
+        fill_the_disk_for(patch, named("eval.json"))
+        code, err = cli(capsys, *args, "--eval_only")
+    expected = f"error: cannot write {folder / 'eval.json'}: No space left on device; {RESUMES}"
+    assert code == 1 and one_line(err) == expected
+    assert not (folder / "eval.json").exists() and [p for p in folder.rglob("*.tmp")] == []
+    assert cli(capsys, *args, "--eval_only")[0] == 0
+    assert result(folder, "eval.json")["accuracy"] == result(folder)["accuracy"]
+
+
 def test_torch_save_on_a_full_disk_keeps_the_errno_that_torch_hides(tmp_path, monkeypatch):
     """torch's own file writer reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc:672]
     ... unexpected pos``: through ``files.torch_save`` the errno survives, whichever way torch raises it."""
@@ -233,7 +248,7 @@ def test_torch_save_on_a_full_disk_keeps_the_errno_that_torch_hides(tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
-# ---- 4: degenerate tasks are refused before any work ---------------------------------------------------------------
+# ---- 4: degenerate tasks are refused before any work -----------------------------------------------------------------
 @pytest.mark.parametrize("classes, protocol, expect", [
     (1, "fewshot", "imagefolder at {folder} has 1 class: classification needs at least 2 (with one, every prediction "
                    "is right and top-1 is 100% whatever the model does)"),
@@ -326,7 +341,8 @@ def test_the_folders_readme_commands_write_are_ignored_by_git():
     """README's examples wrote scenes/, synth/, mini_b2n/ and transfer/ into the repository, unlisted."""
     readme = (REPO / "README.md").read_text()
     commands = "\n".join(re.findall(r"```bash\n(.*?)```", readme, flags=re.S))
-    written = set(re.findall(r"--(?:root|output_dir|plot_dir|json|out|export_peft|export_merged|slurm) (\S+)", commands))
+    options = "root|output_dir|plot_dir|json|out|export_peft|export_merged|slurm"
+    written = set(re.findall(rf"--(?:{options}) (\S+)", commands))
     tops = {name.split("/")[0] for name in written if not name.startswith(("/", "$", "DATA"))}
     assert {"scenes", "synth", "mini", "mini_b2n", "transfer", "augcmp"} <= tops
     ignored = {line.strip().strip("/") for line in (REPO / ".gitignore").read_text().splitlines()}
@@ -361,12 +377,13 @@ def test_read_only_caches_are_skipped_with_one_warning_each_and_change_no_number
     monkeypatch.setattr(tempfile, "mkstemp", real)
     assert cli(capsys, "--method", "lora", *TINY, "--root_path", data_root, "--output_dir", tmp_path / "plain")[0] == 0
     skipped, plain = result(run_folder(out)), result(run_folder(tmp_path / "plain"))
-    assert skipped["zero_shot_cached"] is False and "Read-only file system" in (run_folder(out) / "train.log").read_text()
+    assert skipped["zero_shot_cached"] is False
+    assert "Read-only file system" in (run_folder(out) / "train.log").read_text()
     for key in ("accuracy", "zero_shot_accuracy", "loss_history"):
         assert skipped[key] == plain[key], key
 
 
-# ---- 7: the thread counts that trained a run ---------------------------------------------------------------------------
+# ---- 7: the thread counts that trained a run -------------------------------------------------------------------------
 def test_resuming_with_another_thread_count_warns_once_and_the_result_records_every_count(data_root, tmp_path, capsys,
                                                                                           monkeypatch):
     """Resumed at another --threads, a run gave 36.67% against 37.00%, and result.json named only the last count."""
@@ -398,7 +415,7 @@ def test_resuming_with_another_thread_count_warns_once_and_the_result_records_ev
     assert result(run_folder(tmp_path / "whole"))["threads_history"] == [1]
 
 
-# ---- 8: the Library API from anywhere, without our datasets package ----------------------------------------------------
+# ---- 8: the Library API from anywhere, without our datasets package --------------------------------------------------
 LIBRARY_API = ("adapter", "attention", "calibration", "checkpoint", "hooks", "inject", "naming", "optim", "registry",
                "peft_export", "hf_clip", "train")
 
@@ -431,9 +448,9 @@ def test_an_editable_install_maps_only_lora_zoo_and_the_library_api_runs_from_an
               "from lora_zoo.train import text_features\n"
               "layer = lz.wrap_linear(torch.nn.Linear(8, 8), 'lora', rank=2)\n"
               "ours = importlib.util.find_spec('datasets')\n"
-              "print(json.dumps({'file': lz.__file__, 'methods': lz.list_methods(), 'shape': list(layer(torch.ones(3, 8))"
-              ".shape), 'datasets': ours and ours.origin, 'loaded': sorted(m for m in sys.modules if "
-              "m.split('.')[0] == 'datasets')}))\n")
+              "print(json.dumps({'file': lz.__file__, 'methods': lz.list_methods(), "
+              "'shape': list(layer(torch.ones(3, 8)).shape), 'datasets': ours and ours.origin, "
+              "'loaded': sorted(m for m in sys.modules if m.split('.')[0] == 'datasets')}))\n")
     proc = subprocess.run([sys.executable, "-I", "-c", script], cwd=elsewhere, capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]

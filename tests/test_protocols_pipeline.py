@@ -326,7 +326,8 @@ def test_a_bad_target_of_a_finished_run_writes_nothing(capsys, damaged, transfer
 
 @pytest.mark.parametrize("protocol, options, expect", [
     ("base2new", ["--datasets", "dtd"], "--protocol base2new: base-to-new needs at least 2 classes in each half, "
-                                        "4 in all (a half of one class scores 100% whatever the model does); dtd has 3"),
+                                        "4 in all (a half of one class scores 100% whatever the model does); "
+                                        "dtd has 3"),
     ("domain", [], "--eval_on imagenetv2: class folder not found: {data}/imagenetv2/"),
     ("domain", ["--eval_on", "imagenet_a imagenet_sketch"], "--eval_on imagenet_sketch: class-name file not found: "
                                                             "{data}/imagenet-sketch/classnames.txt"),
