@@ -135,6 +135,14 @@ def check_files_exist(items: Sequence[Datum], what: str) -> None:
             f"`python -m datasets.check` lists them)")
 
 
+def check_classes(dataset: FewShotDataset) -> None:
+    """Classification needs two classes: with one, every prediction is right (100%) whatever the model does."""
+    if dataset.num_classes < 2:
+        raise DatasetError(f"{dataset.name} at {dataset.dataset_dir} has {dataset.num_classes} class"
+                           f"{'' if dataset.num_classes == 1 else 'es'}: classification needs at least 2 (with one, "
+                           "every prediction is right and top-1 is 100% whatever the model does)")
+
+
 def check_subsample(subsample) -> None:
     if subsample not in SUBSAMPLES:
         raise DatasetError(f"subsample must be one of {', '.join(SUBSAMPLES)}, got {subsample!r}")

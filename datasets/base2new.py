@@ -29,11 +29,18 @@ from typing import List, Sequence
 from .base import ClassSplit, DatasetError, Datum, FewShotDataset, check_subsample
 
 
+#: the classes each half needs: a half of one class scores 100% whatever the model does
+MIN_CLASSES_PER_HALF = 2
+
+
 def split_classes(name: str, classnames: Sequence[str]) -> ClassSplit:
-    """CoOp's rule on labels ``0..C-1``: the first ``ceil(C / 2)`` are base, the rest new."""
+    """CoOp's rule on labels ``0..C-1``: the first ``ceil(C / 2)`` are base, the rest new; each half needs
+    ``MIN_CLASSES_PER_HALF`` classes (CoOp would split 2 classes 1/1 and report HM 100%)."""
     count = len(classnames)
-    if count < 2:
-        raise DatasetError(f"base-to-new needs at least 2 classes to split into base and new; {name} has {count}")
+    if count < 2 * MIN_CLASSES_PER_HALF:
+        raise DatasetError(f"base-to-new needs at least {MIN_CLASSES_PER_HALF} classes in each half, "
+                           f"{2 * MIN_CLASSES_PER_HALF} in all (a half of one class scores 100% whatever the model "
+                           f"does); {name} has {count}")
     half = math.ceil(count / 2)
     return ClassSplit(tuple(classnames), tuple(range(half)), tuple(range(half, count)))
 

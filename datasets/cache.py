@@ -16,7 +16,8 @@ the image list (paths and labels), the transform's description and the files'
 content identity (``identity.content_key``: size and modification and status-change
 times, taken before any image is read), so another split, preprocessing or a
 changed image file (the same name, other pixels) gets another file; it is written
-atomically. Files of earlier contents stay in the folder until deleted.
+atomically, its blocks allocated before the map is filled (a full disk is then one error
+naming the file, not a SIGBUS). Files of earlier contents stay in the folder until deleted.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
-from lora_zoo.files import atomic_write
+from lora_zoo.files import atomic_write, reserve
 from lora_zoo.host import available_cpus
 
 from .base import DatasetError, Datum, load_image
@@ -97,6 +98,7 @@ class PreprocessedImages:
 
         def write(tmp):
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(self.data), *first.shape))
+            reserve(tmp)  # a full disk: ENOSPC now, not a SIGBUS when a page of the map is written
             with ThreadPoolExecutor(max_workers=min(8, available_cpus())) as pool:
                 for index, pixels in enumerate(pool.map(self._pixels, self.data)):
                     if pixels.shape != first.shape:
@@ -106,7 +108,6 @@ class PreprocessedImages:
             array.flush()
             del array
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, write)
 
     def __len__(self) -> int:

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple, Union
 
-from .base import (DEFAULT_TEMPLATE, DatasetError, FewShotDataset, check_files_exist, check_shots, check_subsample,
-                   sample_dataset_splits)
+from .base import (DEFAULT_TEMPLATE, DatasetError, FewShotDataset, check_classes, check_files_exist, check_shots,
+                   check_subsample, sample_dataset_splits)
 from .base2new import subsample_classes
 from .imagefolder import prepare_split
 from .imagenet import TRAIN_FOLDER, imagenet_test, read_class_folders, sample_imagenet
@@ -231,8 +231,10 @@ def _read_listed(spec: DatasetSpec, location: Location, splits_needed=("train", 
 
 
 def _finish(spec: DatasetSpec, location: Location, dataset: FewShotDataset, subsample: str) -> FewShotDataset:
-    """The ``subsample`` half of ``dataset``; then, nothing having failed, ``imagefolder``'s split file is written."""
+    """The ``subsample`` half of ``dataset``, refused with fewer than 2 classes; then, nothing having failed,
+    ``imagefolder``'s split file is written."""
     dataset = subsample_classes(dataset, subsample)
+    check_classes(dataset)
     if spec.split_format == "imagefolder" and not location.split_path.exists():
         prepare_split(location.image_dir, write=True)
     return dataset

@@ -5,7 +5,8 @@
 AIRA's output scale), the calibration statistics the layers were built with,
 and ``run/adapters.json`` (the layer method and its config, encoders, targets,
 layers, the per-layer options such as AIRA's rank allocation, the method it was
-trained as, package versions, the sha256 of the ``.safetensors`` file's bytes).
+trained as, package versions, the sha256 of the ``.safetensors`` file's bytes, and ``record_sha256``: the
+sha256 of every other key of the JSON as canonical JSON, so that one digest covers both files).
 Only what rebuilds the layers is recorded: the optimizer builder (LoRA+,
 LoRA-FA) and a training schedule's options (AdaLoRA's budget) are not, so a
 checkpoint loads whatever trained it. Both files are written atomically. Frozen factors derived from W (NoRA's outer
@@ -16,8 +17,9 @@ model, deterministically.
 them as saved; into an adapted model it checks that layer method, layer
 options, targets and per-layer ranks agree and names the first mismatch otherwise.
 A tensor file whose bytes no longer match the recorded sha256 (flipped, truncated,
-replaced), or that safetensors cannot parse, is a one-line error naming it; files
-saved before the checksum was recorded load unchecked.
+replaced), a JSON whose content no longer matches its ``record_sha256`` (an edited
+``alpha`` would change every score), or a tensor file that safetensors cannot parse, is a
+one-line error naming it; files saved before a checksum was recorded load unchecked.
 Format-1 files (lora_zoo 0.1) are read, except VeRA and AIRA ``act_scale="batch"``
 ones: those layers compute something else from the same tensors now, so they are refused.
 """
@@ -35,13 +37,14 @@ from .adapter import adapter_modules
 from .attached import method_setup
 from .calibration import LayerStats
 from .catalog import get_method
-from .files import atomic_write, sha256_file, write_json
+from .files import atomic_write, sha256_file, sha256_json, write_json
 from .host import versions
 from .kinds import KINDS
 from .naming import adapter_state_dict
 
 FORMAT_VERSION = 2
 STATS_PREFIX = "stats::"
+RECORD_DIGEST = "record_sha256"  # adapters.json's key for the sha256 of its other keys (the tensors' sha256 among them)
 
 
 def config_path(path) -> Path:
@@ -63,6 +66,7 @@ def save_adapters(model: nn.Module, path) -> Path:
             **KINDS[setup.kind].record(model), "stats_tokens": tokens, "versions": versions()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "lora_zoo"}))
     meta["sha256"] = sha256_file(path)  # of the bytes as written: read_adapter_tensors checks it
+    meta[RECORD_DIGEST] = sha256_json(meta, RECORD_DIGEST)  # of what rebuilds the layers: read_adapter_config checks it
     write_json(config_path(path), meta)
     return path
 
@@ -77,6 +81,15 @@ def _refuse_changed_since_v1(cfg_path: Path, layer: str, config: dict) -> None:
                          "since it was written, so it would compute a different model; retrain it")
 
 
+def _check_record(cfg_path: Path, meta: dict) -> None:
+    """One-line error for an adapters.json whose content is not what was saved (checked before any upgrade of an
+    older format fills in defaults); a file saved before the digest existed has none and is read as it is."""
+    if RECORD_DIGEST in meta and sha256_json(meta, RECORD_DIGEST) != meta[RECORD_DIGEST]:
+        raise ValueError(f"adapter config {cfg_path} does not match the {RECORD_DIGEST} recorded in it (edited or "
+                         "damaged since it was saved; it rebuilds the layers, so every score would change); restore "
+                         "it or train the run again")
+
+
 def read_adapter_config(path) -> dict[str, Any]:
     """The JSON config saved beside an adapter file (one-line error if it is missing or unreadable)."""
     cfg_path = config_path(path)
@@ -88,6 +101,7 @@ def read_adapter_config(path) -> dict[str, Any]:
         raise ValueError(f"cannot read adapter config {cfg_path}: {err}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"adapter config {cfg_path} is not a JSON object (expected what save_adapters writes)")
+    _check_record(cfg_path, meta)
     if meta.get("format_version") == 1:  # lora_zoo 0.1: one config per method, optimizer options included
         layer = get_method(meta["method"]).layer
         known = {f for f in get_method(layer).config_class.__dataclass_fields__}

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from .errors import NonFiniteError, RunClaimedError, RunFinishedError
+from .files import FULL_DISK, WriteError, errno_of, write_error
 from .options import yaml_value
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -155,16 +156,23 @@ DEMO_METHODS = ("lora", "nora", "aira")
 
 
 def run_demo(output_dir, overrides: dict, quiet: bool) -> int:
-    """LoRA, NoRA and AIRA few-shot on tiny-clip, a small CLIP pretrained by this project (CPU, no download)."""
+    """LoRA, NoRA and AIRA few-shot on tiny-clip, a small CLIP pretrained by this project (CPU, no download); its
+    data and runs go to ``output_dir``, or to a temporary folder removed however the demo ends."""
     import tempfile
 
+    if output_dir:
+        return _demo(Path(output_dir), overrides, quiet, kept=True)
+    with tempfile.TemporaryDirectory(prefix="lora_zoo_demo_") as scratch:
+        return _demo(Path(scratch), overrides, quiet, kept=False)
+
+
+def _demo(root: Path, overrides: dict, quiet: bool, kept: bool) -> int:
     from datasets.scenes import TASKS, write_task
 
     from .config import load_config
     from .experiment import run_experiment
 
     start = time.perf_counter()
-    root = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="lora_zoo_demo_"))
     print("DEMO - tiny-clip, a small CLIP pretrained by this project on procedural scenes and captions "
           "(lora_zoo/weights/), adapted to two few-shot tasks it was not trained on, on CPU. The scale is "
           "a sanity check of the methods, not a paper result.", flush=True)
@@ -177,7 +185,7 @@ def run_demo(output_dir, overrides: dict, quiet: bool) -> int:
             values.update({k: v for k, v in overrides.items() if k != "output_dir"})
             cfg = load_config([CONFIG_DIR / "demo.yaml"], values)
             rows.append((task, method, run_experiment(cfg, overwrite=True, progress=not quiet and sys.stderr.isatty())))
-    print(f"\n{cfg.shots} shots per class, {rows[-1][2]['iterations']} iterations of batch {cfg.train.batch_size}, "
+    print(f"\n{cfg.shots} shots per class, {cfg.iterations(cfg.shots * len(TASKS[task].classes))} iterations of batch {cfg.train.batch_size}, "
           f"adapters on {','.join(cfg.targets)} of both towers, each method at {cfg.train.lr_scale:g}x its "
           f"registered lr ({cfg.train.n_iters} iterations per shot where the protocol runs 500); top-1 on "
           f"{rows[-1][2]['test_images']} test images:")
@@ -187,8 +195,9 @@ def run_demo(output_dir, overrides: dict, quiet: bool) -> int:
         print(f"{task:9} {classes:7d} {method:6} {result['trainable_params']:9,} {result['zero_shot_accuracy']:9.1f}% "
               f"{result['accuracy']:8.1f}%")
     print(f"compose: colour+shape pairs never captioned together in pretraining (zero-shot works partly); names: "
-          f"the same images under made-up names (zero-shot near chance, {100 / classes:.0f}%). Outputs in {root} "
-          f"({time.perf_counter() - start:.0f}s).")
+          f"the same images under made-up names (zero-shot near chance, {100 / classes:.0f}%). "
+          + (f"Outputs in {root}" if kept else "Outputs removed with their temporary folder (--output_dir DIR keeps "
+             "them)") + f" ({time.perf_counter() - start:.0f}s).")
     return 0
 
 
@@ -201,7 +210,10 @@ def setup_logging(quiet: bool) -> None:
 
 
 def hint(err: Exception) -> str:
-    """The library's one-line message (command-line hints are added where the error is handled)."""
+    """The library's one-line message (command-line hints are added where the error is handled); a full disk that
+    a writer reported without our ``WriteError`` still names its file and says how to go on."""
+    if isinstance(err, OSError) and not isinstance(err, WriteError) and err.filename and errno_of(err) in FULL_DISK:
+        err = write_error(err.filename, err)
     return " ".join(str(err).split()) or type(err).__name__
 
 

@@ -28,9 +28,6 @@ from typing import Any, Iterable, Literal, Mapping, Optional
 
 import yaml
 
-from datasets.base import check_template
-from datasets.registry import get_spec as dataset_spec
-
 from .options import Options, field_names, option
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the adapters' dtype
@@ -211,6 +208,10 @@ class ExperimentConfig(Options):
         if self.backbone not in list_backbones():
             raise ValueError(f"unknown backbone {self.backbone!r}; expected an open_clip model name "
                              "(open_clip.list_models(), e.g. ViT-B-16) or a tiny-* backbone")
+        # the checkout's datasets package, imported for a run's config only: the library (TrainConfig) needs none
+        from datasets.base import check_template
+        from datasets.registry import get_spec as dataset_spec
+
         dataset_spec(self.dataset)                             # unknown dataset → one line listing names
         if self.template is not None:
             check_template(self.template)

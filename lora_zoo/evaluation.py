@@ -19,11 +19,17 @@ backbone, weights, prompts and test set, then read from a small JSON cache under
 ``output_dir/.cache/zero_shot``. Its key holds each test image's path, label and content
 identity (``datasets.identity.content_key``: size and modification/change times), so a
 changed image gives a new key, never a stale accuracy.
+
+Both caches only save time: one that cannot be written (a read-only folder or filesystem) is
+skipped, the run goes on without it, and the process says so once per folder (a warning).
+A full disk is not skipped: it stops the run in one line, as every other write does.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -37,6 +43,20 @@ from .files import write_json
 from .kinds import scorer_of
 from .models import weights_file
 from .scoring import as_classes, autocast
+
+logger = logging.getLogger(__name__)
+#: errno values of a cache that cannot be written (a full disk is not one: it stops the run)
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+_told: set[str] = set()  # the caches this process said it runs without: each is said once
+
+
+def without_cache(what: str, err: OSError) -> None:
+    """Let a read-only cache go (``err`` is raised again otherwise), saying so once per process and cache."""
+    if err.errno not in READ_ONLY:
+        raise err
+    if what not in _told:
+        _told.add(what)
+        logger.warning("%s is not writable (%s): running without that cache", what, err.strerror or err)
 
 
 @dataclass(frozen=True)
@@ -74,12 +94,16 @@ def target_plan(cfg: ExperimentConfig, targets: Sequence[Any]) -> list[Evaluatio
 
 
 def test_loader(cfg: ExperimentConfig, data: Sequence[Any], transform, workers: int):
-    """Batches of preprocessed test images: from the memory-mapped cache with ``test_cache_dir``, else decoded."""
+    """Batches of preprocessed test images: from the memory-mapped cache with ``test_cache_dir`` (unless that folder
+    cannot be written), else decoded."""
     from datasets import build_data_loader
     from datasets.cache import PreprocessedImages
 
     if cfg.test_cache_dir is not None:
-        return PreprocessedImages(data, transform, cfg.test_cache_dir, cfg.eval_batch_size)
+        try:
+            return PreprocessedImages(data, transform, cfg.test_cache_dir, cfg.eval_batch_size)
+        except OSError as err:
+            without_cache(f"--test_cache_dir {cfg.test_cache_dir}", err)
     return build_data_loader(data, transform, batch_size=cfg.eval_batch_size, num_workers=workers)
 
 
@@ -147,5 +171,8 @@ def zero_shot_accuracy(cfg: ExperimentConfig, model, loader, evaluation: Evaluat
     except (OSError, ValueError, KeyError, TypeError):
         pass
     accuracy = evaluate(model, loader, classes, device, cfg.train.precision)
-    write_json(path, {"key": key, "accuracy": accuracy})
+    try:
+        write_json(path, {"key": key, "accuracy": accuracy})
+    except OSError as err:
+        without_cache(f"the zero-shot cache {Path(cfg.output_dir) / '.cache'}", err)
     return accuracy, False

@@ -35,10 +35,10 @@ import torch
 
 from . import resume as resume_state
 from . import stages
-from .checkpoint import load_adapters
+from .checkpoint import RECORD_DIGEST, config_path, load_adapters
 from .config import ExperimentConfig
 from .errors import RunClaimedError, RunFinishedError
-from .files import write_json
+from .files import FULL_DISK, WriteError, errno_of, remove_temporaries, write_error, write_json
 from .kinds import kind_of
 from .metrics import check_sinks
 from .models import check_weights
@@ -134,15 +134,20 @@ def open_run_folder(cfg: ExperimentConfig, out: Path, stack: contextlib.ExitStac
                     request: Request, overwrite: bool) -> Optional[dict]:
     """Create and claim the run folder, start train.log when training; returns the checkpoint to resume from.
 
-    Claimed first, then checked again: a run another process finished meanwhile is not trained twice.
+    Claimed first, then checked again: a run another process finished meanwhile is not trained twice. The
+    temporary files of writes that were killed (``kill -9`` inside a checkpoint write) are removed once claimed.
     ``overwrite`` removes what would make a killed retraining look finished."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
+        if errno_of(err) in FULL_DISK:
+            raise write_error(out, err) from None
         raise ValueError(f"results dir is not writable: {out} ({err.strerror or err})") from None
     if not os.access(out, os.W_OK):
         raise ValueError(f"results dir is not writable: {out}")
     stack.enter_context(claim(out))
+    for stale in remove_temporaries(out) + remove_temporaries(out / EVAL_ON_DIR):  # ours now: a killed write's
+        logger.info("removed %s, left by a write that was killed", stale.name)
     if request.adapt and not overwrite and is_finished(out, cfg):
         raise RunFinishedError(f"run already finished: {out / RESULT_FILE} exists (finished by another process)")
     if request.adapt and overwrite:
@@ -160,11 +165,12 @@ def reload_adapters(model, out: Path, train_subset_sha1: str) -> None:
     """The finished run's adapters, refused when the file is not the one its result recorded or when the run was
     trained on other images than this run's few-shot set, ``train_subset_sha1`` (a re-drawn split, another folder)."""
     saved = read_result(out) or {}
-    recorded = saved.get("adapters_sha256")
-    meta = load_adapters(model, out / ADAPTER_FILE)  # checks the tensors' bytes against adapters.json
-    if recorded is not None and meta.get("sha256") != recorded:
-        raise ValueError(f"{out / ADAPTER_FILE} is not the adapter file {out / RESULT_FILE} recorded (sha256 "
-                         "differs): retrain the run (--overwrite)")
+    meta = load_adapters(model, out / ADAPTER_FILE)  # checks the tensors' bytes and the JSON against adapters.json
+    for key, field, name in (("adapters_sha256", "sha256", ADAPTER_FILE),
+                             ("adapters_record_sha256", RECORD_DIGEST, config_path(ADAPTER_FILE))):
+        if saved.get(key) is not None and meta.get(field) != saved[key]:  # a file swapped, or its digest removed
+            raise ValueError(f"{out / name} is not the adapter file {out / RESULT_FILE} recorded ({field} "
+                             "differs): retrain the run (--overwrite)")
     current = train_subset_sha1
     if saved.get("train_subset_sha1") not in (None, current):
         raise ValueError(f"the adapters at {out} were trained on other images than this run's few-shot set "
@@ -175,9 +181,11 @@ def reload_adapters(model, out: Path, train_subset_sha1: str) -> None:
 def kept(out: Path, err: OSError) -> OSError:
     """A failure to write after training, saying where the trained adapters are kept."""
     state = out / STATE_FILE
-    where = (f"; the trained adapters are kept in {state}: free space and run the same command again to finish "
-             "from it without training") if state.is_file() else ""
-    return OSError(f"{err}{where}")
+    if not state.is_file():
+        return err
+    fix = "free space" if errno_of(err) in FULL_DISK else "fix that"
+    return OSError(f"{err.head if isinstance(err, WriteError) else err}; the trained adapters are kept in {state}: "
+                   f"{fix} and run the same command again to finish from it without training")
 
 
 def finish(out: Path, record: dict[str, Any], request: Request) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .adapter import AdapterLinear, apply_delta
 from .attention import SplitAttention
-from .files import atomic_write
+from .files import atomic_write, torch_save
 from .kinds import refuse_without_weight_update
 from .naming import is_adapter_tensor
 
@@ -69,5 +69,5 @@ def export_merged(model: nn.Module, path, reference: Optional[nn.Module] = None)
     """Write ``fused_state_dict(model)`` with ``torch.save`` (atomically) to ``path``; returns the path."""
     state = {k: v.detach().cpu().contiguous() for k, v in fused_state_dict(model, reference).items()}
     path = Path(path)
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch_save(state, tmp))  # a full disk: one line naming path
     return path

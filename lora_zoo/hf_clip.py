@@ -21,10 +21,13 @@ A model with lora_zoo adapters converts to its *pretrained* model: each adapter'
 adapter from ``peft_export.export_peft`` on top reproduces the adapted model.
 An architecture transformers' CLIP cannot represent exactly is refused with one
 ``ValueError`` naming the feature (``convertible_config`` checks without building
-anything). transformers is imported only by ``to_hf_clip``.
+anything). transformers is imported only by ``to_hf_clip``. ``save_hf_clip(model, folder)`` writes the
+converted model with ``save_pretrained`` as our other files are written: readable by others, a failed
+write (a full disk) one line naming the folder.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -33,6 +36,7 @@ from torch import nn
 
 from .adapter import AdapterLinear
 from .attention import OpenClipAttention, SplitAttention
+from .files import share, write_error
 
 INSTALL = "pip install peft transformers"
 #: transformers' CLIPTextTransformer pools by argmax of the token ids when eos_token_id is 2
@@ -276,3 +280,21 @@ def to_hf_clip(model: nn.Module):
     hf_model = CLIPModel(CLIPConfig(**config_values))
     hf_model.load_state_dict(hf_clip_state_dict(model), strict=True)
     return hf_model.eval()
+
+
+def save_hf_clip(model: nn.Module, folder) -> Path:
+    """``to_hf_clip(model).save_pretrained(folder)``, its files readable by others (transformers writes the weights
+    0600) and a failed write one ``files.WriteError`` naming ``folder`` (transformers lets safetensors' own error
+    type through for a full disk); returns ``folder``."""
+    folder, hf_model = Path(folder), to_hf_clip(model)
+    try:
+        hf_model.save_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 - safetensors' error type is no OSError
+        failure = write_error(folder, err)
+        if failure is None:
+            raise
+        raise failure from None
+    for path in folder.rglob("*"):
+        if path.is_file():
+            share(path)
+    return folder

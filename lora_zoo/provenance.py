@@ -5,14 +5,17 @@ optional locks off) and never fails a run: a missing git just records null.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+from .files import write_error
 from .host import versions
 
 
@@ -42,11 +45,24 @@ def peak_memory(device) -> dict[str, Any]:
     return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_memory_kind": "cpu_maxrss"}
 
 
+class LogFile(logging.FileHandler):
+    """A run's log file. A record it cannot write (a full disk) stops the run with one line naming the file
+    (``files.WriteError``), where ``logging`` would print a traceback on stderr and go on without it."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        failure = write_error(self.baseFilename, sys.exc_info()[1])
+        if failure is None:
+            super().handleError(record)
+            return
+        raise failure from None
+
+
 class RunLog:
     """The run's log file for the ``lora_zoo`` and ``datasets`` loggers (DEBUG and up).
 
     Records are held in memory until ``attach(path)``: a run that fails before it has a
-    folder (bad dataset path, missing weights) writes nothing to disk.
+    folder (bad dataset path, missing weights) writes nothing to disk. A failure to write it
+    is one ``files.WriteError`` naming it (``LogFile``).
     """
 
     def __init__(self):
@@ -55,11 +71,20 @@ class RunLog:
 
     def attach(self, path: Path, append: bool = False) -> None:
         """Start writing to ``path`` (appending when a run resumes), with what was logged so far."""
-        file_handler = logging.FileHandler(path, mode="a" if append else "w")
+        try:
+            file_handler = LogFile(path, mode="a" if append else "w")
+        except OSError as err:
+            raise write_error(path, err) from None
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         memory = self.handler
         memory.setTarget(file_handler)
-        memory.flush()
+        try:
+            memory.flush()
+        except OSError as err:  # the file stays unwritten: its handler goes, the records are dropped with the run
+            memory.setTarget(None)
+            with contextlib.suppress(OSError):
+                file_handler.close()
+            raise write_error(path, err) from None
         for lg in self.loggers:
             lg.removeHandler(memory)
             lg.addHandler(file_handler)
@@ -78,4 +103,8 @@ class RunLog:
         for lg, level in zip(self.loggers, self.levels):
             lg.removeHandler(self.handler)
             lg.setLevel(level)
-        self.handler.close()
+        try:
+            self.handler.close()
+        except OSError as err:  # its last flush (a full disk): the run's own error, if any, is the one to report
+            if exc[0] is None:
+                raise write_error(getattr(self.handler, "baseFilename", "the run's log"), err) from None

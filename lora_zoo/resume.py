@@ -21,10 +21,16 @@ read and a random-number state that cannot be restored (tried on a copy of the
 current generators before anything is changed). One file, written atomically: the
 checksum can never describe another version of it. Checkpoints written before the
 checksum existed resume unchecked.
+
+Bit-identical means at the same intra-op thread count on CPU: a matrix product summed over
+other threads can change the last bits. The checkpoint carries the count of each process
+that trained the run (``thread_history``), ``result.json`` records them all
+(``threads_history``), and resuming with another count says so once.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -33,11 +39,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .files import atomic_write
+from .files import atomic_write, torch_save
 from .naming import adapter_state_dict
 from .results import first_difference
 
 CHECKSUM = "checksum"  # the key under which save() stores state_digest of the rest
+THREADS = "threads"  # the key of the thread counts that trained the checkpoint (thread_history)
+logger = logging.getLogger(__name__)
 
 
 def capture(model: nn.Module, optimizer, scheduler, scaler, hooks, step: int, history: dict) -> dict[str, Any]:
@@ -87,7 +95,7 @@ def state_digest(value, digest=None) -> str:
 def save(path, state: dict) -> Path:
     """Write ``state`` with its checksum (``state_digest``), atomically."""
     sealed = {**state, CHECKSUM: state_digest(state)}
-    return atomic_write(path, lambda tmp: torch.save(sealed, tmp))
+    return atomic_write(path, lambda tmp: torch_save(sealed, tmp))  # a full disk: one line naming path
 
 
 def _check_integrity(state, path: Path) -> None:
@@ -130,6 +138,22 @@ def load(path, setting: Optional[tuple] = None) -> Optional[dict]:
         raise ValueError(f"the checkpoint {path} was written with other settings ({difference}); rerun with its "
                          "settings to resume it, or with --overwrite to start again")
     return state
+
+
+def thread_history(state: Optional[dict], threads: int, iterations: int) -> list[Optional[int]]:
+    """The intra-op thread count of each process that trains the run, this one (``threads``) last; ``state`` is the
+    checkpoint it resumes (a count from before they were recorded is None). Resuming with another count than the
+    last warns once, because it can change the last bits; a process with no iteration left to run adds none."""
+    if state is None:
+        return [threads]
+    before = list(state.get(THREADS, [None]))
+    if int(state["step"]) >= iterations:
+        return before
+    if before[-1] not in (None, threads):
+        logger.warning("resuming with %d thread%s a run trained with %d so far: the last bits of its numbers can "
+                       "differ from an uninterrupted run's (--threads %d resumes it as it ran)", threads,
+                       "" if threads == 1 else "s", before[-1], before[-1])
+    return before + [threads]
 
 
 @torch.no_grad()

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Iterator, NamedTuple, Optional
 
 from .errors import RunClaimedError
+from .files import write_error
 
 CLAIM_FILE = ".claim"
 #: how often, and how long apart, a reader re-reads a record that its freshly locked holder is still writing
@@ -227,7 +228,7 @@ def claim(folder) -> Iterator[Holder]:
         try:
             _write_record(fd, holder._asdict())
         except OSError as err:
-            raise OSError(f"cannot write {path}: {err.strerror or err}") from None
+            raise write_error(path, err) from None
         yield holder
     finally:
         with _held_guard:

@@ -23,7 +23,7 @@ import torch
 
 from . import resume as resume_state
 from .calibration import collect_activation_stats
-from .checkpoint import read_adapter_config, save_adapters
+from .checkpoint import RECORD_DIGEST, read_adapter_config, save_adapters
 from .config import ExperimentConfig, batches_per_epoch
 from .evaluation import (Evaluation, base_to_new_plan, evaluate, few_shot_plan, target_plan, test_loader,
                          zero_shot_accuracy)
@@ -216,18 +216,20 @@ def adapt(cfg: ExperimentConfig, model, ds, classes: ClassSet, training: Trainin
 
 
 def fit(cfg: ExperimentConfig, model, classes: ClassSet, training: TrainingData, state: Optional[dict], out: Path,
-          device: torch.device, progress: bool) -> dict[str, Any]:
+        device: torch.device, progress: bool) -> dict[str, Any]:
     """Train: the one loop, checkpointing every ``checkpoint_every`` iterations and at the end (the trained
     adapters stay in the checkpoint until the result is written); returns what it records."""
     setting, state_path = run_setting(cfg), out / STATE_FILE
+    threads = resume_state.thread_history(state, torch.get_num_threads(), cfg.iterations(training.size))
     sinks = Sinks(cfg.log_to, out, out.name, cfg.to_dict())
     try:
         trained = train_adapters(
             model, training.stream(state["step"] if state else 0), classes, cfg.train,
             iterations=cfg.iterations(training.size),
             device=device, seed=cfg.seed, per_epoch=training.per_epoch, progress=progress, resume=state,
-            on_log=sinks.log, checkpoint=lambda s: (resume_state.save(state_path, {**s, "setting": setting}),
-                                                    write_curves(out, s["history"])))
+            on_log=sinks.log, checkpoint=lambda s: (
+                resume_state.save(state_path, {**s, "setting": setting, resume_state.THREADS: threads}),
+                write_curves(out, s["history"])))
     finally:
         sinks.close()
     write_curves(out, trained.curves)
@@ -235,7 +237,7 @@ def fit(cfg: ExperimentConfig, model, classes: ClassSet, training: TrainingData,
                 iterations=trained.iterations, resumed_from=trained.resumed_from, train_seconds=trained.seconds,
                 iterations_per_second=trained.iterations_per_second, final_loss=trained.final_loss,
                 precision=cfg.train.precision, skipped_steps=trained.skipped_steps, loss_history=trained.loss_history,
-                hooks_summary=trained.hooks_summary, **recorded_options(cfg))
+                hooks_summary=trained.hooks_summary, threads_history=threads, **recorded_options(cfg))
 
 
 def merge_for_evaluation(model) -> dict[str, Any]:
@@ -284,13 +286,15 @@ def train_subset_record(ds) -> dict[str, Any]:
 
 
 def save_outputs(model, out: Path) -> dict[str, Any]:
-    """The trained adapters (their sha256 recorded) and, for a planned rank allocation (AIRA's), the ranks."""
+    """The trained adapters (the sha256 of their tensors and of their JSON recorded) and, for a planned rank
+    allocation (AIRA's), the ranks."""
     save_adapters(model, out / ADAPTER_FILE)
     files = {"adapters": ADAPTER_FILE, "log": "train.log", "curves": "curves.csv"}
     if any("rank" in o for o in model.lora_zoo_setup.layer_overrides.values()):
         write_json(out / RANKS_FILE, layer_ranks(model))
         files["ranks"] = RANKS_FILE
-    return {"files": files, "adapters_sha256": read_adapter_config(out / ADAPTER_FILE)["sha256"]}
+    meta = read_adapter_config(out / ADAPTER_FILE)
+    return {"files": files, "adapters_sha256": meta["sha256"], "adapters_record_sha256": meta[RECORD_DIGEST]}
 
 
 def export_merged_weights(cfg: ExperimentConfig, model, path) -> dict[str, Any]:
@@ -306,13 +310,13 @@ def export_merged_weights(cfg: ExperimentConfig, model, path) -> dict[str, Any]:
 def export_peft_adapter(cfg: ExperimentConfig, model, directory) -> dict[str, Any]:
     """A peft LoRA adapter for transformers' CLIPModel; with weights no hub name stands for (tiny backbones, a
     file), the converted pretrained model is written beside it (``base_model/``) for ``PeftModel`` to load onto."""
-    from .hf_clip import to_hf_clip
+    from .hf_clip import save_hf_clip
     from .peft_export import export_peft
 
     hub = "openai/clip-vit-base-patch16" if (cfg.backbone, cfg.pretrained) == ("ViT-B-16", "openai") else None
     exported = export_peft(model, directory, base_model_name_or_path=hub)
     if hub is None:
-        to_hf_clip(model).save_pretrained(Path(directory) / "base_model")
+        save_hf_clip(model, Path(directory) / "base_model")
     logger.info("exported a peft adapter to %s", directory)
     return {"exported_peft": str(exported)}
 

@@ -1,13 +1,47 @@
-"""Shared fixtures: tiny open_clip models (random init, built in code) and inputs for them; CLIP-LoRA's draw."""
+"""Shared fixtures: tiny open_clip models (random init, built in code) and inputs for them; CLIP-LoRA's draw.
+
+The suite's temporary files (pytest's ``tmp_path`` folders and whatever the tests and their subprocesses put
+in the system's temporary folder) go under one folder that is removed when the suite ends: it leaves nothing
+in /tmp (``--basetemp DIR`` puts pytest's folders in DIR instead and keeps them).
+"""
 import os
 import random
+import shutil
+import tempfile
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from lora_zoo.models import build_clip
+
+
+SCRATCH = {}  # "folder": the suite's temporary folder, "TMPDIR": the variable as the suite found it
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own tmp_path plugin reads --basetemp
+def pytest_configure(config):
+    folder = Path(tempfile.mkdtemp(prefix="lora_zoo_tests_"))
+    (folder / "tmp").mkdir()
+    SCRATCH.update(folder=folder, TMPDIR=os.environ.get("TMPDIR"))
+    if config.option.basetemp is None:
+        config.option.basetemp = str(folder / "pytest")
+    os.environ["TMPDIR"] = str(folder / "tmp")  # tempfile here and in every subprocess of a test
+    tempfile.tempdir = None  # read TMPDIR again
+
+
+def pytest_unconfigure(config):
+    if "folder" not in SCRATCH:
+        return
+    shutil.rmtree(SCRATCH.pop("folder"), ignore_errors=True)
+    previous = SCRATCH.pop("TMPDIR")
+    if previous is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = previous
+    tempfile.tempdir = None
 
 
 def tiny_clip(backbone: str = "tiny-vit", seed: int = 0):

@@ -112,14 +112,16 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     write_synthetic_dataset(folder, "imagefolder", num_classes=1, train_per_class=6, val_per_class=0,
                             test_per_class=0, image_size=8)
     for subsample in ("base", "new"):
-        with pytest.raises(DatasetError, match=r"^base-to-new needs at least 2 classes to split into base and new; "
+        with pytest.raises(DatasetError, match=r"^base-to-new needs at least 2 classes in each half, 4 in all \(a "
+                                               r"half of one class scores 100% whatever the model does\); "
                                                r"imagefolder has 1$"):
             build_dataset("imagefolder", folder, shots=1, seed=1, subsample=subsample)
-        with pytest.raises(DatasetError, match=r"^base-to-new needs at least 2 classes .* imagefolder has 1$"):
+        with pytest.raises(DatasetError, match=r"^base-to-new needs at least 2 classes in each half, .* imagefolder "
+                                               r"has 1$"):
             build_test_dataset("imagefolder", folder, subsample=subsample)
+    with pytest.raises(DatasetError, match=f"^imagefolder at {folder} has 1 class: classification needs at least 2"):
+        build_dataset("imagefolder", folder, shots=1, seed=1)  # "all" too: one class is always right
     assert sorted(p.name for p in folder.iterdir()) == ["red_stripes"]  # no split_imagefolder.json
-    assert build_dataset("imagefolder", folder, shots=1, seed=1).num_classes == 1  # "all" still works
-    assert (folder / "split_imagefolder.json").is_file()
     write_synthetic_dataset(tmp_path, "dtd", num_classes=3, train_per_class=2, val_per_class=1, test_per_class=1,
                             image_size=8)
     with pytest.raises(DatasetError, match=r"^subsample must be one of all, base, new, got 'half'$"):

@@ -202,7 +202,8 @@ def test_readme_commands_use_the_virtual_environment():
     python_calls = [c for c in commands if re.search(r"(^|[\s&;])python3?\s", c)]
     assert python_calls and all(re.search(r"(^|[\s&;])python3 -m venv", c) or ".venv/bin/python" in c
                                 for c in python_calls), python_calls
-    assert commands[0].startswith("python3 -m venv .venv") and commands[1] == ".venv/bin/python -m pytest -q"
+    assert commands[0].startswith("python3 -m venv .venv")
+    assert commands[1] == ".venv/bin/pip install -r tests/requirements.txt && .venv/bin/python -m pytest -q"
 
 
 # 15 ------------------------------------------------------------------------------------------------

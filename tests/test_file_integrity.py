@@ -81,7 +81,7 @@ def test_damaged_adapter_file_is_one_line_naming_it(saved, damage):
 def test_unparsable_adapter_file_without_a_checksum_is_one_line(saved, damage):
     path, _ = saved
     meta = json.loads(config_path(path).read_text())
-    del meta["sha256"]  # as saved before the checksum was recorded
+    del meta["sha256"], meta["record_sha256"]  # as saved before the checksums were recorded
     config_path(path).write_text(json.dumps(meta))
     path.write_bytes(path.read_bytes()[:100] if damage == "truncated" else b"")
     with pytest.raises(ValueError) as err:

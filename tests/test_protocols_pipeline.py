@@ -285,11 +285,12 @@ def test_a_claimed_run_is_left_to_its_holder(capsys, root, transfer, tmp_path, m
 # ---- bad input: one line, non-zero exit, nothing written --------------------------------------------------
 @pytest.fixture
 def damaged(root, tmp_path):
-    """A copy of the data with one-class DTD, Sketch's classnames.txt gone and V2's folder 2 gone."""
+    """A copy of the data with three-class DTD (too few for two halves of 2), Sketch's classnames.txt gone and V2's
+    folder 2 gone."""
     copy = tmp_path / "data"
     shutil.copytree(root, copy)
     shutil.rmtree(copy / "dtd")
-    write_synthetic_dataset(copy, "dtd", num_classes=1, train_per_class=4, val_per_class=4, test_per_class=3,
+    write_synthetic_dataset(copy, "dtd", num_classes=3, train_per_class=4, val_per_class=4, test_per_class=3,
                             image_size=32)
     (copy / "imagenet-sketch" / "classnames.txt").unlink()
     shutil.rmtree(copy / "imagenetv2" / "imagenetv2-matched-frequency-format-val" / "2")
@@ -298,8 +299,9 @@ def damaged(root, tmp_path):
 
 @pytest.mark.parametrize("args, expect", [
     (["--dataset", "imagenet", "--eval_on", "food101"], "dataset folder not found: {data}/food-101"),
-    (["--dataset", "dtd", "--protocol", "base2new"], "base-to-new needs at least 2 classes to split into base and "
-                                                     "new; dtd has 1"),
+    (["--dataset", "dtd", "--protocol", "base2new"], "base-to-new needs at least 2 classes in each half, 4 in all "
+                                                     "(a half of one class scores 100% whatever the model does); "
+                                                     "dtd has 3"),
     (["--dataset", "imagenet", "--eval_on", "imagenet_sketch"], "class-name file not found: "
                                                                 "{data}/imagenet-sketch/classnames.txt"),
     (["--dataset", "imagenet", "--eval_on", "dtd,imagenetv2"], "class folder not found: {data}/imagenetv2/"
@@ -334,8 +336,9 @@ def test_a_bad_target_of_a_finished_run_writes_nothing(capsys, damaged, transfer
 
 
 @pytest.mark.parametrize("protocol, options, expect", [
-    ("base2new", ["--datasets", "dtd"], "--protocol base2new: base-to-new needs at least 2 classes to split into "
-                                        "base and new; dtd has 1"),
+    ("base2new", ["--datasets", "dtd"], "--protocol base2new: base-to-new needs at least 2 classes in each half, "
+                                        "4 in all (a half of one class scores 100% whatever the model does); "
+                                        "dtd has 3"),
     ("domain", [], "--eval_on imagenetv2: class folder not found: {data}/imagenetv2/"),
     ("domain", ["--eval_on", "imagenet_a imagenet_sketch"], "--eval_on imagenet_sketch: class-name file not found: "
                                                             "{data}/imagenet-sketch/classnames.txt"),

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_zoo import files as lz_files
 from lora_zoo.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +55,9 @@ def test_a_finished_run_exports_a_peft_adapter_stock_transformers_loads(data_roo
         tmp_path / "out" / "tiny-vit" / "dtd" / "2shots" / "seed1" / "lora" / "result.json").stat().st_mtime_ns == trained
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and (tmp_path / "peft" / "base_model" / "config.json").is_file()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "peft").rglob("*") if p.is_file()}
+    assert set(modes) == {"adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors"}
+    assert set(modes.values()) == {0o666 & ~lz_files._UMASK}, modes  # transformers wrote model.safetensors 0600
     # ours: the saved adapters on the tiny backbone, merged, as evaluated
     import lora_zoo as lz
     from lora_zoo.models import build_clip

@@ -401,8 +401,8 @@ def test_zero_shot_row_says_random_init_pretrained_or_both(tmp_path):
 def test_readme_reliability_promises_name_tests_that_exist():
     section = (REPO / "README.md").read_text().split("\n## Reliability\n", 1)[1].split("\n## ", 1)[0]
     promises = re.findall(r"^- \*\*(.+?)\*\*", section, flags=re.M)
-    assert promises == ["Nothing written on bad input", "Same numbers from caches", "Resumable", "Concurrent-safe",
-                        "Nothing non-finite recorded", "Damaged files refused"]
+    assert promises == ["Set up as written", "Nothing written on bad input", "Same numbers from caches", "Resumable",
+                        "Concurrent-safe", "Nothing non-finite recorded", "Damaged files refused", "No litter"]
     for promise in section.split("\n- ")[1:]:
         named = re.findall(r"`(?:(test_\w+\.py)::)?(test_\w+)`", promise)
         assert len(named) >= 2, promise
