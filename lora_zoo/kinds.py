@@ -206,6 +206,20 @@ def apply_method(model: nn.Module, method: str, *, classes: Optional[ClassSet] =
                             encoders=encoders, targets=targets, layers=layers)
 
 
+def apply_method_on_batch(model: nn.Module, method: str, classes: ClassSet, images: torch.Tensor,
+                          labels: torch.Tensor, stats=None, **kwargs) -> torch.Tensor:
+    """``apply_method`` for code that trains on one batch (benchmarks, tests): a head's support is the batch's frozen
+    features (one view); returns what the method's training step takes: the images, or their normalised features."""
+    support = None
+    if kind_of(method).caches_features:
+        with torch.no_grad():
+            support = Support(model.encode_image(images).float()[None], labels)
+    apply_method(model, method, classes=classes, support=support, stats=stats, **kwargs)
+    if support is None:
+        return images
+    return torch.nn.functional.normalize(support.features[0], dim=-1)
+
+
 def refuse_without_weight_update(model: nn.Module, what: str) -> None:
     """A one-line error when the method applied to ``model`` has no weight update to be ``what`` (exported...)."""
     setup = getattr(model, "lora_zoo_setup", None)

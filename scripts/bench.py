@@ -38,7 +38,7 @@ import bench_pipeline as pipeline  # noqa: E402
 import lora_zoo as lz  # noqa: E402
 from datasets.registry import BENCHMARK_SIZES  # noqa: E402
 from lora_zoo.files import write_json  # noqa: E402
-from lora_zoo.learner import Support  # noqa: E402
+from lora_zoo.kinds import apply_method_on_batch  # noqa: E402
 from lora_zoo.models import build_clip  # noqa: E402
 from lora_zoo.scoring import autocast  # noqa: E402
 from lora_zoo.train import prepare_device, training_step  # noqa: E402
@@ -103,12 +103,8 @@ class Variant:
             self.optimizer, self.hooks, self.trainable = None, lz.TrainingHooks(), 0
         else:
             stats = calibrate(self.model) if lz.build_config(method, **options).needs_calibration else None
-            support = None
-            if lz.kind_of(method).caches_features:  # a head trains on features encoded once (lora_zoo/features.py)
-                with torch.no_grad():
-                    support = Support(self.model.encode_image(images).float()[None], labels)
-                self.inputs = torch.nn.functional.normalize(support.features[0], dim=-1)
-            lz.apply_method(self.model, method, classes=classes, support=support, stats=stats, **options)
+            # a head trains on features encoded once (lora_zoo/features.py): its step is timed on them
+            self.inputs = apply_method_on_batch(self.model, method, classes, images, labels, stats, **options)
             self.optimizer = lz.build_optimizer(self.model, lr=1e-4, **pipeline.ADAMW)  # the method's builder
             self.trainable = lz.count_trainable(self.model)  # after the builder (LoRA-FA freezes A)
             self.hooks = lz.training_hooks(self.model, steps)

@@ -43,6 +43,7 @@ from lora_zoo.config import TrainConfig  # noqa: E402
 from lora_zoo.files import atomic_write  # noqa: E402
 from lora_zoo.models import TINY_CONFIGS, build_clip  # noqa: E402
 from lora_zoo.host import available_cpus  # noqa: E402
+from lora_zoo.kinds import apply_method_on_batch  # noqa: E402
 from lora_zoo.train import prepare_device, training_step  # noqa: E402
 
 FROZEN = "frozen (no optimizer step)"
@@ -81,17 +82,18 @@ ADAMW = TrainConfig().resolved()  # weight_decay and betas: the protocol's AdamW
 class Variant:
     """One row: a copy of the split base model on the device with a method's adapters (or frozen)."""
 
-    def __init__(self, method, base, device, images, tokens, steps: int, amp: bool):
+    def __init__(self, method, base, device, images, labels, classes, steps: int, amp: bool):
         self.model = copy.deepcopy(base).to(device)
+        self.inputs = images
         if method is None:  # the frozen bound: gradients reach every activation, no weight gets one
             self.model.requires_grad_(False)
             self.model.visual.positional_embedding.requires_grad_(True)
             self.model.positional_embedding.requires_grad_(True)
             self.optimizer, self.hooks = None, lz.TrainingHooks()
         else:
-            stats = (lz.collect_activation_stats(self.model, image_batches=[images], text_batches=[tokens])
+            stats = (lz.collect_activation_stats(self.model, image_batches=[images], text_batches=[classes.tokens])
                      if lz.build_config(method).needs_calibration else None)
-            lz.apply_adapters(self.model, method, stats=stats)
+            self.inputs = apply_method_on_batch(self.model, method, classes, images, labels, stats)
             self.optimizer = lz.build_optimizer(self.model, lr=lz.get_method(method).lr, weight_decay=ADAMW.weight_decay,
                                                 betas=ADAMW.betas)  # the method's builder, the protocol's AdamW
             self.hooks = lz.training_hooks(self.model, steps)
@@ -103,8 +105,8 @@ class Variant:
     def _stepped(self, *_):
         self.optimizer_steps += 1
 
-    def step(self, images, labels, tokens, device, amp: bool) -> None:
-        training_step(self.model, images, labels, tokens, self.optimizer, self.hooks, self.steps, device,
+    def step(self, images, labels, classes, device, amp: bool) -> None:
+        training_step(self.model, self.inputs, labels, classes, self.optimizer, self.hooks, self.steps, device,
                       "fp16" if amp else "fp32", self.scaler)
         self.steps += 1
 
@@ -137,20 +139,21 @@ def inputs_for(backbone, batch: int, prompts: int, device) -> tuple:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=generator).to(device)
     labels = torch.randint(0, prompts, (batch,), generator=generator).to(device)
-    tokens = backbone.tokenizer([f"a photo of a {name}." for name in class_names(prompts)]).to(device)
-    return images, labels, tokens
+    names = class_names(prompts)
+    classes = lz.ClassSet.of(names, [f"a photo of a {name}." for name in names], backbone.tokenizer).to(device)
+    return images, labels, classes
 
 
 def methods_section(args, device, amp: bool, log) -> list[dict]:
     backbone = build_clip(args.backbone, None, "cpu")
     base = lz.split_attention(backbone.model)
-    images, labels, tokens = inputs_for(backbone, args.batch, args.classes, device)
+    images, labels, classes = inputs_for(backbone, args.batch, args.classes, device)
     rows = []
     for name, method in [(FROZEN, None)] + [(m, m) for m in lz.list_methods()]:
         fresh_memory(device)
         log(f"methods: {name}")
-        variant = Variant(method, base, device, images, tokens, args.skip_steps, amp)
-        row = measure(variant, (images, labels, tokens), device, amp, args.warmup, args.timed, args.skip_steps)
+        variant = Variant(method, base, device, images, labels, classes, args.skip_steps, amp)
+        row = measure(variant, (images, labels, classes), device, amp, args.warmup, args.timed, args.skip_steps)
         rows.append({"method": name, **row, "images_per_s": 1000 * args.batch / row["step_ms"]})
         del variant
     frozen = rows[0]["step_ms"]
@@ -162,13 +165,13 @@ def methods_section(args, device, amp: bool, log) -> list[dict]:
 def prompts_section(args, device, amp: bool, log) -> list[dict]:
     backbone = build_clip(args.backbone, None, "cpu")
     base = lz.split_attention(backbone.model)
-    images, labels, tokens = inputs_for(backbone, args.batch, args.prompts, device)
+    images, labels, classes = inputs_for(backbone, args.batch, args.prompts, device)
     rows = []
     for method in args.prompt_methods:
         fresh_memory(device)
         log(f"prompts: {method} with {args.prompts} prompts")
-        variant = Variant(method, base, device, images, tokens, args.warmup + args.timed, amp)
-        row = measure(variant, (images, labels, tokens), device, amp, args.warmup, args.timed,
+        variant = Variant(method, base, device, images, labels, classes, args.warmup + args.timed, amp)
+        row = measure(variant, (images, labels, classes), device, amp, args.warmup, args.timed,
                       args.warmup + args.timed)
         rows.append({"method": method, "prompts": args.prompts, **row})
         del variant

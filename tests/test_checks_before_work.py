@@ -14,6 +14,8 @@ from torch import nn
 
 import lora_zoo as lz
 from lora_zoo.config import load_config
+from lora_zoo.runs import method_fields
+from method_cases import CASES
 from lora_zoo.inject import check_fits
 from lora_zoo.models import build_clip
 from lora_zoo.results import load_results
@@ -21,20 +23,19 @@ from lora_zoo.results import load_results
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import make_table  # noqa: E402
 
-#: the option that sets each layer method's rank (the default: ``rank``); a new method with another name fails
-RANK_OPTION = {"nora": "outer_rank", "adalora": "init_rank"}
-#: methods whose rank is not bounded by the layer: VeRA's r is the width of its shared random pair (the paper
-#: trains r = 1024 on 768-wide RoBERTa-base; the README's mini table r = 256 on 64-wide layers)
-UNBOUNDED = {"vera"}
+RANKED = [m for m in lz.list_methods() if CASES[m]["rank"] is not None]  # tests/method_cases.py: the rank option
 
 
-@pytest.mark.parametrize("method", lz.list_methods())
+@pytest.mark.parametrize("method", RANKED)
 def test_a_rank_above_the_layer_width_is_refused_from_the_shapes_alone(method):
     model = build_clip("tiny-vit", seed=0).model  # 64-wide q/k/v in both towers
     attention = type(model.visual.transformer.resblocks[0].attn)
-    option = RANK_OPTION.get(lz.get_method(method).layer, "rank")
-    assert option in lz.get_method(method).config_class.__dataclass_fields__, f"add {method}'s rank option above"
-    if lz.get_method(method).layer in UNBOUNDED:
+    # VeRA's r is the width of its shared random pair, not bounded by a layer (the paper trains r = 1024 on
+    # 768-wide RoBERTa-base; the README's mini table r = 256 on 64-wide layers)
+    unbounded = CASES[method]["rank"] == "unbounded"
+    option = "rank" if unbounded else CASES[method]["rank"]
+    assert option in lz.get_method(method).config_class.__dataclass_fields__, f"{method}'s rank option is {option}?"
+    if unbounded:
         check_fits(model, method, **{option: 1000})
     else:
         with pytest.raises(ValueError) as err:
@@ -120,7 +121,7 @@ def write_run(root, lr, accuracy, seed=1):
     folder.mkdir(parents=True)
     result = {"backbone": "tiny-vit", "method": "lora", "dataset": "dtd", "shots": 4, "seed": seed,
               "accuracy": accuracy, "config": {"method": "lora", "run_name": f"lr={lr}", "train": {"lr": lr}},
-              "method_config": {"rank": 2}}
+              "method_config": {"rank": 2}, **method_fields(lz.get_method("lora"))}
     (folder / "result.json").write_text(json.dumps(result))  # NaN is written as NaN, as json.dumps does
     return folder / "result.json"
 
