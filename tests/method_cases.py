@@ -145,6 +145,7 @@ CASES = {
                  export=dict(form="dora", ranks={4}), precision={}),
     "pissa": dict(WEIGHTS, options=dict(rank=4), preserves=True, count=per_adapter(lora_count),
                   export=dict(form="lora", ranks={8}), precision={}),  # residual: 2r
+    # (a new method's row goes above this line)
 }
 
 

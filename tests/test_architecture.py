@@ -7,6 +7,8 @@ file defining a throwaway method there and nothing else, and asks every tool
 import ast
 import dataclasses
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -214,7 +216,7 @@ def test_loraplus_optimizer_with_pissa_from_the_command_line(data_root, tmp_path
     assert groups["up (B)"]["parameters"] == 12 * 64 * 2 and groups["down (A)"]["parameters"] == 12 * 2 * 64
 
 
-# ---- a method is one file ----------------------------------------------------------------------
+# ---- a method is one file (of any kind), one catalogue line, one test row ---------------------------------
 TOY_METHOD = '''
 """A throwaway method written by tests/test_architecture.py: LoRA whose update is scaled by ``gain``."""
 from dataclasses import dataclass
@@ -238,34 +240,166 @@ class ToyLinear(LoraLinear):
         return self.config.toy_gain * up, down
 '''
 
+TOY_PROMPT = '''
+"""A throwaway prompt method written by tests/test_architecture.py: learned context tokens before each class name."""
+from dataclasses import dataclass
 
-def test_a_new_method_is_one_file(tmp_path, data_root):
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .learner import LearnerConfig, PromptLearner
+from .options import option
+from .registry import register_method
+from .text import encode_embeddings
+
+
+@dataclass
+class ToyPromptConfig(LearnerConfig):
+    toy_tokens: int = option(2, "learned context tokens")
+
+
+# its own recipe: SGD, a constant warm-up epoch, then Dassl's per-epoch cosine, 3 epochs of batch 4
+@register_method("toy_prompt", display_name="ToyPrompt", citation="nobody, 2026", lr=2e-3, optimizer="sgd",
+                 recipe={"lr_schedule": "epoch_cosine", "warmup_epochs": 1, "epochs": lambda shots, dataset: 3,
+                         "batch_size": 4, "weight_decay": 5e-4, "eta_min": 0.0})
+class ToyPrompt(PromptLearner):
+    config_class = ToyPromptConfig
+
+    def __init__(self, model, config, classes, support=None):
+        super().__init__(model, config, classes, support)
+        width = model.token_embedding.weight.shape[1]
+        self.lora_context = nn.Parameter(0.02 * torch.randn(config.toy_tokens, width))
+
+    def class_state(self, model, classes):
+        placeholder = " ".join(["X"] * self.config.toy_tokens)
+        tokens = classes.tokenizer([f"{placeholder} {name}." for name in classes.names]).to(self.lora_context.device)
+        embeddings = model.token_embedding(tokens)
+        context = self.lora_context.to(embeddings.dtype).expand(len(tokens), -1, -1)
+        embeddings = torch.cat([embeddings[:, :1], context, embeddings[:, 1 + self.config.toy_tokens:]], dim=1)
+        return F.normalize(encode_embeddings(model, embeddings, tokens).float(), dim=-1)
+'''
+
+TOY_HEAD = '''
+"""A throwaway head method written by tests/test_architecture.py: the text classifier plus a learned residual."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .learner import FeatureHead, LearnerConfig
+from .options import option
+from .registry import register_method
+from .scoring import text_features
+
+
+@dataclass
+class ToyHeadConfig(LearnerConfig):
+    toy_alpha: float = option(0.5, "scale of the learned residual")
+
+
+@register_method("toy_head", display_name="ToyHead", citation="nobody, 2026", lr=1e-2, optimizer="adam",
+                 recipe={"epochs": lambda shots, dataset: 4, "batch_size": 8, "weight_decay": 0.0})
+class ToyHead(FeatureHead):
+    config_class = ToyHeadConfig
+
+    @classmethod
+    def views(cls, config, epochs):
+        return 2
+
+    def __init__(self, model, config, classes, support=None):
+        super().__init__(model, config, classes, support)
+        width = model.text_projection.shape[1]
+        self.lora_residual = nn.Parameter(torch.zeros(len(self.class_names), width))
+
+    def class_state(self, model, classes):
+        with torch.no_grad():
+            base = text_features(model, classes.tokens)
+        if tuple(classes.names) != self.class_names:  # other classes: the text classifier alone
+            return base
+        return F.normalize(base + self.config.toy_alpha * self.lora_residual, dim=-1)
+
+    def logits(self, model, features, state):
+        return 100.0 * features @ state.t()
+'''
+
+#: each planted method: its file, its row in tests/method_cases.py
+PLANTS = {
+    "toy": (TOY_METHOD, 'dict(WEIGHTS, options=dict(rank=4, alpha=8), preserves=True, count=per_adapter(lora_count), '
+                        'export=dict(form="lora", ranks={4}), precision={})'),
+    "toy_prompt": (TOY_PROMPT, 'dict(kind="prompts", options=dict(toy_tokens=2), preserves=False, mergeable=False, '
+                               'rank=None, count=lambda model: 2 * 64, export=dict(refused="no weight update"), '
+                               'precision={})'),
+    "toy_head": (TOY_HEAD, 'dict(kind="head", options=dict(), preserves=True, mergeable=False, rank=None, '
+                           'count=lambda model: 4 * 32, export=dict(refused="no weight update"), precision={})'),
+}
+
+
+def plant(copy: Path, name: str) -> None:
+    """What adding a method takes: its file, its import in the catalogue, its layer, its test row."""
+    code, row = PLANTS[name]
+    (copy / "lora_zoo" / f"{name}.py").write_text(code.lstrip())
+    catalog = copy / "lora_zoo" / "catalog.py"
+    catalog.write_text(catalog.read_text().replace("# noqa: F401\n", f"# noqa: F401\nfrom . import {name}  # noqa: F401\n", 1))
+    project = copy / "pyproject.toml"
+    project.write_text(project.read_text().replace('"adalora : ', f'"adalora : {name} : ', 1))  # the methods layer
+    cases = copy / "tests" / "method_cases.py"
+    marker = "    # (a new method's row goes above this line)\n"
+    cases.write_text(cases.read_text().replace(marker, f"    {name!r}: {row},\n{marker}"))
+
+
+# long: one copy of the repository, three planted methods, every tool asked about each
+def test_a_new_method_of_any_kind_is_one_file_one_catalogue_line_and_one_test_row(tmp_path, data_root):
     copy = tmp_path / "repo"
-    for name in SOURCES:
+    for name in SOURCES + ["tests"]:
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, copy / name)
-    (copy / "lora_zoo" / "toy.py").write_text(textwrap.dedent(TOY_METHOD))
+    for name in PLANTS:
+        plant(copy, name)
 
     def run(*args):
-        proc = subprocess.run([*args], cwd=copy, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        proc = subprocess.run([*args], cwd=copy, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         return proc.stdout
 
     py = sys.executable
-    assert "toy" in run(py, "-c", "import lora_zoo; print(lora_zoo.list_methods())")
-    help_text = run(py, "main.py", "--method", "toy", "--help")
-    assert "--toy_gain" in help_text and "ToyLoRA" in help_text and "0.003" in help_text
+    assert lint_imports(copy).returncode == 0  # placed in the methods layer, its imports keep every contract
+    listed = run(py, "-c", "import lora_zoo; print(lora_zoo.list_methods())")
+    assert all(f"'{name}'" in listed for name in PLANTS)
+    for name, flag, display in (("toy", "--toy_gain", "ToyLoRA"), ("toy_prompt", "--toy_tokens", "ToyPrompt"),
+                                ("toy_head", "--toy_alpha", "ToyHead")):
+        help_text = run(py, "main.py", "--method", name, "--help")
+        assert flag in help_text and display in help_text
+    # the tests of every method read the row: train, save/load, merge (refused for a learner), count, precision
+    tests = run(py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_methods.py",
+                "tests/test_precision.py", "-k", "toy")
+    assert re.search(r"(\d+) passed", tests) and int(re.search(r"(\d+) passed", tests).group(1)) >= 3 * 7
     out = tmp_path / "runs"
-    run("bash", "scripts/sweep.sh", "--root_path", str(data_root), "--methods", "toy", "--shots", "1", "--seeds", "1",
-        "--backbone", "tiny-vit", "--output_dir", str(out), "--python", py, "--",
-        "--n_iters", "2", "--batch_size", "4", "--num_workers", "0", "--eval_batch_size", "16")
-    result = json.loads((out / "tiny-vit/dtd/1shots/seed1/toy/result.json").read_text())
-    assert result["config"]["train"]["lr"] == 3e-3 and result["method_config"]["toy_gain"] == 2.0
+    run("bash", "scripts/sweep.sh", "--root_path", str(data_root), "--methods", *PLANTS, "--shots", "1", "--seeds",
+        "1", "--backbone", "tiny-vit", "--output_dir", str(out), "--python", py, "--",
+        "--batch_size", "4", "--num_workers", "0", "--eval_batch_size", "16", "--n_iters", "2")
+    results = {name: json.loads((out / f"tiny-vit/dtd/1shots/seed1/{name}/result.json").read_text()) for name in PLANTS}
+    assert results["toy"]["config"]["train"]["lr"] == 3e-3 and results["toy"]["method_config"]["toy_gain"] == 2.0
+    prompt = results["toy_prompt"]  # its own recipe: SGD, one warm-up epoch at 1e-5, 3 epochs of one batch
+    assert (prompt["kind"], prompt["optimizer"], prompt["iterations"]) == ("prompts", "sgd", 3)
+    curves = (out / "tiny-vit/dtd/1shots/seed1/toy_prompt/curves.csv").read_text().splitlines()[1:]
+    assert [float(line.split(",")[2]) for line in curves] == pytest.approx([1e-5, 2e-3, 2e-3 * (1 + 0.5) / 2])  # cos(pi/3)
+    assert (results["toy_head"]["kind"], results["toy_head"]["optimizer"], results["toy_head"]["iterations"]) == \
+        ("head", "adam", 4)
+    for name in PLANTS:  # saved, loaded and evaluated again: the same accuracy
+        evaluated = run(py, "main.py", "--method", name, "--root_path", str(data_root), "--shots", "1",
+                        "--backbone", "tiny-vit", "--num_workers", "0", "--eval_batch_size", "16",
+                        "--output_dir", str(out), "--eval_only", "--quiet", "--batch_size", "4", "--n_iters", "2")
+        assert f"top-1 {results[name]['accuracy']:.2f}%" in evaluated
     table = run(py, "scripts/make_table.py", str(out), "--shots", "1", "--seeds", "1", "--no_reported", "--format", "md")
-    assert "| ToyLoRA (ours, toy) |" in table
-    run(py, "scripts/bench.py", "--quick", "--methods", "toy", "--json", str(tmp_path / "bench.json"))
+    for display, name in (("ToyLoRA", "toy"), ("ToyPrompt", "toy_prompt"), ("ToyHead", "toy_head")):
+        assert f"| {display} (ours, {name}) |" in table
+    run(py, "scripts/bench.py", "--quick", "--part", "methods", "--methods", *PLANTS, "--json",
+        str(tmp_path / "bench.json"))
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["frozen", "lora r=16", "toy"] and rows[2]["trainable"] > 0
+    assert [r["method"] for r in rows] == ["frozen", "lora r=16", *PLANTS] and all(r["trainable"] > 0 for r in rows[2:])
 
 
 def test_checkpoint_from_before_an_option_existed_still_loads(images, texts, tmp_path):
