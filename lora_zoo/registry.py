@@ -46,6 +46,8 @@ class MethodSpec:
     #: the loop's settings (``TrainConfig`` fields) its own recipe sets; a value may be a function of
     #: ``(shots, dataset)`` (CoOp's epochs per shot count)
     recipe: Mapping[str, Any] = field(default_factory=dict)
+    #: a preset's own defaults of the method's options (CoOp (4): n_ctx 4 from "a photo of a"); given ones win
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def layer_class(self) -> type:
@@ -71,6 +73,7 @@ class MethodSpec:
 
     def split_options(self, options: Mapping[str, Any]) -> tuple[dict, dict]:
         """``(module options, hooks options)`` from one mapping of method options."""
+        options = {**self.options, **options}
         module_names = set(field_names(self.config_class))
         hooks_names = set(field_names(self.hooks_options_class)) if self.hooks_options_class else set()
         unknown = sorted(set(options) - module_names - hooks_names)
@@ -81,8 +84,10 @@ class MethodSpec:
                 {k: v for k, v in options.items() if k in hooks_names})
 
     def recipe_settings(self, shots: int, dataset: str) -> dict[str, Any]:
-        """The loop's settings of the method's own recipe for a run of ``shots`` on ``dataset``."""
-        return {key: value(shots, dataset) if callable(value) else value for key, value in self.recipe.items()}
+        """The loop's settings of the method's own recipe for a run of ``shots`` on ``dataset`` (a preset's, over its
+        method's)."""
+        recipe = {**(_METHODS[self.layer].recipe if self.layer in _METHODS else {}), **self.recipe}
+        return {key: value(shots, dataset) if callable(value) else value for key, value in recipe.items()}
 
 
 @dataclass(frozen=True)
@@ -132,9 +137,12 @@ def register_method(name: str, *, display_name: str, citation: str, lr: float, o
 
 def register_preset(name: str, *, layer: str, display_name: str, citation: str, lr: float,
                     optimizer: str = "adamw", hooks: Optional[type] = None,
-                    recipe: Optional[Mapping[str, Any]] = None) -> MethodSpec:
-    """Register ``name`` as method ``layer``'s modules trained with optimizer builder ``optimizer``."""
-    spec = MethodSpec(name, layer, display_name, citation, float(lr), optimizer, hooks, None, dict(recipe or {}))
+                    recipe: Optional[Mapping[str, Any]] = None, options: Optional[Mapping[str, Any]] = None,
+                    ) -> MethodSpec:
+    """Register ``name`` as method ``layer``'s modules trained with optimizer builder ``optimizer`` (and its recipe,
+    hooks and defaults of the method's ``options``, if given: a paper's named setting, e.g. CoOp (4))."""
+    spec = MethodSpec(name, layer, display_name, citation, float(lr), optimizer, hooks, None, dict(recipe or {}),
+                      dict(options or {}))
     _add(spec)
     return spec
 
