@@ -26,7 +26,6 @@ A full disk is not skipped: it stops the run in one line, as every other write d
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -39,25 +38,12 @@ from torch import nn
 
 from .config import ExperimentConfig
 from .errors import NonFiniteError
-from .files import write_json
+from .files import without_cache, write_json
 from .kinds import scorer_of
-from .models import weights_file
+from .models import weights_identity
 from .scoring import as_classes, autocast
 
 logger = logging.getLogger(__name__)
-#: errno values of a cache that cannot be written (a full disk is not one: it stops the run)
-READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
-_told: set[str] = set()  # the caches this process said it runs without: each is said once
-
-
-def without_cache(what: str, err: OSError) -> None:
-    """Let a read-only cache go (``err`` is raised again otherwise), saying so once per process and cache."""
-    if err.errno not in READ_ONLY:
-        raise err
-    if what not in _told:
-        _told.add(what)
-        logger.warning("%s is not writable (%s): running without that cache", what, err.strerror or err)
-
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -111,18 +97,11 @@ def digest(*parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _weights_identity(backbone: str, pretrained: Optional[str]) -> Any:
-    path = weights_file(backbone, pretrained)
-    if path is not None:
-        return [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns]
-    return pretrained
-
-
 def zero_shot_key(cfg: ExperimentConfig, evaluation: Evaluation, device) -> dict[str, Any]:
     """What a zero-shot accuracy depends on: the weights, the prompts, the test images (their content too)."""
     from datasets.identity import content_key
 
-    return {"backbone": cfg.backbone, "weights": _weights_identity(cfg.backbone, cfg.pretrained),
+    return {"backbone": cfg.backbone, "weights": weights_identity(cfg.backbone, cfg.pretrained),
             "backbone_seed": cfg.backbone_seed if cfg.pretrained is None else None, "dataset": evaluation.dataset,
             "prompts": digest(list(evaluation.prompts)), "test": content_key(evaluation.test),
             "device": device.type, "precision": cfg.train.precision}

@@ -13,13 +13,16 @@ packages (``lora_zoo`` and ``datasets``). Files get
 the permissions of a normally created file (``0666`` minus the umask, ``share``), so
 results are readable by collaborators on a shared filesystem. ``sha256_file(path)``
 is the checksum saved files are recorded and verified with, ``sha256_json(data, key)`` that of a
-JSON record's content.
+JSON record's content. ``without_cache(what, err)`` is the rule of every cache (the zero-shot accuracies,
+the preprocessed test images, a head's features): one that cannot be written (a read-only folder or
+filesystem) is skipped with one warning per process and cache; any other failure is raised again.
 """
 from __future__ import annotations
 
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -28,6 +31,10 @@ from typing import Any, Callable, Optional
 
 #: the errno values of a full disk: no space left, quota exceeded
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+#: errno values of a cache that cannot be written (a full disk is not one: it stops the run)
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+_told: set[str] = set()  # the caches this process said it runs without: each is said once
+logger = logging.getLogger(__name__)
 TEMPORARY_SUFFIX = ".tmp"  # atomic_write's temporary files: .<name>.<random>.tmp beside the file
 
 
@@ -115,6 +122,15 @@ def atomic_write(path, write: Callable[[str], Any]) -> Path:
             os.unlink(tmp)
     return path
 
+
+
+def without_cache(what: str, err: OSError) -> None:
+    """Let a read-only cache go (``err`` is raised again otherwise), saying so once per process and cache."""
+    if errno_of(err) not in READ_ONLY:
+        raise err
+    if what not in _told:
+        _told.add(what)
+        logger.warning("%s is not writable (%s): running without that cache", what, os.strerror(errno_of(err)))
 
 
 def remove_temporaries(folder) -> list[Path]:

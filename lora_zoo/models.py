@@ -27,7 +27,7 @@ import socket
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import open_clip
 from open_clip.model import set_model_preprocess_cfg
@@ -104,6 +104,15 @@ def weights_file(backbone: str, pretrained: Optional[str]) -> Optional[Path]:
     if pretrained is not None and Path(pretrained).expanduser().is_file():
         return Path(pretrained).expanduser()
     return None
+
+
+def weights_identity(backbone: str, pretrained: Optional[str]) -> Any:
+    """What a cache of the model's outputs is keyed on for its weights: a local file's resolved path, size and
+    modification time (new weights under the same name: a new key), else the pretrained tag."""
+    path = weights_file(backbone, pretrained)
+    if path is not None:
+        return [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns]
+    return pretrained
 
 
 @contextmanager

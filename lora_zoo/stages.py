@@ -27,13 +27,13 @@ from .checkpoint import RECORD_DIGEST, read_adapter_config, save_adapters
 from .config import ExperimentConfig, batches_per_epoch
 from .evaluation import (Evaluation, base_to_new_plan, evaluate, few_shot_plan, target_plan, test_loader,
                          zero_shot_accuracy)
-from .features import FeatureStream, encode_views, support_views
+from .features import FeatureStream, cached_views, support_views
 from .files import write_json
 from .inject import layer_ranks
 from .kinds import apply_method, kind_of
 from .learner import Support
 from .metrics import Sinks, write_curves
-from .models import Backbone, build_clip
+from .models import Backbone, build_clip, weights_identity
 from .naming import count_trainable
 from .results import harmonic_mean
 from .runs import (ADAPTER_FILE, RANKS_FILE, STATE_FILE, dataset_name, method_record, recorded_options, run_setting,
@@ -153,10 +153,23 @@ class TrainingData:
     support: Optional[Support] = None
 
 
+def features_key(cfg: ExperimentConfig, data, transform, device) -> dict[str, Any]:
+    """What a head's cached training features depend on (``features.cached_views``): the backbone and its weights,
+    the images' content, the transform, the seed, the precision, the device type and the encoding batch (taken
+    before any image is read: a file changed meanwhile gets a new key)."""
+    from datasets.identity import content_key
+
+    return {"backbone": cfg.backbone, "weights": weights_identity(cfg.backbone, cfg.pretrained),
+            "backbone_seed": cfg.backbone_seed if cfg.pretrained is None else None, "images": content_key(data),
+            "transform": repr(transform), "seed": cfg.seed, "precision": cfg.train.precision,
+            "device": device.type, "batch_size": cfg.eval_batch_size}
+
+
 def training_stream(cfg: ExperimentConfig, ds, model, workers: int, device) -> TrainingData:
     """The few-shot set decoded once and its augmented batches, made on the CPU (PIL, ``loader.TrainStream``) or
     on ``device`` (``device_augment``; the same crops and flips); for a method that trains on frozen features (its
-    kind caches them), their features, encoded once (``features.py``)."""
+    kind caches them), their features, encoded once and kept on disk for the runs of the same setting
+    (``features.cached_views``)."""
     from datasets import build_train_transform
     from datasets.cache import DecodedImages
     from datasets.loader import TrainStream
@@ -168,9 +181,9 @@ def training_stream(cfg: ExperimentConfig, ds, model, workers: int, device) -> T
     if kind_of(cfg.method).caches_features:
         epochs = -(-cfg.iterations(size) // per_epoch)
         views = support_views(cfg.method_spec.layer_class, cfg.method_config, epochs)
-        support = encode_views(model, ds.train_x, transform, views, cfg.seed, device, train.precision,
-                               cfg.eval_batch_size, images=images)
-        logger.info("image features of %d augmented views of %d train images encoded once", views, size)
+        support = cached_views(model, ds.train_x, transform, views, cfg.seed, device, train.precision,
+                               cfg.eval_batch_size, Path(cfg.output_dir) / ".cache" / "features",
+                               features_key(cfg, ds.train_x, transform, device), images=images)
         return TrainingData(images, lambda start: FeatureStream(support, train.batch_size, cfg.seed, start,
                                                                 train.drop_last), size, per_epoch, support)
     if cfg.augment_on == "device":
