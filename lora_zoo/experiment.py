@@ -221,6 +221,8 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
         data = stages.prepare_data(cfg, request.targets)
         backbone = stages.build_model(cfg, device, check_options=request.adapt)
         model, classes = backbone.model, data.classes(backbone.tokenizer)
+        if request.adapt:
+            stages.check_task(cfg, model, data.ds, device)
         scoring = stages.build_scoring(cfg, backbone, data.plan, workers)
         subset = stages.train_subset_record(data.ds)
         record: dict[str, Any] = {"method": cfg.method, **method_record(cfg), "dataset": dataset_name(cfg),
@@ -238,6 +240,7 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
             state = open_run_folder(cfg, out, stack, log, request, overwrite)
             logger.info("run %s | %s on %s (%d threads, %d loader workers)", out, cfg.method, device, threads, workers)
             record.update(stages.fit(cfg, model, classes, training, state, out, device, progress))
+            record.update(stages.after_training(cfg, model, data.ds, classes, scoring, workers, device))
         else:
             open_run_folder(cfg, out, stack, log, request, overwrite)
             reload_adapters(model, out, subset["train_subset_sha1"])  # refused: no eval.log (bad input writes nothing)

@@ -8,8 +8,8 @@ method's name or kind.
 | tensors   | ``TensorLearner`` (learner.py)     | other backbone tensors (LayerNorms)   | images           | no     |
 | head      | ``FeatureHead`` (learner.py)       | a function of frozen image features   | cached features  | no     |
 
-A ``Kind`` says how a method of its kind is checked against a model before any work
-(``check_fits``), whether it needs calibration statistics, how it is put on the model
+A ``Kind`` says how a method of its kind is checked against a model and its task before any work
+(``check_fits``, ``check_task``), whether it needs calibration statistics, how it is put on the model
 (``install``), how the adapted model classifies (``scorer``), what ``adapters.json`` records
 to rebuild it (``record``), how it is rebuilt and loaded from a checkpoint (``rebuild``,
 ``check_matches``, ``load_tensors``), and whether it merges into the weights (``merge``; a kind
@@ -27,7 +27,7 @@ from .adapter import adapter_modules, apply_delta
 from .attached import MethodSetup, method_setup
 from .catalog import get_method
 from .inject import apply_adapters, check_fits, merge_adapters, method_options
-from .learner import Learner, Support, attached_learner
+from .learner import Learner, Support, Task, attached_learner
 from .naming import is_adapter_tensor
 from .scoring import ClassSet, Scorer
 
@@ -40,6 +40,9 @@ class Kind:
     name = "?"
     merges = False            # has a weight update that merging and the exports fold into the weights
     caches_features = False   # trains on features of augmented views computed once (``features.py``)
+
+    def check_task(self, model, method: str, options: Mapping[str, Any], task: Task) -> None:
+        """A one-line error before any work when the method cannot train this task (``Learner.check_task``)."""
 
     def instead(self, method: str) -> str:
         """What to use instead of a merged or peft export, for a kind without a weight update."""
@@ -126,6 +129,10 @@ class LearnerKind(Kind):
     def check_fits(self, model, method: str, options: Mapping[str, Any], encoders, targets, layers) -> None:
         spec, config, _ = method_options(method, options)
         spec.layer_class.check_fits(model, config)
+
+    def check_task(self, model, method: str, options: Mapping[str, Any], task: Task) -> None:
+        spec, config, _ = method_options(method, options)
+        spec.layer_class.check_task(model, config, task)
 
     def install(self, model, method: str, options: Mapping[str, Any], *, classes: Optional[ClassSet] = None,
                 stats=None, support: Optional[Support] = None, **_) -> None:

@@ -17,6 +17,12 @@ A subclass says, in one file: its config (``config_class``, an ``Options`` datac
 head, the ``support`` features), ``class_state`` / ``logits`` (and ``losses`` for extra terms), and what
 rebuilds it besides its config (``record``, a JSON mapping; ``rebuild``). None of them has a weight
 update to merge or export.
+
+Before any work a run checks the method against its task (``check_task``, given a ``Task``: the
+dataset, its classes, its training and validation images, the epochs): a method that selects on
+the validation split after training (``splits``, read by ``Scorer.after_training``) refuses a task
+without one, and a head refuses a task whose features do not fit the device's free memory, in one
+line with its estimate (``FeatureHead.memory_bytes``).
 """
 from __future__ import annotations
 
@@ -42,6 +48,19 @@ class LearnerConfig(Options):
     @property
     def mergeable(self) -> bool:
         return False
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a run trains on, as a method checks it before any work (``Learner.check_task``)."""
+
+    dataset: str
+    classes: int
+    train_images: int
+    val_images: int
+    epochs: int             # passes over the training images the loop makes
+    width: int              # the image features' width (the backbone's embedding)
+    device: torch.device
 
 
 @dataclass
@@ -87,6 +106,22 @@ class Learner(nn.Module, Scorer):
     def check_fits(cls, model: nn.Module, config: LearnerConfig) -> None:
         """A one-line error when ``config`` asks ``model`` for more than it has (before any work)."""
 
+    @classmethod
+    def splits(cls, config: LearnerConfig) -> tuple[str, ...]:
+        """The splits its ``after_training`` selects on ("val"; "test" only to reproduce a selection on test)."""
+        return ()
+
+    @classmethod
+    def check_task(cls, model: nn.Module, config: LearnerConfig, task: Task) -> None:
+        """A one-line error when the task cannot be trained as ``config`` asks (before any work): here, a
+        selection on a validation split the dataset does not have."""
+        if "val" in cls.splits(config) and task.val_images == 0:
+            raise ValueError(f"{cls.method_name} selects on the validation split after training, and {task.dataset} "
+                             "has no validation images: give the dataset a val split")
+
+    def selection_splits(self) -> tuple[str, ...]:
+        return type(self).splits(self.config)
+
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
@@ -119,6 +154,34 @@ class FeatureHead(Learner):
 
     def inputs(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(model.encode_image(images).float(), dim=-1)
+
+    @classmethod
+    def memory_bytes(cls, config: LearnerConfig, task: Task) -> int:
+        """Memory its training takes on the device, estimated: the support's fp32 features (views × N × width);
+        a head holding more (Tip-Adapter's N × classes values) adds its own."""
+        return 4 * cls.views(config, task.epochs) * task.train_images * task.width
+
+    @classmethod
+    def check_task(cls, model: nn.Module, config: LearnerConfig, task: Task) -> None:
+        super().check_task(model, config, task)
+        need, free = cls.memory_bytes(config, task), free_memory(task.device)
+        if free is not None and need > free:
+            raise ValueError(f"{cls.method_name} needs about {need / 2 ** 30:.1f} GiB for {task.train_images} "
+                             f"training images of {task.classes} classes ({cls.views(config, task.epochs)} "
+                             f"augmented views of {task.width}-d features); {task.device.type} has "
+                             f"{free / 2 ** 30:.1f} GiB free: use fewer shots or classes")
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Bytes free on ``device`` now (CUDA: the driver's count; CPU: the kernel's MemAvailable), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def attached_learner(model: nn.Module) -> Optional[Learner]:

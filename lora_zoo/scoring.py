@@ -12,13 +12,19 @@ context), cross-entropy on the labels. Weight adapters use it as it is; a ``Lear
   nothing to train (computed once under ``no_grad`` for the whole run);
 - ``inputs(model, images)``: what ``logits`` takes, from images (a head takes frozen features);
 - ``losses(model, inputs, labels, state)``: named loss terms (``{"loss": cross-entropy}``);
-- ``backward(losses, scale)``: gradients of the terms (their sum; ProGrad projects one on another).
+- ``backward(losses, scale)``: gradients of the terms (their sum; ProGrad projects one on another);
+- ``trains``: False for a method with nothing to train (training-free Tip-Adapter): the loop is skipped;
+- ``after_training(model, selection)``: once, after the loop and before any evaluation (``stages.after_training``
+  calls it for every method; a no-op by default): what a method selects after training on the validation split
+  (Tip-Adapter's search of α and β), given as a ``Selection``, with the protocol's test evaluations only when the
+  method asks for them (``selection_splits``: a method reproducing its authors' selection on test). Its
+  returned mapping goes into ``result.json`` (``"selected_on"``: the split it selected on).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +95,20 @@ def as_classes(classes) -> ClassSet:
     return classes if isinstance(classes, ClassSet) else ClassSet.from_tokens(classes)
 
 
+@dataclass
+class Selection:
+    """What a method selects on after training (``Scorer.after_training``): the validation split's batches
+    ``(images, labels)`` over the training ``classes`` (test transform; None when the split is empty) and, only
+    for a method whose ``selection_splits`` has "test", the protocol's test evaluations ``(name, classes,
+    batches)`` (few-shot: test; base-to-new: base and new); where and in which precision to compute."""
+
+    classes: ClassSet
+    val: Optional[Iterable]
+    test: list
+    device: torch.device
+    precision: str = "fp32"
+
+
 class Scorer:
     """CLIP's classifier over the class prompts' text features (what weight adapters train and are scored with).
 
@@ -96,6 +116,7 @@ class Scorer:
     computes it once, without gradients, for the whole run."""
 
     takes_features = False
+    trains = True  # False: nothing to train, the loop is skipped (a training-free method)
 
     def __init__(self, fixed_classes: bool = False):
         self.fixed_classes = fixed_classes
@@ -117,3 +138,12 @@ class Scorer:
         total = sum(losses.values())
         scale(total).backward()
         return total
+
+    def selection_splits(self) -> tuple[str, ...]:
+        """The splits ``after_training`` reads: "val", and "test" only for a selection on the test split."""
+        return ()
+
+    def after_training(self, model: nn.Module, selection: Selection) -> dict[str, Any]:
+        """What the method selects once training is over (nothing by default); returns what ``result.json``
+        records of it."""
+        return {}

@@ -3,9 +3,12 @@
 ``prepare_data`` reads the few-shot split and builds the evaluation plan of the run's protocol
 (``evaluation.py``) plus any other datasets it is evaluated on; ``build_model`` builds the backbone
 and checks the adapted layers and the method's shapes before any work; ``zero_shot`` scores the
-pretrained model; ``training_stream`` and ``adapt`` prepare the augmented batches (or a head's features,
-encoded once), the calibration statistics and the method (``kinds.apply_method``: any kind); ``fit``
-runs the one training loop; ``evaluate_plan`` and
+pretrained model; ``check_task`` checks the method against the task (a head's memory, a validation split to
+select on); ``training_stream`` and ``adapt`` prepare the augmented batches (or a head's features,
+encoded once and cached on disk), the calibration statistics and the method (``kinds.apply_method``: any
+kind); ``fit`` runs the one training loop (none for a method with nothing to train); ``after_training``
+runs the method's post-training selection (``Scorer.after_training``: Tip-Adapter's α/β search on the
+validation split; a no-op for the others); ``evaluate_plan`` and
 ``evaluate_targets`` score the adapted model; ``save_outputs`` and the exports write what the run
 produced. Nothing here decides what a request does (train or reload, which files): that is
 ``experiment.py``.
@@ -30,15 +33,15 @@ from .evaluation import (Evaluation, base_to_new_plan, evaluate, few_shot_plan, 
 from .features import FeatureStream, cached_views, support_views
 from .files import write_json
 from .inject import layer_ranks
-from .kinds import apply_method, kind_of
-from .learner import Support
+from .kinds import apply_method, kind_of, scorer_of
+from .learner import Support, Task
 from .metrics import Sinks, write_curves
 from .models import Backbone, build_clip, weights_identity
 from .naming import count_trainable
 from .results import harmonic_mean
 from .runs import (ADAPTER_FILE, RANKS_FILE, STATE_FILE, dataset_name, method_record, recorded_options, run_setting,
                    target_file)
-from .scoring import ClassSet
+from .scoring import ClassSet, Selection
 from .targets import check_layers
 from .train import train_adapters
 
@@ -114,6 +117,15 @@ def build_model(cfg: ExperimentConfig, device: torch.device, check_options: bool
         kind_of(cfg.method).check_fits(backbone.model, cfg.method, cfg.method_options, cfg.encoders, cfg.targets,
                                        cfg.layers)
     return backbone
+
+
+def check_task(cfg: ExperimentConfig, model, ds, device: torch.device) -> None:
+    """The method against what it will train on, before any work (``Learner.check_task``): a head whose features
+    would not fit the device's free memory, a selection on a validation split the dataset lacks (one line)."""
+    size = len(ds.train_x)
+    epochs = -(-cfg.iterations(size) // batches_per_epoch(size, cfg.train.batch_size, cfg.train.drop_last))
+    task = Task(dataset_name(cfg), len(ds.classnames), size, len(ds.val), epochs, model.visual.output_dim, device)
+    kind_of(cfg.method).check_task(model, cfg.method, cfg.method_options, task)
 
 
 def build_scoring(cfg: ExperimentConfig, backbone: Backbone, plan: list[Evaluation], workers: int) -> Scoring:
@@ -234,6 +246,11 @@ def fit(cfg: ExperimentConfig, model, classes: ClassSet, training: TrainingData,
     adapters stay in the checkpoint until the result is written); returns what it records."""
     setting, state_path = run_setting(cfg), out / STATE_FILE
     threads = resume_state.thread_history(state, torch.get_num_threads(), cfg.iterations(training.size))
+    if not scorer_of(model).trains:  # nothing to train (training-free Tip-Adapter): no loop, no checkpoint
+        write_curves(out, {"loss": [], "lr": []})
+        return dict(trainable_params=0, optimizer_groups=[], iterations=0, resumed_from=0, train_seconds=0.0,
+                    iterations_per_second=0.0, final_loss=None, precision=cfg.train.precision, skipped_steps=0,
+                    loss_history=[], hooks_summary={}, threads_history=threads, **recorded_options(cfg))
     sinks = Sinks(cfg.log_to, out, out.name, cfg.to_dict())
     try:
         trained = train_adapters(
@@ -251,6 +268,20 @@ def fit(cfg: ExperimentConfig, model, classes: ClassSet, training: TrainingData,
                 iterations_per_second=trained.iterations_per_second, final_loss=trained.final_loss,
                 precision=cfg.train.precision, skipped_steps=trained.skipped_steps, loss_history=trained.loss_history,
                 hooks_summary=trained.hooks_summary, threads_history=threads, **recorded_options(cfg))
+
+
+def after_training(cfg: ExperimentConfig, model, ds, classes: ClassSet, scoring: Scoring, workers: int,
+                   device: torch.device) -> dict[str, Any]:
+    """The method's step after training, for every method (``Scorer.after_training``; nothing for most): given the
+    validation split's batches over the training classes and, only when the method selects on it
+    (``selection_splits``), the protocol's test evaluations; returns what ``result.json`` records of it."""
+    from datasets import build_data_loader, build_test_transform
+
+    scorer = scorer_of(model)
+    val = build_data_loader(ds.val, build_test_transform(model), batch_size=cfg.eval_batch_size,
+                            num_workers=workers) if ds.val else None
+    test = [(e.name, c, loader) for e, c, loader in scoring.protocol] if "test" in scorer.selection_splits() else []
+    return scorer.after_training(model, Selection(classes.to(device), val, test, device, cfg.train.precision))
 
 
 def merge_for_evaluation(model) -> dict[str, Any]:

@@ -192,7 +192,7 @@ def build_loop(model: nn.Module, config: TrainConfig, iterations: int, device: t
                "lr": g["lr"]} for g in optimizer.param_groups]
     scheduler = lr_scheduler(optimizer, config, iterations, per_epoch or iterations)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    return Loop(optimizer, scheduler, scaler, training_hooks(model, iterations, seed), lr, groups)
+    return Loop(optimizer, scheduler, scaler, training_hooks(model, iterations, seed, per_epoch), lr, groups)
 
 
 def check_finite_adapters(model: nn.Module, when: str) -> None:
