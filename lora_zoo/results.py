@@ -56,6 +56,7 @@ class Run:
     setting: tuple
     zero_shot: float | None = None  # the base model's accuracy on the same test split and prompts
     display_name: str | None = None  # the method's, as the run recorded it (None: written before runs did)
+    selected_on: str | None = None   # the split its method selected on after training ("test": marked in tables)
 
     def value(self, key: str):
         return getattr(self, key) if key in AXES else dict(self.setting).get(key, ABSENT)
@@ -164,7 +165,8 @@ def load_results(root: Path) -> tuple[list[Run], int]:
             return None
         return Run(str(r["backbone"]), str(r["method"]), str(r["dataset"]), int(r["shots"]), int(r["seed"]),
                    finite_score(r, "accuracy"), (r.get("config") or {}).get("run_name"), setting_of(r),
-                   optional_float(r.get("zero_shot_accuracy")), optional_text(r.get("display_name")))
+                   optional_float(r.get("zero_shot_accuracy")), optional_text(r.get("display_name")),
+                   optional_text(r.get("selected_on")))
     return read_records(sorted(root.rglob("result.json")), parse)
 
 
@@ -189,6 +191,7 @@ class Base2NewRun:
     zero_shot_base: float | None = None
     zero_shot_new: float | None = None
     display_name: str | None = None
+    selected_on: str | None = None
 
 
 def load_base2new(root: Path) -> tuple[list[Base2NewRun], int]:
@@ -200,7 +203,8 @@ def load_base2new(root: Path) -> tuple[list[Base2NewRun], int]:
         return Base2NewRun(str(r["backbone"]), str(r["method"]), run_name, str(r["dataset"]), int(r["shots"]),
                            int(r["seed"]), finite_score(r, "base_accuracy"), finite_score(r, "new_accuracy"),
                            optional_float(r.get("zero_shot_base_accuracy")),
-                           optional_float(r.get("zero_shot_new_accuracy")), optional_text(r.get("display_name")))
+                           optional_float(r.get("zero_shot_new_accuracy")), optional_text(r.get("display_name")),
+                           optional_text(r.get("selected_on")))
     return read_records(sorted(root.rglob("result.json")), parse)
 
 

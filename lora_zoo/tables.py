@@ -4,7 +4,9 @@
 ``scripts/protocol_tables.py`` the base-to-new, cross-dataset and domain tables (CoCoOp, Zhou et al., CVPR
 2022) with these. A table is read from the runs' JSON records alone (``results``): a method's rows are named by
 the display name its runs recorded (``runs.method_record``), never looked up in the method registry, so
-tabulating imports neither torch, open_clip, numpy nor the methods.
+tabulating imports neither torch, open_clip, numpy nor the methods. A row of runs whose method selected
+something on the test split (``"selected_on": "test"`` in ``result.json``: Tip-Adapter-F as its authors ran it)
+is marked ``[test-selected]``: its numbers are optimistic, not a protocol result.
 """
 from __future__ import annotations
 
@@ -32,9 +34,18 @@ def display_names(runs) -> dict[str, str]:
     return {run.method: recorded.get(run.method, run.method) for run in runs}
 
 
-def method_label(method: str, names: dict[str, str]) -> str:
-    """The name of a row of ours: ``NoRA (ours, nora)``, from ``display_names``."""
-    return f"{names.get(method, method)} (ours, {method})"
+TEST_SELECTED = "[test-selected]"
+
+
+def method_label(method: str, names: dict[str, str], test_selected: bool = False) -> str:
+    """The name of a row of ours: ``NoRA (ours, nora)``, from ``display_names``; a row of runs that selected on the
+    test split: ``TIP-Adapter-F (ours, tip_adapter) [test-selected]``."""
+    return f"{names.get(method, method)} (ours, {method})" + (f" {TEST_SELECTED}" if test_selected else "")
+
+
+def test_selected(run) -> bool:
+    """Whether a run's method selected something on the test split (its record says ``"selected_on": "test"``)."""
+    return getattr(run, "selected_on", None) == "test"
 
 
 def dataset_label(name: str) -> str:

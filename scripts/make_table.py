@@ -26,7 +26,7 @@ import csv
 import statistics
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from lora_zoo.results import (ABSENT, AXES, MISSING, average_text, cell_text, load_results, mean_std,  # noqa: E402
                               short_key, value_text)
 from lora_zoo.tables import (PAPER_BACKBONE, TableError, column_order, dataset_label, display_names,  # noqa: E402
-                             known_average, method_label, number_text, print_table, single)
+                             known_average, method_label, number_text, print_table, single, test_selected)
 from scripts.protocol_tables import add_protocol_arguments, protocol_main  # noqa: E402
 
 
@@ -94,11 +94,13 @@ class Layout:
     shots: list[int]
     seeds: set[int]
     methods: list[str]
+    test_selected: set = field(default_factory=set)  # identities of runs that selected on the test split
 
 
 def settings(runs, layout: Layout):
     """``(identities in table order, {(identity, shots, column): {seed: accuracy}}, repeated runs)``; an identity
-    is ``(method, (key, value), ...)``, a column a dataset or a value of ``layout.cols``."""
+    is ``(method, (key, value), ...)``, a column a dataset or a value of ``layout.cols``. The identities a
+    test-selected run belongs to are kept in ``layout.test_selected``."""
     index, identities, repeated = defaultdict(dict), {}, 0
     for method in layout.methods:
         mine = [r for r in runs if r.method == method]
@@ -108,6 +110,8 @@ def settings(runs, layout: Layout):
                 continue
             ident = (method, *((k, r.value(k)) for k in keys))
             identities[ident] = None
+            if test_selected(r):
+                layout.test_selected.add(ident)
             cell = index[ident, r.shots, r.dataset if layout.cols == "dataset" else r.value(layout.cols)]
             repeated += r.seed in cell
             cell.setdefault(r.seed, r.accuracy)
@@ -115,10 +119,11 @@ def settings(runs, layout: Layout):
     return sorted(identities, key=order), index, repeated
 
 
-def label(ident, names: dict[str, str]) -> str:
-    """A setting's row: ``NoRA (ours, nora): lr=0.001`` (``names``: ``tables.display_names``)."""
+def label(ident, names: dict[str, str], selected=()) -> str:
+    """A setting's row: ``NoRA (ours, nora): lr=0.001`` (``names``: ``tables.display_names``), marked
+    ``[test-selected]`` when it is among ``selected``."""
     options = ", ".join(f"{short_key(k)}={value_text(v)}" for k, v in ident[1:])
-    return method_label(ident[0], names) + (f": {options}" if options else "")
+    return method_label(ident[0], names, ident in selected) + (f": {options}" if options else "")
 
 
 def our_rows(runs, layout: Layout, columns: list, names: dict[str, str]) -> list[list[str]]:
@@ -142,7 +147,7 @@ def our_rows(runs, layout: Layout, columns: list, names: dict[str, str]) -> list
         groups[ident[:-1] if layout.best else ident].append(ident)
     rows = []
     for group, members in groups.items():
-        rows += [[label(m, names), *cells(lambda k, c, m=m: (index.get((m, k, c), {}), ""))] for m in members]
+        rows += [[label(m, names, layout.test_selected), *cells(lambda k, c, m=m: (index.get((m, k, c), {}), ""))] for m in members]
         if layout.best:
             def best(k, c):  # the member with the highest mean; the first in order on a tie
                 found = [(statistics.fmean(p.values()), -i, p, m[-1][1]) for i, m in enumerate(members)
@@ -151,7 +156,7 @@ def our_rows(runs, layout: Layout, columns: list, names: dict[str, str]) -> list
                     return {}, ""
                 _, _, p, value = max(found, key=lambda f: f[:2])
                 return p, f" ({short_key(layout.best)}={value_text(value)})"
-            rows.append([f"best {short_key(layout.best)} per cell, selected on the test split: {label(group, names)}",
+            rows.append([f"best {short_key(layout.best)} per cell, selected on the test split: {label(group, names, layout.test_selected)}",
                          *cells(best)])
     return rows
 
@@ -208,7 +213,7 @@ def shot_curves(runs, layout: Layout, dataset: str) -> list[tuple[str, list[tupl
     """What the plot of ``dataset`` draws: per setting, ``(label, [(shots, mean, sample std), ...])``."""
     identities, index, _ = settings(runs, layout)
     names = display_names(runs)
-    curves = [(label(ident, names), [(k, *mean_std(index[ident, k, dataset].values())[:2]) for k in layout.shots
+    curves = [(label(ident, names, layout.test_selected), [(k, *mean_std(index[ident, k, dataset].values())[:2]) for k in layout.shots
                               if index.get((ident, k, dataset))]) for ident in identities]
     return [(name, points) for name, points in curves if points]
 

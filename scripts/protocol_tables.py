@@ -32,7 +32,7 @@ from collections import defaultdict
 from lora_zoo.results import (MISSING, PROTOCOLS, average_text, cell_text, harmonic_mean, load_base2new,
                               load_transfers, mean_std)
 from lora_zoo.tables import (PAPER_BACKBONE, TableError, column_order, dataset_label, display_names, known_average,
-                             method_label, number_text, print_table, single)
+                             method_label, number_text, print_table, single, test_selected)
 
 ZERO_SHOT = "Zero-shot (the pretrained model, no training)"
 
@@ -158,7 +158,9 @@ def protocol_tables(args) -> list[tuple[str, list[str], list[list[str]]]]:
     from datasets import BENCHMARK_DATASETS, DOMAIN_DATASETS, list_datasets
     runs, unreadable = load_protocol(args)
     names = display_names(runs)
-    label = lambda method, run_name: method_label(method, names) + (f": {run_name}" if run_name else "")
+    selected = {(r.method, r.run_name) for r in runs if test_selected(r)}  # marked [test-selected]
+    label = lambda method, run_name: (method_label(method, names, (method, run_name) in selected)
+                                      + (f": {run_name}" if run_name else ""))
     backbones = sorted({r.backbone for r in runs}, key=lambda b: (b != PAPER_BACKBONE, b))
     if args.backbone and args.backbone not in backbones:
         raise TableError(f"no {args.protocol} results for backbone {args.backbone} under {args.results} "
