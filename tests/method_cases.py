@@ -72,6 +72,7 @@ def dora_count(adapter):  # LoRA plus the magnitude vector
 
 
 WEIGHTS = dict(kind="weights", mergeable=True, rank="rank")
+HEAD = dict(kind="head", mergeable=False, rank=None, export=dict(refused="no weight update"))
 
 CASES = {
     "lora": dict(WEIGHTS, options=dict(rank=4, alpha=8), preserves=True, count=per_adapter(lora_count),
@@ -145,6 +146,8 @@ CASES = {
                  export=dict(form="dora", ranks={4}), precision={}),
     "pissa": dict(WEIGHTS, options=dict(rank=4), preserves=True, count=per_adapter(lora_count),
                   export=dict(form="lora", ranks={8}), precision={}),  # residual: 2r
+    # the feature heads (kind "head"): trained on the frozen image features of CASES' support (3 images, 32-d)
+    "taskres": dict(HEAD, options=dict(), preserves=True, count=lambda model: 4 * 32, precision={}),  # zero residual
     # (a new method's row goes above this line)
 }
 
