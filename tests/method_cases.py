@@ -148,6 +148,8 @@ CASES = {
                   export=dict(form="lora", ranks={8}), precision={}),  # residual: 2r
     # the feature heads (kind "head"): trained on the frozen image features of CASES' support (3 images, 32-d)
     "taskres": dict(HEAD, options=dict(), preserves=True, count=lambda model: 4 * 32, precision={}),  # zero residual
+    "clip_adapter": dict(HEAD, options=dict(), preserves=False, count=lambda model: 2 * 32 * (32 // 4),
+                         precision={}),  # down and up of the 32 → 8 → 32 bottleneck
     # (a new method's row goes above this line)
 }
 
