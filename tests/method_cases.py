@@ -150,6 +150,9 @@ CASES = {
     "taskres": dict(HEAD, options=dict(), preserves=True, count=lambda model: 4 * 32, precision={}),  # zero residual
     "clip_adapter": dict(HEAD, options=dict(), preserves=False, count=lambda model: 2 * 32 * (32 // 4),
                          precision={}),  # down and up of the 32 → 8 → 32 bottleneck
+    # α steps every iteration here: the precision test trains 3 (bf16) or 11 (fp16) iterations, their period is 10
+    "lp_pp": dict(HEAD, options=dict(), preserves=False, count=lambda model: 4 * 32 + 4 + 4,
+                  precision=dict(options=dict(alpha_every=1))),  # W, b and α of 4 classes
     # (a new method's row goes above this line)
 }
 
