@@ -153,6 +153,7 @@ CASES = {
     # α steps every iteration here: the precision test trains 3 (bf16) or 11 (fp16) iterations, their period is 10
     "lp_pp": dict(HEAD, options=dict(), preserves=False, count=lambda model: 4 * 32 + 4 + 4,
                   precision=dict(options=dict(alpha_every=1))),  # W, b and α of 4 classes
+    "tip_adapter": dict(HEAD, options=dict(), preserves=False, count=lambda model: 3 * 32, precision={}),  # N × d keys
     # (a new method's row goes above this line)
 }
 
