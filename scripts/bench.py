@@ -257,7 +257,12 @@ def main(argv=None):
     parser.add_argument("--dataset", default="food101", choices=sorted(BENCHMARK_SIZES),
                         help="its class count is the prompt count; the run projected (default food101: 101)")
     parser.add_argument("--classes", type=int, default=None, help="prompt count (default: the dataset's classes)")
-    parser.add_argument("--part", choices=["methods", "pipeline", "all"], default="all")
+    parser.add_argument("--part", choices=["methods", "pipeline", "heads", "all"], default="all",
+                        help="heads: only the pipeline's head training, cached features against re-encoding")
+    parser.add_argument("--head_images", type=int, default=16, help="JPEGs a head trains on (pipeline part)")
+    parser.add_argument("--head_epochs", type=int, default=50, help="its epochs (pipeline part)")
+    parser.add_argument("--head_views", type=int, default=5, help="views encoded once (pipeline part; the heads' "
+                                                                   "epochs / views: CLIP-Adapter's and TaskRes's 200/20)")
     parser.add_argument("--step_batch", type=int, default=32, help="batch of the full-vs-cut step (pipeline part)")
     parser.add_argument("--image_size", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -272,6 +277,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.reps, args.step_batch = "tiny-vit", 2, 8
+        args.head_images, args.head_epochs, args.head_views = 8, 4, 2
     classes = args.classes or BENCHMARK_SIZES[args.dataset][0]
     unknown = sorted(set(args.methods or []) - set(lz.list_methods()))
     if unknown:
@@ -285,6 +291,9 @@ def main(argv=None):
     if args.part in ("pipeline", "all"):
         result["pipeline"] = run_pipeline(args, classes, log)
         print("\n" + pipeline.markdown(result["pipeline"]))
+    if args.part == "heads":
+        result["heads"] = run_heads(args, log)
+        print("\n" + pipeline.head_markdown(result["heads"]))
     if args.json:
         write_json(args.json, result)
     return result
@@ -304,12 +313,27 @@ def run_pipeline(args, classes: int, log) -> dict:
                                           args.amp and device.type == "cuda"))
     log("pipeline: data stream ...")
     measured.update(pipeline.data_stream(model, images=64 if not args.quick else 16, batch=8, reps=args.reps))
+    log("pipeline: training a head, cached features against re-encoding ...")
+    measured.update(pipeline.head_training(model, backbone.tokenizer, args.head_images, args.head_epochs,
+                                           args.head_views, 8, device))
     eval_rate = pipeline.eval_throughput(backbone.model, args.step_batch, args.reps, device,
                                          args.amp and device.type == "cuda")
     measured.update(pipeline.projection(args.dataset, measured["step_cut_s"], eval_rate))
     measured.update(model=args.model, device=str(device), threads=torch.get_num_threads(), reps=args.reps,
                     eval_images_per_s=eval_rate)
     return measured
+
+
+def run_heads(args, log) -> dict:
+    """Only the head training of the pipeline part: cached features against re-encoding every epoch."""
+    device = torch.device(args.device)
+    prepare_device(device, args.threads)
+    torch.manual_seed(0)
+    backbone = build_clip(args.model, pretrained=None, device=device)
+    log("training a head, cached features against re-encoding ...")
+    measured = pipeline.head_training(backbone.model, backbone.tokenizer, args.head_images, args.head_epochs,
+                                      args.head_views, 8, device)
+    return {**measured, "model": args.model, "device": str(device), "threads": torch.get_num_threads()}
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@ on the same model and inputs, by ``scripts/bench.py --part pipeline``:
 - the training data stream: images/s of one process decoding every image against the decoded cache,
   on realistic JPEGs (500×375), with a check that both give identical tensors;
 - seconds per 16-shot run: 500 × 16 steps at the measured step time plus one evaluation of the
-  dataset's test split at the measured throughput (zero-shot is computed once per sweep, not per run).
+  dataset's test split at the measured throughput (zero-shot is computed once per sweep, not per run);
+- training a head (TaskRes's, the same steps in each) for ``epochs`` epochs on JPEGs: re-encoding every
+  epoch's augmented batches with the image tower, against ``views`` views encoded once and written to
+  the features cache (``features.cached_views``), and against a rerun that reads them from it; with a
+  check that the cached view 0 is the first epoch's re-encoded batch (the same crops).
 """
 from __future__ import annotations
 
@@ -134,15 +138,20 @@ def step_context(model, tokenizer, prompts: int, batch: int, reps: int, device, 
             "step_speedup": seconds["full"] / seconds["cut"], "first_loss_diff": abs(losses["full"] - losses["cut"])}
 
 
+def jpegs(folder, images: int, classes: int = 10) -> list:
+    """``images`` random 500×375 JPEGs (a photo's size) in ``folder``, labelled round-robin over ``classes``."""
+    rng, data = np.random.default_rng(0), []
+    for index in range(images):
+        path = Path(folder) / f"{index}.jpg"
+        Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(path, quality=90)
+        data.append(Datum(str(path), index % classes, f"class {index % classes}"))
+    return data
+
+
 def data_stream(model, images: int, batch: int, reps: int) -> dict:
     """Images/s of the training stream in this process: decoding every image against the decoded cache."""
     with tempfile.TemporaryDirectory() as folder:
-        rng = np.random.default_rng(0)
-        data = []
-        for index in range(images):
-            path = Path(folder) / f"{index}.jpg"
-            Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(path, quality=90)
-            data.append(Datum(str(path), index % 10, f"class {index % 10}"))
+        data = jpegs(folder, images)
         transform = build_train_transform(model)
         cache = DecodedImages(data, limit_mb=1024)
         streams = {"decode": TrainStream(data, transform, batch, seed=0, num_workers=0),
@@ -157,6 +166,53 @@ def data_stream(model, images: int, batch: int, reps: int) -> dict:
     return {"data_images": images, "decode_images_per_s": per_second["decode"],
             "cached_images_per_s": per_second["cached"],
             "data_speedup": per_second["cached"] / per_second["decode"], "data_identical": identical}
+
+
+def head_training(model, tokenizer, images: int, epochs: int, views: int, batch: int, device) -> dict:
+    """Seconds to train a TaskRes head for ``epochs`` epochs over ``images`` JPEGs (10 classes): re-encoding each
+    epoch, encoding ``views`` views once into a fresh features cache, and a rerun reading that cache."""
+    from lora_zoo.features import FeatureStream, cached_views
+
+    names = [f"class {i}" for i in range(10)]
+    classes = lz.ClassSet.of(names, [f"a photo of a {n}." for n in names], tokenizer).to(device)
+    head = copy.deepcopy(model)
+    lz.apply_method(head, "taskres", classes=classes)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with tempfile.TemporaryDirectory() as folder:
+        data, transform = jpegs(folder, images), build_train_transform(model)
+        decoded, steps = DecodedImages(data, limit_mb=1024), epochs * -(-images // batch)
+        key = {"bench": "head_training", "images": images}
+
+        def fit(stream, encode):  # the same head steps on each stream: returns the first batch's features
+            head.lora_zoo_learner.lora_residual.data.zero_()
+            optimizer = lz.build_optimizer(head, lr=2e-4, weight_decay=5e-4, betas=(0.9, 0.999), optimizer="adam")
+            hooks, batches, first = lz.training_hooks(head, steps), iter(stream()), None
+            for index in range(steps):
+                inputs, labels = next(batches)
+                with torch.no_grad():
+                    inputs = F.normalize(head.encode_image(inputs.to(device)).float(), dim=-1) if encode else inputs
+                first = inputs if first is None else first
+                train.training_step(head, inputs, labels.to(device), classes, optimizer, hooks, index, device)
+            return first
+
+        def cached():
+            support = cached_views(head, data, transform, views, 0, device, "fp32", batch, Path(folder) / "cache", key,
+                                   images=decoded)
+            return FeatureStream(support, batch, seed=0)
+        firsts, seconds = {}, {}
+        for name, stream, encode in (("reencode", lambda: TrainStream(data, transform, batch, seed=0, num_workers=0,
+                                                                      images=decoded), True),
+                                     ("cached", cached, False), ("rerun", cached, False)):
+            sync()
+            start = time.perf_counter()
+            firsts[name] = fit(stream, encode)
+            sync()
+            seconds[name] = time.perf_counter() - start
+    return {"head_images": images, "head_epochs": epochs, "head_views": views, "head_steps": steps,
+            "head_reencode_s": seconds["reencode"], "head_cached_s": seconds["cached"], "head_rerun_s": seconds["rerun"],
+            "head_cached_speedup": seconds["reencode"] / seconds["cached"],
+            "head_rerun_speedup": seconds["reencode"] / seconds["rerun"],
+            "head_feature_diff": float((firsts["reencode"] - firsts["cached"]).abs().max())}
 
 
 def eval_throughput(model, batch: int, reps: int, device, amp: bool) -> float:
@@ -191,8 +247,22 @@ def markdown(pipeline: dict) -> str:
              f"| {p['step_cut_s']:.3f} s | {p['step_speedup']:.2f}× | loss diff {p['first_loss_diff']:.1e} |",
              f"| train images/s, one process, {p['data_images']} JPEGs 500×375 | {p['decode_images_per_s']:.0f} "
              f"| {p['cached_images_per_s']:.0f} | {p['data_speedup']:.2f}× "
-             f"| identical tensors: {p['data_identical']} |", "",
+             f"| identical tensors: {p['data_identical']} |", head_row(p), "",
              f"Projected seconds per 16-shot run on {p['dataset']} ({p['classes']} classes, {p['test_images']} test "
              f"images): {p['projected_train_s']:.0f} s training (500 × 16 steps) + {p['projected_eval_s']:.0f} s "
              f"evaluation = {p['projected_run_s']:.0f} s ({p['projected_run_s'] / 3600:.2f} h)."]
     return "\n".join(lines)
+
+
+def head_row(p: dict) -> str:
+    """The table row of ``head_training``: re-encoding every epoch against the features encoded once."""
+    return (f"| training a head, {p['head_epochs']} epochs × {p['head_images']} JPEGs ({p['head_steps']} steps; "
+            f"re-encoding every epoch / {p['head_views']} views encoded once; a rerun reading them: "
+            f"{p['head_rerun_s']:.3f} s, {p['head_rerun_speedup']:.2f}×) | {p['head_reencode_s']:.3f} s "
+            f"| {p['head_cached_s']:.3f} s | {p['head_cached_speedup']:.2f}× "
+            f"| first batch diff {p['head_feature_diff']:.1e} |")
+
+
+def head_markdown(p: dict) -> str:
+    return "\n".join([f"Training a head ({p['model']}, {p['device']}, {p['threads']} threads):", "",
+                      "| measurement | re-encoding | cached | ratio | check |", "|---|---:|---:|---:|---|", head_row(p)])
