@@ -214,23 +214,25 @@ class TipAdapter(FeatureHead):
     @torch.no_grad()
     def after_training(self, model: nn.Module, selection: Selection) -> dict[str, Any]:
         """Their authors' test selection (``variant: authors``), then the search of β and α on validation."""
+        model.eval()
         record: dict[str, Any] = {"selected_on": None}
         if self.config.variant == "authors":
             record.update(self.select_epoch_on_test(model, selection))
         if self.config.search:
-            features, labels = self.encoded(model, selection.val, selection)
-            weights = text_features(model, selection.classes.tokens)
-            clip = LOGIT_SCALE * features @ weights.t()
-            affinity = features @ self.lora_keys.detach().float().t()
-            beta, alpha, correct = search(clip, affinity, self.values(), labels, grid(self.search_scale[0],
-                                          self.config.search_steps[0]), grid(self.search_scale[1],
-                                                                             self.config.search_steps[1]))
-            self.lora_beta.fill_(beta), self.lora_alpha.fill_(alpha)
-            record.update(selected_on=record["selected_on"] or "val", tip_search_val_accuracy=100.0 * correct /
-                          len(labels))
+            record.update(self.search_on_validation(model, selection), selected_on=record["selected_on"] or "val")
         if self.config.variant == "authors":
             record.update(self.larger_of_two_test_numbers(model, selection, record))
         return {**record, "tip_beta": float(self.lora_beta), "tip_alpha": float(self.lora_alpha)}
+
+    def search_on_validation(self, model: nn.Module, selection: Selection) -> dict[str, Any]:
+        """Their ``search_hp`` on the validation features: β and α of the best grid point are kept."""
+        features, labels = self.encoded(model, selection.val, selection)
+        clip = LOGIT_SCALE * features @ text_features(model, selection.classes.tokens).t()
+        affinity = features @ self.lora_keys.detach().float().t()
+        betas, alphas = (grid(scale, steps) for scale, steps in zip(self.search_scale, self.config.search_steps))
+        beta, alpha, correct = search(clip, affinity, self.values(), labels, betas, alphas)
+        self.lora_beta.fill_(beta), self.lora_alpha.fill_(alpha)
+        return {"tip_search_val_accuracy": 100.0 * correct / len(labels)}
 
     def test_split(self, model: nn.Module, selection: Selection):
         """The features of the test evaluation of the training classes (few-shot: test; base-to-new: base)."""
