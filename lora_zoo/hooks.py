@@ -33,7 +33,7 @@ class TrainingHooks:
     """No-op hooks; subclasses override what they need. ``options_class``: the schedule's settings."""
 
     options_class: type | None = None
-    per_epoch: int = 1  # iterations per pass over the training set (set by ``training_hooks``): epoch ends
+    per_epoch: int = 1  # iterations per pass over the training set (the loop sets it): where epochs end
 
     def before_forward(self, step: int) -> None:
         pass
@@ -65,14 +65,11 @@ class TrainingHooks:
         """Raise a one-line ``ValueError`` when ``options`` do not fit the layer config (before training)."""
 
 
-def training_hooks(model: nn.Module, total_steps: int, seed: int = 0, per_epoch: int | None = None) -> TrainingHooks:
-    """The method's schedule for a run of ``total_steps`` optimizer steps (no-op hooks if it has none), told the
-    iterations of one epoch (``per_epoch``, default all: a hook acting at the end of each epoch)."""
+def training_hooks(model: nn.Module, total_steps: int, seed: int = 0) -> TrainingHooks:
+    """The method's schedule for a run of ``total_steps`` optimizer steps (no-op hooks if it has none)."""
     setup = method_setup(model)
     schedule = lookup_method(setup.method).hooks
     if schedule is None:
         return TrainingHooks()
     options = schedule.options_class(**setup.schedule_options) if schedule.options_class else None
-    hooks = schedule(model, total_steps, seed, options)
-    hooks.per_epoch = per_epoch or total_steps
-    return hooks
+    return schedule(model, total_steps, seed, options)

@@ -192,7 +192,9 @@ def build_loop(model: nn.Module, config: TrainConfig, iterations: int, device: t
                "lr": g["lr"]} for g in optimizer.param_groups]
     scheduler = lr_scheduler(optimizer, config, iterations, per_epoch or iterations)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    return Loop(optimizer, scheduler, scaler, training_hooks(model, iterations, seed, per_epoch), lr, groups)
+    hooks = training_hooks(model, iterations, seed)
+    hooks.per_epoch = per_epoch or iterations  # where epochs end, for a hook acting there (Tip-Adapter-F, authors)
+    return Loop(optimizer, scheduler, scaler, hooks, lr, groups)
 
 
 def check_finite_adapters(model: nn.Module, when: str) -> None:
