@@ -151,6 +151,8 @@ FULL_DISK_SITES = {  # where: the extra arguments, how the disk fills, the file 
     "test cache": (["--test_cache_dir", "{tmp}/test_cache"],
                    lambda p: fill_the_disk_for(p, lambda path: path.name.startswith(".images-")),
                    r"{tmp}/test_cache/images-[0-9a-f]{20}\.npy"),
+    "features cache": (["--method", "tip_adapter"], lambda p: fill_the_disk_at_safetensors(p, lz.features),
+                       r"{out}/\.cache/features/views-[0-9a-f]{24}\.safetensors"),
     "claim": ([], fill_the_disk_at_the_claim, r"{run}/\.claim"),
     "train.log": ([], lambda p: fill_the_disk_for(p, named("train.log")), r"{run}/train\.log"),
     "checkpoint.pt": ([], lambda p: fill_the_disk_for(p, named("checkpoint.pt")), r"{run}/checkpoint\.pt"),
