@@ -157,7 +157,7 @@ def epoch_cosine(config: TrainConfig, per_epoch: int, epochs: int, base_lr: floa
     """Dassl's schedule as a factor of ``base_lr`` at each iteration: the whole of each of the first
     ``warmup_epochs`` epochs at the constant ``warmup_lr``, then ``eta_min + (base - eta_min)·(1 + cos(π·(e −
     warmup_epochs)/epochs))/2`` for epoch ``e`` (0-based), stepped once per epoch (so the last epoch does not
-    reach ``eta_min``; docs/METHODS.md, "Recipes")."""
+    reach ``eta_min``; docs/METHODS.md, "Kinds of methods and their recipes")."""
     def factor(step: int) -> float:
         epoch = step // per_epoch
         if epoch < config.warmup_epochs:
