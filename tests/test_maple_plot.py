@@ -1,0 +1,186 @@
+"""MaPLe and PLOT++ against their official trainers' arithmetic, and as runs of the pipeline.
+
+The references below are written from the official files (muzairkhattak/multimodal-prompt-learning
+``trainers/maple.py`` and ``clip/model.py``; CHENGY12/PLOT ``plot-pp/trainers/plotpp.py`` and
+``plot-pp/clip/model.py``; Dassl's SGD and per-epoch schedule) in plain torch on a second copy of the same
+tiny-clip weights: the prompts concatenated into the token sequences by hand, each residual block as CLIP's
+(``x + attn(ln_1 x)``, ``+ mlp(ln_2 x)``), the text tower at the full context, their Sinkhorn, and SGD
+(momentum 0.9, L2 weight decay 5e-4) by hand. Our side is the loop's own step (``train.training_step``)
+under the method's recipe (``build_loop``): loss, gradients and updated tensors agree step by step.
+"""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lora_zoo as lz
+from lora_zoo.config import TrainConfig
+from lora_zoo.models import build_clip
+from lora_zoo.train import build_loop, train_adapters, training_step
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    # under fp16 the GradScaler skips the first steps on purpose (the last test); the schedule steps every iteration
+    pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before:UserWarning"),
+]
+CPU = torch.device("cpu")
+NAMES = ("dog", "red car", "blue jay")
+LABELS = torch.tensor([0, 1, 2, 1])
+
+
+def tiny_clip_backbone():
+    return build_clip("tiny-clip", seed=0)
+
+
+def images():
+    return torch.randn(4, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+
+
+def block(layer, x, mask=None):
+    """CLIP's residual block (clip/model.py ResidualAttentionBlock) on open_clip's block's weights."""
+    h = layer.ln_1(x)
+    x = x + layer.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+    return x + layer.mlp(layer.ln_2(x))
+
+
+def text_tower(model, prompts, tokens, swap=None):
+    """Their TextEncoder on prompt embeddings; ``swap(i, x)`` is a block's token swap (MaPLe's deep prompts)."""
+    x = prompts + model.positional_embedding
+    for i, layer in enumerate(model.transformer.resblocks):
+        x = swap(i, x) if swap else x
+        x = block(layer, x, model.attn_mask)
+    x = model.ln_final(x)
+    return x[torch.arange(len(x)), tokens.argmax(-1)] @ model.text_projection
+
+
+def image_tower(model, pixels, appended, swap=None):
+    """Their VisionTransformer with ``appended`` (sets × n × width) after the positional embedding: M passes."""
+    v = model.visual
+    x = v.conv1(pixels).flatten(2).permute(0, 2, 1)
+    x = torch.cat([v.class_embedding + torch.zeros(len(x), 1, x.shape[-1]), x], dim=1) + v.positional_embedding
+    sets, batch = appended.shape[0], len(x)
+    x = torch.cat([x.unsqueeze(0).expand(sets, -1, -1, -1), appended.unsqueeze(1).expand(-1, batch, -1, -1)], dim=2)
+    x = v.ln_pre(x.reshape(sets * batch, x.shape[2], x.shape[3]))
+    for i, layer in enumerate(v.transformer.resblocks):
+        x = swap(i, x) if swap else x
+        x = block(layer, x)
+    return (v.ln_post(x[:, 0]) @ v.proj).view(sets, batch, -1)
+
+
+def dassl_sgd(params, buffers, lr):
+    """torch SGD as Dassl builds it: d = g + 5e-4·p, buf = d (first step) or 0.9·buf + d, p -= lr·buf."""
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            d = p.grad + 5e-4 * p
+            buffers[i] = d.clone() if buffers[i] is None else 0.9 * buffers[i] + d
+            p -= lr * buffers[i]
+            p.grad = None
+
+
+def adapted(method, options):
+    """(tiny-clip with the learner as a run applies it, its classes, the loop settings of the method's recipe)."""
+    backbone = tiny_clip_backbone()
+    classes = lz.ClassSet.of(NAMES, [f"a photo of a {n}." for n in NAMES], backbone.tokenizer)
+    torch.manual_seed(0)
+    lz.apply_method(backbone.model, method, classes=classes, **options)
+    spec = lz.get_method(method)
+    return backbone, classes, TrainConfig(precision="fp32").resolved(spec.recipe_settings(16, "dtd"), lr=spec.lr)
+
+
+def our_steps(method, options, iterations, lrs):
+    """The loop's steps under the method's recipe (one batch, one batch per epoch), as ``train_adapters`` takes
+    them: per step (loss, {tensor: grad}, {tensor: value after the step}); checks the schedule's lr on the way."""
+    backbone, classes, config = adapted(method, options)
+    loop = build_loop(backbone.model, config, iterations, CPU, 1, "fp32", per_epoch=1)
+    learner, steps = backbone.model.lora_zoo_learner, []
+    initial = {n: p.detach().clone() for n, p in learner.named_parameters()}
+    backbone.model.train()
+    for step in range(iterations):
+        assert loop.optimizer.param_groups[0]["lr"] == pytest.approx(lrs[step])
+        if step in loop.restarts:
+            loop.optimizer.state.clear()
+        loss = training_step(backbone.model, images(), LABELS, classes, loop.optimizer, loop.hooks, step, CPU, "fp32",
+                             loop.scaler)
+        steps.append((float(loss), {n: None if p.grad is None else p.grad.clone()
+                                    for n, p in learner.named_parameters()},
+                      {n: p.detach().clone() for n, p in learner.named_parameters()}))
+        loop.scheduler.step()
+    return initial, steps, backbone
+
+
+def close(ours, theirs):
+    """Equal up to float32 summation order (our text tower runs on the shortest context, theirs on the full one):
+    within 1e-5 of the tensor's largest entry."""
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5 * float(theirs.abs().max()))
+
+
+# long: their forward, loss and two SGD steps, written out beside ours
+def test_maple_two_steps_equal_their_trainer():
+    depth, n_ctx = 3, 2
+    lrs = [1e-5, 0.0035]  # Dassl: the warm-up epoch, then the cosine's first epoch at the base lr
+    initial, steps, backbone = our_steps("maple", dict(depth=depth), 2, lrs)
+    model = build_clip("tiny-clip", seed=0).model  # their CLIP: the same weights, no learner
+    leaf = lambda t: t.clone().requires_grad_(True)  # noqa: E731
+    ctx, deep_text = leaf(initial["lora_text_prompts"][0]), [leaf(t) for t in initial["lora_text_prompts"][1:]]
+    weights, biases = initial["lora_coupling_weight"], initial["lora_coupling_bias"]
+    proj_w, proj_b = leaf(weights[0]), leaf(biases[0])  # their proj (F_0) and compound_prompt_projections
+    deep_w, deep_b = [leaf(w) for w in weights[1:]], [leaf(b) for b in biases[1:]]
+    params = [ctx, proj_w, proj_b, *deep_text, *deep_w, *deep_b]
+    buffers = [None] * len(params)
+    tokens = backbone.tokenizer([f"a photo of a {name}." for name in NAMES])  # prompt_prefix = CTX_INIT
+    with torch.no_grad():
+        embedding = model.token_embedding(tokens)
+    assert torch.equal(initial["lora_text_prompts"][0], embedding[0, 1:1 + n_ctx])  # "a photo" starts P_0
+    assert torch.equal(weights[1], weights[2])  # their _get_clones: deep couplings start as one layer
+    for step, lr in enumerate(lrs):
+        prompts = torch.cat([embedding[:, :1], ctx.expand(len(NAMES), -1, -1), embedding[:, 1 + n_ctx:]], dim=1)
+
+        def text_swap(i, x):  # ResidualAttentionBlock_MaPLe, text_layer: counter = i - 1
+            if 0 < i <= len(deep_text):
+                return torch.cat([x[:, :1], deep_text[i - 1].expand(len(x), -1, -1), x[:, 1 + n_ctx:]], dim=1)
+            return x
+
+        visual_deep = [t @ w.t() + b for t, w, b in zip(deep_text, deep_w, deep_b)]
+
+        def image_swap(i, x):
+            if 0 < i <= len(visual_deep):
+                return torch.cat([x[:, :-n_ctx], visual_deep[i - 1].expand(len(x), -1, -1)], dim=1)
+            return x
+
+        text = text_tower(model, prompts, tokens, text_swap)
+        image = image_tower(model, images(), (ctx @ proj_w.t() + proj_b)[None], image_swap)[0]
+        logits = 100.0 * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).t()  # logit_scale.exp()
+        loss = F.cross_entropy(logits, LABELS)
+        loss.backward()
+        ours_loss, grads, after = steps[step]
+        assert ours_loss == pytest.approx(loss.item(), rel=1e-5)
+        close(grads["lora_text_prompts"], torch.stack([ctx.grad, *[t.grad for t in deep_text]]))
+        close(grads["lora_coupling_weight"], torch.stack([proj_w.grad, *[w.grad for w in deep_w]]))
+        close(grads["lora_coupling_bias"], torch.stack([proj_b.grad, *[b.grad for b in deep_b]]))
+        dassl_sgd(params, buffers, lr)
+        close(after["lora_text_prompts"], torch.stack([ctx, *deep_text]).detach())
+        close(after["lora_coupling_weight"], torch.stack([proj_w, *deep_w]).detach())
+        close(after["lora_coupling_bias"], torch.stack([proj_b, *deep_b]).detach())
+    assert not torch.equal(steps[1][2]["lora_text_prompts"], initial["lora_text_prompts"])
+
+
+@pytest.mark.parametrize("method, options", [("maple", dict(depth=2))])
+def test_an_fp16_run_of_their_recipe_counts_only_the_steps_the_scaler_skipped(method, options, monkeypatch):
+    """The loop counts the steps the optimizer takes (``train.count_steps``): SGD keeps no count of its own and a
+    new part of PLOT++'s run (its joint stage, from iteration 5 of 8) starts a fresh optimizer state."""
+    import lora_zoo.train as train
+
+    backbone, classes, config = adapted(method, options)
+    unchanged, original = [], train.training_step
+
+    def watched(model, *args, **kwargs):
+        before = [p.detach().clone() for p in lz.trainable_parameters(model)]
+        loss = original(model, *args, **kwargs)
+        unchanged.append(all(torch.equal(a, b) for a, b in zip(before, lz.trainable_parameters(model))))
+        return loss
+
+    monkeypatch.setattr(train, "training_step", watched)
+    result = train_adapters(backbone.model, [(images(), LABELS)], classes, dataclasses.replace(config, precision="fp16"),
+                            iterations=8, device=CPU, seed=1, per_epoch=1, progress=False)
+    assert 0 < sum(unchanged) < 8 and result.skipped_steps == sum(unchanged), unchanged
