@@ -9,6 +9,7 @@ tiny-clip weights: the prompts concatenated into the token sequences by hand, ea
 under the method's recipe (``build_loop``): loss, gradients and updated tensors agree step by step.
 """
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 import lora_zoo as lz
 from lora_zoo.config import TrainConfig
 from lora_zoo.models import build_clip
+from lora_zoo.plot import sinkhorn
 from lora_zoo.train import build_loop, train_adapters, training_step
 
 pytestmark = [
@@ -165,7 +167,126 @@ def test_maple_two_steps_equal_their_trainer():
     assert not torch.equal(steps[1][2]["lora_text_prompts"], initial["lora_text_prompts"])
 
 
-@pytest.mark.parametrize("method, options", [("maple", dict(depth=2))])
+def their_sinkhorn(K, u, v, max_iter=100, thresh=1e-2):
+    """CustomCLIP.Sinkhorn (plotpp.py)."""
+    r, c = torch.ones_like(u), torch.ones_like(v)
+    for _ in range(max_iter):
+        r0 = r
+        r = u / torch.matmul(K, c.unsqueeze(-1)).squeeze(-1)
+        c = v / torch.matmul(K.permute(0, 2, 1).contiguous(), r.unsqueeze(-1)).squeeze(-1)
+        if (r - r0).abs().mean().item() < thresh:
+            break
+    return torch.matmul(r.unsqueeze(-1), c.unsqueeze(-2)) * K
+
+
+def plot_reference(model, tokenizer, ctx, ctx_vision, tradeoff, templates):
+    """CustomCLIP.forward and the trainer's cross-entropy (plotpp.py), M = len(ctx_vision), N = len(ctx)."""
+    n, n_ctx, count = len(ctx), ctx.shape[1], len(NAMES)
+    tokens = torch.cat([tokenizer([f"{t} {name}." for name in NAMES]) for t in templates])  # template-major
+    with torch.no_grad():
+        embedding = model.token_embedding(tokens)
+    context = ctx.unsqueeze(0).expand(count, -1, -1, -1).permute(1, 0, 2, 3).reshape(n * count, n_ctx, -1)
+    prompts = torch.cat([embedding[:, :1], context, embedding[:, 1 + n_ctx:]], dim=1)
+    text = text_tower(model, prompts, tokens).view(n, count, -1)
+    image = image_tower(model, images(), ctx_vision)
+    image_pool, text_pool = F.normalize(image.mean(0), dim=1), F.normalize(text.mean(0), dim=1)
+    image, text = F.normalize(image, dim=2), F.normalize(text, dim=2)
+    m, b = image.shape[:2]
+    sim = torch.einsum("mbd,ncd->mnbc", image, text).contiguous().view(m, n, b * count).permute(2, 0, 1)
+    u, v = torch.full((b * count, m), 1.0 / m), torch.full((b * count, n), 1.0 / n)
+    with torch.no_grad():
+        T = their_sinkhorn(torch.exp(-(1.0 - sim) / 0.1), u, v)
+    sim_op = torch.sum(T * sim, dim=(1, 2)).contiguous().view(b, count)
+    logits2 = 100.0 * sim_op
+    if tradeoff:
+        logits2 = 100.0 * image_pool @ text_pool.t() + logits2
+    return F.cross_entropy(logits2, LABELS)
+
+
+# long: their two runs (vision-only, then joint from its prompts), step by step beside our one run
+def test_plot_stages_equal_their_two_runs_step_by_step():
+    lrs = [1e-5, 0.002, 1e-5, 0.002]  # each stage a Dassl run: a warm-up epoch, then the base lr
+    initial, steps, backbone = our_steps("plot", dict(n_visual=3, n_text=2), 4, lrs)
+    model, templates = build_clip("tiny-clip", seed=0).model, backbone.model.lora_zoo_learner.templates
+    assert templates == ["a photo of a", "this is a photo"]  # no dataset named: their SUN397/Caltech templates
+    ctx = initial["lora_text_context"].clone()
+    ctx_vision = initial["lora_visual_prompts"].clone().requires_grad_(True)
+    with torch.no_grad():
+        start = model.token_embedding(backbone.tokenizer(templates))[:, 1:5]
+    assert torch.equal(ctx, start)
+    buffers = [None]
+    for step, lr in enumerate(lrs):
+        joint = step >= 2
+        if step == 2:  # main_joint.sh: a new trainer loads the first stage's prompts, MODEL_UPD joint, TRADE_OFF off
+            ctx.requires_grad_(True)
+            buffers = [None, None]
+        params = [ctx_vision, ctx] if joint else [ctx_vision]
+        loss = plot_reference(model, backbone.tokenizer, ctx, ctx_vision, tradeoff=not joint, templates=templates)
+        loss.backward()
+        ours_loss, grads, after = steps[step]
+        assert ours_loss == pytest.approx(loss.item(), rel=1e-5)
+        close(grads["lora_visual_prompts"], ctx_vision.grad)
+        if joint:
+            close(grads["lora_text_context"], ctx.grad)
+        else:
+            assert grads["lora_text_context"] is None  # frozen in the first stage: no grad, no decay
+        dassl_sgd(params, buffers, lr)
+        close(after["lora_visual_prompts"], ctx_vision.detach())
+        close(after["lora_text_context"], ctx.detach())
+    assert torch.equal(steps[1][2]["lora_text_context"], initial["lora_text_context"])
+    assert not torch.equal(steps[3][2]["lora_text_context"], initial["lora_text_context"])
+    assert backbone.model.lora_zoo_learner.stage == "joint"  # before_forward(3); finish() leaves it joint too
+    # the loop itself (train_adapters: stages, schedule and the optimizer's restart at the switch) ends there too
+    again, classes, config = adapted("plot", dict(n_visual=3, n_text=2))
+    result = train_adapters(again.model, [(images(), LABELS)], classes, config, iterations=4, device=CPU, seed=1,
+                            per_epoch=1, progress=False)
+    assert result.curves["lr"] == pytest.approx(lrs) and result.hooks_summary == {"plot_joint_from_iteration": 2}
+    for name, value in again.model.lora_zoo_learner.named_parameters():
+        assert torch.equal(value, steps[3][2][name]), name
+
+
+def hand_sinkhorn(kernels, u, v, iterations, threshold):
+    """Sinkhorn over plain floats for a batch of M × N kernels, stopped on the batch's mean |Δr| (their rule)."""
+    rows = [[1.0] * len(u) for _ in kernels]
+    columns = [[1.0] * len(v) for _ in kernels]
+    for done in range(1, iterations + 1):
+        change = 0.0
+        for k, K in enumerate(kernels):
+            new = [u[i] / sum(K[i][j] * columns[k][j] for j in range(len(v))) for i in range(len(u))]
+            change += sum(abs(a - b) for a, b in zip(new, rows[k]))
+            rows[k] = new
+            columns[k] = [v[j] / sum(K[i][j] * new[i] for i in range(len(u))) for j in range(len(v))]
+        if change / (len(kernels) * len(u)) < threshold:
+            break
+    plans = [[[rows[k][i] * columns[k][j] * K[i][j] for j in range(len(v))] for i in range(len(u))]
+             for k, K in enumerate(kernels)]
+    return plans, done
+
+
+def test_sinkhorn_is_their_iteration_and_their_stopping_rule():
+    costs = [[[0.1, 0.5, 0.9], [0.7, 0.2, 0.4]], [[0.3, 0.3, 0.8], [0.05, 0.6, 0.2]]]
+    kernels = [[[math.exp(-c / 0.1) for c in row] for row in K] for K in costs]
+    u, v = [0.5, 0.5], [1 / 3] * 3
+    K = torch.tensor(kernels, dtype=torch.float64)
+    mass_u, mass_v = torch.tensor([u, u], dtype=torch.float64), torch.tensor([v, v], dtype=torch.float64)
+    for threshold in (1e-2, 1e-9, 10.0):
+        plans, done = hand_sinkhorn(kernels, u, v, 100, threshold)
+        ours = sinkhorn(K, mass_u, mass_v, 100, threshold)
+        torch.testing.assert_close(ours, torch.tensor(plans, dtype=torch.float64), rtol=1e-12, atol=0)
+        torch.testing.assert_close(ours, their_sinkhorn(K, mass_u, mass_v, 100, threshold), rtol=1e-12, atol=0)
+        if threshold == 1e-9:  # converged: the plan's marginals are u and v
+            torch.testing.assert_close(ours.sum(2), mass_u, rtol=0, atol=1e-9)
+            torch.testing.assert_close(ours.sum(1), mass_v, rtol=0, atol=1e-9)
+        assert done == {1e-2: 15, 1e-9: 44, 10.0: 1}[threshold]
+    # the rule reads the whole batch: the first problem alone runs 16 iterations, not the batch's 15
+    alone = sinkhorn(K[:1], mass_u[:1], mass_v[:1], 100, 1e-2)
+    torch.testing.assert_close(alone, torch.tensor(hand_sinkhorn(kernels[:1], u, v, 100, 1e-2)[0], dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+    assert hand_sinkhorn(kernels[:1], u, v, 100, 1e-2)[1] == 16
+    assert not torch.equal(alone[0], sinkhorn(K, mass_u, mass_v, 100, 1e-2)[0])
+
+
+@pytest.mark.parametrize("method, options", [("maple", dict(depth=2)), ("plot", dict(n_visual=2, n_text=2))])
 def test_an_fp16_run_of_their_recipe_counts_only_the_steps_the_scaler_skipped(method, options, monkeypatch):
     """The loop counts the steps the optimizer takes (``train.count_steps``): SGD keeps no count of its own and a
     new part of PLOT++'s run (its joint stage, from iteration 5 of 8) starts a fresh optimizer state."""
