@@ -26,8 +26,6 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .attention import encoder_blocks
-
 PLACES = ("append", "replace_last", "replace_after_first")
 
 
@@ -94,27 +92,25 @@ class TowerPrompts:
 
 
 def tower_blocks(model: nn.Module, encoder: str) -> tuple[nn.ModuleList, bool]:
-    """(residual blocks, batch_first) of the ``"vision"`` or ``"text"`` transformer."""
-    prefix, blocks = encoder_blocks(model, encoder)
-    trunk = model.visual.transformer if encoder == "vision" else model.transformer
-    return blocks, getattr(trunk, "batch_first", True)
+    """(residual blocks, batch_first) of the ``"vision"`` or ``"text"`` transformer of open_clip's ``CLIP``."""
+    trunk = getattr(getattr(model, "visual", None), "transformer", None) if encoder == "vision" else \
+        getattr(model, "transformer", None)
+    return getattr(trunk, "resblocks", None), getattr(trunk, "batch_first", True)
 
 
 def check_prompt_towers(model: nn.Module, method: str) -> tuple[int, int]:
     """A one-line error unless both towers take prompts as these learners put them (a ViT pooled at its class
-    token, ``ln_pre`` after the positional embedding; open_clip's text transformer); their block counts."""
+    token, ``ln_pre`` after the positional embedding; open_clip's CLIP text transformer); their block counts."""
     visual = getattr(model, "visual", None)
     if not isinstance(getattr(visual, "ln_pre", None), nn.Module) or getattr(visual, "attn_pool", None) is not None \
-            or getattr(visual, "pool_type", None) != "tok":
+            or getattr(visual, "pool_type", None) != "tok" or not isinstance(tower_blocks(model, "vision")[0],
+                                                                             nn.ModuleList):
         raise ValueError(f"{method} puts prompt tokens into open_clip's ViT image tower pooled at its class token; "
                          f"{type(visual).__name__} is not one")
-    try:
-        counts = tuple(len(encoder_blocks(model, encoder)[1]) for encoder in ("vision", "text"))
-    except TypeError as err:
-        raise ValueError(f"{method}: {err}") from None
-    if not hasattr(model, "token_embedding") or not hasattr(model, "attn_mask"):
+    if not isinstance(tower_blocks(model, "text")[0], nn.ModuleList) or not hasattr(model, "token_embedding") \
+            or not hasattr(model, "attn_mask"):
         raise ValueError(f"{method} feeds embeddings to open_clip's CLIP text tower; {type(model).__name__} has none")
-    return counts
+    return len(tower_blocks(model, "vision")[0]), len(tower_blocks(model, "text")[0])
 
 
 def context_length(model: nn.Module) -> int:
