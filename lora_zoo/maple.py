@@ -145,7 +145,9 @@ class MapleLearner(PromptLearner):
         if key not in self._tokens:
             self._tokens[key] = context_prompts(classes.tokenizer, [f"{self.config.prefix} {n}." for n in key],
                                                 context_length(model), "maple")
-        return self._tokens[key].to(self.lora_text_prompts.device)
+        if self._tokens[key].device != self.lora_text_prompts.device:
+            self._tokens[key] = self._tokens[key].to(self.lora_text_prompts.device)
+        return self._tokens[key]
 
     def class_state(self, model, classes) -> torch.Tensor:
         """The classes' normalised text features, with the text prompts in their blocks."""

@@ -184,7 +184,9 @@ class PlotLearner(PromptLearner):
         if key not in self._tokens:
             self._tokens[key] = context_prompts(classes.tokenizer, self.prompt_texts(key), context_length(model),
                                                 "plot")
-        return self._tokens[key].to(self.lora_text_context.device)
+        if self._tokens[key].device != self.lora_text_context.device:
+            self._tokens[key] = self._tokens[key].to(self.lora_text_context.device)
+        return self._tokens[key]
 
     def class_state(self, model, classes) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised features of each prompt of each class (N × C × D) and of their mean over the prompts (C × D);
@@ -210,10 +212,11 @@ class PlotLearner(PromptLearner):
         local = F.normalize(local, dim=-1)
         (sets, batch, _), (prompts, count, _) = local.shape, text.shape
         similarity = torch.einsum("mbd,ncd->bcmn", local, text).reshape(batch * count, sets, prompts)
-        kernel = torch.exp(-(1.0 - similarity.detach()) / self.config.ot_eps)
-        plan = sinkhorn(kernel, kernel.new_full((batch * count, sets), 1.0 / sets),
-                        kernel.new_full((batch * count, prompts), 1.0 / prompts),
-                        self.config.ot_iterations, self.config.ot_threshold)
+        kernel = torch.exp(-(1.0 - similarity.detach().float()) / self.config.ot_eps)
+        with torch.autocast(kernel.device.type, enabled=False):  # the plan in fp32 under any autocast
+            plan = sinkhorn(kernel, kernel.new_full((batch * count, sets), 1.0 / sets),
+                            kernel.new_full((batch * count, prompts), 1.0 / prompts),
+                            self.config.ot_iterations, self.config.ot_threshold)
         transport = LOGIT_SCALE * (plan * similarity).sum(dim=(1, 2)).view(batch, count)
         if self.stage == VISION:
             return LOGIT_SCALE * image_pool @ text_pool.t() + transport

@@ -305,3 +305,27 @@ def test_an_fp16_run_of_their_recipe_counts_only_the_steps_the_scaler_skipped(me
     result = train_adapters(backbone.model, [(images(), LABELS)], classes, dataclasses.replace(config, precision="fp16"),
                             iterations=8, device=CPU, seed=1, per_epoch=1, progress=False)
     assert 0 < sum(unchanged) < 8 and result.skipped_steps == sum(unchanged), unchanged
+
+
+def test_the_prompt_hooks_act_only_while_the_learner_encodes_and_leave_with_detach():
+    import copy
+
+    backbone, classes, _ = adapted("maple", dict(depth=3))
+    model, plain = backbone.model, build_clip("tiny-clip", seed=0).model.requires_grad_(False)  # frozen, as model
+    learner = model.lora_zoo_learner
+    blocks = [*model.visual.transformer.resblocks, *model.transformer.resblocks]
+    assert [len(b._forward_pre_hooks) for b in blocks] == [0, 1, 1, 0] * 2  # blocks 1..depth-1 of each tower
+    assert len(model.visual.ln_pre._forward_pre_hooks) == 1
+    with torch.no_grad():
+        expected = plain.encode_image(images()), plain.encode_text(classes.tokens)
+        prompted = learner.image_features(model, images())
+        torch.testing.assert_close(model.encode_image(images()), expected[0], rtol=0, atol=0)  # the model's own use
+        torch.testing.assert_close(model.encode_text(classes.tokens), expected[1], rtol=0, atol=0)
+        assert not torch.allclose(prompted, F.normalize(expected[0], dim=-1), atol=1e-3)
+        twin = copy.deepcopy(model)  # a copy's hooks fill the copy's slots
+        torch.testing.assert_close(twin.lora_zoo_learner.image_features(twin, images()), prompted, rtol=0, atol=0)
+        learner.detach()
+        assert all(not b._forward_pre_hooks for b in blocks) and not model.visual.ln_pre._forward_pre_hooks
+        torch.testing.assert_close(learner.image_features(model, images()), F.normalize(expected[0], dim=-1),
+                                   rtol=0, atol=0)  # no tokens reach the towers any more
+        torch.testing.assert_close(twin.lora_zoo_learner.image_features(twin, images()), prompted, rtol=0, atol=0)
