@@ -87,24 +87,24 @@ def test_plot_base_to_new_from_the_command_line(root, tmp_path, capsys):
 
 
 def test_plot_resumes_bit_identically_after_a_kill_across_its_stage_switch(root, tmp_path, capsys, monkeypatch):
-    args = ["--root_path", root, *TINY, "--epochs", "4", "--batch_size", "2", "--n_visual", "2",
-            "--checkpoint_every", "5"]  # 16 iterations, the joint stage from 8
+    args = ["--root_path", root, *TINY, "--epochs", "4", "--batch_size", "4", "--n_visual", "2",
+            "--checkpoint_every", "3"]  # 8 iterations, the joint stage from 4
     assert run(capsys, args + ["--output_dir", tmp_path / "whole"], "plot")[0] == 0
     import lora_zoo.train as train
     original = train.training_step
 
-    def killed_at_9(model, inputs, labels, classes, optimizer, hooks, step, *rest, **kw):
-        if step == 9:
+    def killed_at_5(model, inputs, labels, classes, optimizer, hooks, step, *rest, **kw):
+        if step == 5:
             raise KeyboardInterrupt
         return original(model, inputs, labels, classes, optimizer, hooks, step, *rest, **kw)
 
-    monkeypatch.setattr(train, "training_step", killed_at_9)
+    monkeypatch.setattr(train, "training_step", killed_at_5)
     assert run(capsys, args + ["--output_dir", tmp_path / "killed"], "plot")[0] == 130
     monkeypatch.setattr(train, "training_step", original)
     assert run(capsys, args + ["--output_dir", tmp_path / "killed"], "plot")[0] == 0
     whole, killed = (tmp_path / name / "tiny-clip/dtd/2shots/seed1/plot" for name in ("whole", "killed"))
     first, resumed = read_result(whole), read_result(killed)
-    assert resumed["resumed_from"] == 5 and first["iterations"] == 16  # resumed in the first stage, before the switch
+    assert resumed["resumed_from"] == 3 and first["iterations"] == 8  # resumed in the first stage, before the switch
     for key in ("accuracy", "final_loss", "loss_history", "hooks_summary", "skipped_steps"):
         assert first[key] == resumed[key], key
     assert (whole / "adapters.safetensors").read_bytes() == (killed / "adapters.safetensors").read_bytes()
