@@ -263,9 +263,9 @@ class ToyPromptConfig(LearnerConfig):
 
 
 # its own recipe: SGD, a constant warm-up epoch, then Dassl's per-epoch cosine, 3 epochs of batch 4
-@register_method("toy_prompt", display_name="ToyPrompt", citation="nobody, 2026", lr=2e-3, optimizer="sgd",
-                 recipe={"lr_schedule": "epoch_cosine", "warmup_epochs": 1, "epochs": lambda shots, dataset: 3,
-                         "batch_size": 4, "weight_decay": 5e-4, "eta_min": 0.0})
+@register_method("toy_prompt", display_name="ToyPrompt", citation="nobody, 2026", lr=2e-3,
+                 recipe={"optimizer": "sgd", "lr_schedule": "epoch_cosine", "warmup_epochs": 1,
+                         "epochs": lambda shots, dataset: 3, "batch_size": 4, "weight_decay": 5e-4, "eta_min": 0.0})
 class ToyPrompt(PromptLearner):
     config_class = ToyPromptConfig
 
@@ -302,8 +302,9 @@ class ToyHeadConfig(LearnerConfig):
     toy_alpha: float = option(0.5, "scale of the learned residual")
 
 
-@register_method("toy_head", display_name="ToyHead", citation="nobody, 2026", lr=1e-2, optimizer="adam",
-                 recipe={"epochs": lambda shots, dataset: 4, "batch_size": 8, "weight_decay": 0.0})
+@register_method("toy_head", display_name="ToyHead", citation="nobody, 2026", lr=1e-2,
+                 recipe={"optimizer": "adam", "epochs": lambda shots, dataset: 4, "batch_size": 8,
+                         "weight_decay": 0.0})
 class ToyHead(FeatureHead):
     config_class = ToyHeadConfig
 
