@@ -44,6 +44,10 @@ class Kind:
     def check_task(self, model, method: str, options: Mapping[str, Any], task: Task) -> None:
         """A one-line error before any work when the method cannot train this task (``Learner.check_task``)."""
 
+    def check_classes(self, model, method: str, options: Mapping[str, Any], classes: ClassSet) -> None:
+        """A one-line error when the method cannot score ``classes`` (a learner's prompts too long), before any
+        work; weight adapters score any classes."""
+
     def instead(self, method: str) -> str:
         """What to use instead of a merged or peft export, for a kind without a weight update."""
         return (f"{method} is a {self.name} method: it has no weight update to merge or export; evaluate the run "
@@ -133,6 +137,10 @@ class LearnerKind(Kind):
     def check_task(self, model, method: str, options: Mapping[str, Any], task: Task) -> None:
         spec, config, _ = method_options(method, options)
         spec.layer_class.check_task(model, config, task)
+
+    def check_classes(self, model, method: str, options: Mapping[str, Any], classes: ClassSet) -> None:
+        spec, config, _ = method_options(method, options)
+        spec.layer_class.check_classes(model, config, classes)
 
     def install(self, model, method: str, options: Mapping[str, Any], *, classes: Optional[ClassSet] = None,
                 stats=None, support: Optional[Support] = None, **_) -> None:

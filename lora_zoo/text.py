@@ -24,8 +24,8 @@ from torch import nn
 
 
 def _open_clip():
-    """open_clip's ``CLIP`` class and text pooling, imported at the first call, not with this module: learners
-    import it, and looking a method up must not load open_clip (``tests/test_architecture.py``)."""
+    """open_clip's ``CLIP`` class and its text pooling, imported at first use: looking a method up (a learner
+    imports this module) loads no open_clip. ``(None, None)`` without it."""
     try:
         from open_clip.model import CLIP
         from open_clip.transformer import text_global_pool
@@ -43,10 +43,10 @@ def _is_causal(mask: Optional[torch.Tensor]) -> bool:
 
 def short_context_length(model: nn.Module, tokens: torch.Tensor) -> Optional[int]:
     """``L`` for which ``encode_text`` on the first L positions is exact, or None when that cannot be shown."""
-    clip_class = _open_clip()[0]
-    if clip_class is None or not isinstance(model, clip_class):
+    open_clip_model = _open_clip()[0]
+    if open_clip_model is None or not isinstance(model, open_clip_model):
         return None
-    if type(model).encode_text is not clip_class.encode_text or getattr(model, "cls_emb", None) is not None:
+    if type(model).encode_text is not open_clip_model.encode_text or getattr(model, "cls_emb", None) is not None:
         return None
     pool = getattr(model, "text_pool_type", None)
     if pool == "argmax":

@@ -151,13 +151,14 @@ class Loop:
     hooks: Any
     lr: float
     groups: list[dict[str, Any]]
+    restarts: tuple[int, ...] = ()   # iterations at which the optimizer's state starts again (schedule_cycles)
 
 
 def epoch_cosine(config: TrainConfig, per_epoch: int, epochs: int, base_lr: float) -> Callable[[int], float]:
     """Dassl's schedule as a factor of ``base_lr`` at each iteration: the whole of each of the first
     ``warmup_epochs`` epochs at the constant ``warmup_lr``, then ``eta_min + (base - eta_min)·(1 + cos(π·(e −
     warmup_epochs)/epochs))/2`` for epoch ``e`` (0-based), stepped once per epoch (so the last epoch does not
-    reach ``eta_min``; docs/METHODS.md, "Recipes")."""
+    reach ``eta_min``; docs/METHODS.md, "Kinds of methods and their recipes")."""
     def factor(step: int) -> float:
         epoch = step // per_epoch
         if epoch < config.warmup_epochs:
@@ -167,15 +168,33 @@ def epoch_cosine(config: TrainConfig, per_epoch: int, epochs: int, base_lr: floa
     return factor
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, iterations: int, per_epoch: int):
-    """The run's learning-rate schedule, stepped once per iteration (``TrainConfig.lr_schedule``)."""
-    if config.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=config.eta_min)
+def cycle_starts(iterations: int, cycles: int) -> list[int]:
+    """The first iteration of each of ``cycles`` equal consecutive parts of a run (the last one takes the rest)."""
+    return [cycle * (iterations // cycles) for cycle in range(max(1, min(cycles, iterations)))]
+
+
+def cycle_factor(config: TrainConfig, per_epoch: int, length: int, base_lr: float) -> Callable[[int], float]:
+    """The schedule's factor of ``base_lr`` at each iteration of a part of ``length`` iterations."""
     if config.lr_schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    epochs = max(1, -(-iterations // per_epoch))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [epoch_cosine(config, per_epoch, epochs, group["lr"]) for group in optimizer.param_groups])
+        return lambda step: 1.0
+    if config.lr_schedule == "cosine":  # CosineAnnealingLR's closed form
+        return lambda step: (config.eta_min + (base_lr - config.eta_min) * (1 + math.cos(math.pi * step / length)) / 2
+                             ) / base_lr
+    return epoch_cosine(config, per_epoch, max(1, -(-length // per_epoch)), base_lr)
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, iterations: int, per_epoch: int):
+    """The run's learning-rate schedule, stepped once per iteration (``TrainConfig.lr_schedule``), started again at
+    each of ``schedule_cycles`` parts of the run."""
+    starts = cycle_starts(iterations, config.schedule_cycles or 1)
+    if len(starts) == 1 and config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=config.eta_min)
+    ends = starts[1:] + [iterations]
+
+    def cyclic(base_lr: float) -> Callable[[int], float]:
+        parts = [(start, cycle_factor(config, per_epoch, end - start, base_lr)) for start, end in zip(starts, ends)]
+        return lambda step: next((f(step - start) for start, f in reversed(parts) if step >= start), 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [cyclic(group["lr"]) for group in optimizer.param_groups])
 
 
 def build_loop(model: nn.Module, config: TrainConfig, iterations: int, device: torch.device, seed: int,
@@ -192,9 +211,10 @@ def build_loop(model: nn.Module, config: TrainConfig, iterations: int, device: t
                "lr": g["lr"]} for g in optimizer.param_groups]
     scheduler = lr_scheduler(optimizer, config, iterations, per_epoch or iterations)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    count_steps(optimizer)
     hooks = training_hooks(model, iterations, seed)
     hooks.per_epoch = per_epoch or iterations  # where epochs end, for a hook acting there (Tip-Adapter-F, authors)
-    return Loop(optimizer, scheduler, scaler, hooks, lr, groups)
+    return Loop(optimizer, scheduler, scaler, hooks, lr, groups, tuple(cycle_starts(iterations, config.schedule_cycles)[1:]))
 
 
 def check_finite_adapters(model: nn.Module, when: str) -> None:
@@ -221,8 +241,28 @@ def record_losses(pending: list[torch.Tensor], history: dict[str, list], first_s
     history["loss"].extend(values)
 
 
+STEPS_TAKEN = "steps_taken"  # the optimizer's first param group counts its steps: its state_dict keeps the count
+
+
+def count_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Count the steps ``optimizer`` takes (a step the GradScaler skips is not one), whatever its algorithm, in its
+    first param group, which a resumed run loads with the optimizer: not in its per-tensor state, which a new part
+    of the run (``schedule_cycles``) clears, and which SGD does not keep."""
+    optimizer.param_groups[0][STEPS_TAKEN] = 0
+
+    def counted(opt, args, kwargs):
+        group = opt.param_groups[0]
+        if STEPS_TAKEN in group:  # a checkpoint from before the count has none
+            found_inf = getattr(opt, "found_inf", None)  # a fused optimizer is always stepped and skips by itself
+            group[STEPS_TAKEN] = group[STEPS_TAKEN] + (1 if found_inf is None else (found_inf == 0).to(torch.int64))
+    optimizer.register_step_post_hook(counted)
+
+
 def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
-    """Steps the optimizer took (AdamW's per-tensor count; a step the GradScaler skips is not one)."""
+    """Steps the optimizer took (a step the GradScaler skips is not one): its count (``count_steps``), else (a
+    checkpoint from before it) Adam's per-tensor count."""
+    if STEPS_TAKEN in optimizer.param_groups[0]:
+        return int(optimizer.param_groups[0][STEPS_TAKEN])
     counts = [int(state["step"]) for state in optimizer.state.values() if "step" in state]
     return max(counts, default=0)
 
@@ -285,6 +325,8 @@ def train_adapters(model: nn.Module, loader: Iterable, classes, config: TrainCon
     started = time.perf_counter()
     for step in bar:
         inputs, labels = next(batches)
+        if step in loop.restarts:  # a new part of the run: a fresh optimizer, as a new Dassl run builds one
+            loop.optimizer.state.clear()
         lr_now = loop.optimizer.param_groups[0]["lr"]
         pending.append(training_step(model, inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True),
                                      classes, loop.optimizer, loop.hooks, step, device, precision, loop.scaler,

@@ -71,8 +71,22 @@ def dora_count(adapter):  # LoRA plus the magnitude vector
     return lora_count(adapter) + adapter.out_features
 
 
+def widths(model):
+    """(text width, vision width) of the towers prompt learners put tokens into."""
+    return model.token_embedding.weight.shape[1], model.visual.transformer.width
+
+
+def maple_count(depth, n_ctx):  # per depth: a text prompt and its coupling Linear (text → vision)
+    return lambda model: depth * (n_ctx * widths(model)[0] + (widths(model)[0] + 1) * widths(model)[1])
+
+
+def plot_count(n_text, n_ctx, n_visual, visual_tokens):  # N text contexts of the template's n words, M visual sets
+    return lambda model: n_text * n_ctx * widths(model)[0] + n_visual * visual_tokens * widths(model)[1]
+
+
 WEIGHTS = dict(kind="weights", mergeable=True, rank="rank")
 HEAD = dict(kind="head", mergeable=False, rank=None, export=dict(refused="no weight update"))
+PROMPTS = dict(kind="prompts", preserves=False, mergeable=False, rank=None, export=dict(refused="no weight update"))
 
 CASES = {
     "lora": dict(WEIGHTS, options=dict(rank=4, alpha=8), preserves=True, count=per_adapter(lora_count),
@@ -154,6 +168,10 @@ CASES = {
     "lp_pp": dict(HEAD, options=dict(), preserves=False, count=lambda model: 4 * 32 + 4 + 4,
                   precision=dict(options=dict(alpha_every=1))),  # W, b and α of 4 classes
     "tip_adapter": dict(HEAD, options=dict(), preserves=False, count=lambda model: 3 * 32, precision={}),  # N × d keys
+    # tiny-vit's towers have 2 blocks: prompts at the input and in block 1
+    "maple": dict(PROMPTS, options=dict(depth=2), count=maple_count(2, 2), precision={}),
+    # CLASSES name no dataset: their generic templates, 4 words each
+    "plot": dict(PROMPTS, options=dict(n_visual=2), count=plot_count(4, 4, 2, 2), precision={}),
     # (a new method's row goes above this line)
 }
 

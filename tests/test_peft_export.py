@@ -49,17 +49,25 @@ def test_every_method_has_a_row():
     assert {method_of(c) for c in cases_with("export")} == set(lz.list_methods())  # each export is tested
 
 
+def objective(model, images, texts):
+    """A random objective on both towers; for a method without a weight update (a learner, whose tensors the
+    towers alone never reach), plus its classifier's cross-entropy."""
+    loss = (model.encode_image(images) @ model.encode_text(texts).t()).pow(2).mean()
+    if not lz.kind_of(model).merges:
+        scorer = lz.scorer_of(model)
+        logits = scorer.logits(model, scorer.inputs(model, images), scorer.class_state(model, CLASSES))
+        loss = loss + torch.nn.functional.cross_entropy(logits, LABELS[:len(images)])
+    return loss
+
+
 def train_steps(model, images, texts, steps=3):
     """A few AdamW steps of the method's optimizer and schedule on a random objective (as test_architecture)."""
     optimizer = lz.build_optimizer(model, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.999))
-    hooks, scorer = lz.training_hooks(model, steps), lz.scorer_of(model)
+    hooks = lz.training_hooks(model, steps)
     model.train()
     for step in range(steps):
         hooks.before_forward(step)
-        loss = (model.encode_image(images) @ model.encode_text(texts).t()).pow(2).mean() + hooks.regularizer()
-        if not lz.kind_of(model).merges:  # a learner moves through its own classifier only (as test_methods)
-            logits = scorer.logits(model, scorer.inputs(model, images), scorer.class_state(model, CLASSES))
-            loss = loss + torch.nn.functional.cross_entropy(logits, LABELS[:len(images)])
+        loss = objective(model, images, texts) + hooks.regularizer()
         optimizer.zero_grad()
         loss.backward()
         hooks.after_backward(step)
