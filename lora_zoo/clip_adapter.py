@@ -59,8 +59,7 @@ def bottleneck(features: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> 
 # the official repository has no ViT config: the community ViT-B/16 config, M-HuangX/LAION-Beyond
 # FSNL/configs/trainers/CLIP_Adapter/vit_b16_ep200_ctxv1.yaml, on Dassl's SGD defaults (momentum 0.9, wd 5e-4)
 @register_method("clip_adapter", display_name="CLIP-Adapter", citation="Gao et al., IJCV 2023", lr=0.01,
-                 optimizer="sgd",
-                 recipe={"lr_schedule": "epoch_cosine", "warmup_epochs": 1, "warmup_lr": 1e-5, "eta_min": 0.0,
+                 recipe={"optimizer": "sgd", "lr_schedule": "epoch_cosine", "warmup_epochs": 1, "warmup_lr": 1e-5, "eta_min": 0.0,
                          "epochs": 200, "batch_size": 32, "weight_decay": 5e-4, "drop_last": True})
 class ClipAdapter(FeatureHead):
     """The residual bottleneck MLP on the image features, sized to the backbone's embedding width."""

@@ -71,6 +71,8 @@ def initial_blend(features: torch.Tensor, labels: torch.Tensor, text: torch.Tens
     return 250 * float(per_class.mean())
 
 
+# its optimizer builder is registered with the method, not in the recipe: the Lipschitz step is LP++ itself, so it
+# stays under --recipe clip_lora too
 @register_method("lp_pp", display_name="LP++", citation="Huang et al., CVPR 2024", lr=1.0, optimizer="lp_pp",
                  recipe={"lr_schedule": "constant", "epochs": 300, "batch_size": FULL_BATCH, "weight_decay": 0.0,
                          "drop_last": False})

@@ -72,8 +72,8 @@ class TextBase:
 
 
 # their only ViT-B/16 config, configs/trainers/TaskRes/adam_lr2e-4_B256_ep200_ViT16.yaml, on Dassl's defaults
-@register_method("taskres", display_name="TaskRes", citation="Yu et al., CVPR 2023", lr=2e-4, optimizer="adam",
-                 recipe={"lr_schedule": "epoch_cosine", "warmup_epochs": 1, "warmup_lr": 1e-5, "eta_min": 0.0,
+@register_method("taskres", display_name="TaskRes", citation="Yu et al., CVPR 2023", lr=2e-4,
+                 recipe={"optimizer": "adam", "lr_schedule": "epoch_cosine", "warmup_epochs": 1, "warmup_lr": 1e-5, "eta_min": 0.0,
                          "epochs": 200, "batch_size": 256, "weight_decay": 5e-4, "drop_last": True})
 class TaskRes(FeatureHead):
     """A zero-initialised residual on the raw text embeddings of the training classes."""

@@ -119,7 +119,7 @@ class EpochKeys(TrainingHooks):
 
 
 @register_method("tip_adapter", display_name="TIP-Adapter-F", citation="Zhang et al., ECCV 2022", lr=1e-3,
-                 optimizer="adamw", hooks=EpochKeys,
+                 hooks=EpochKeys,
                  recipe={"lr_schedule": "cosine", "eta_min": 0.0, "batch_size": 256, "weight_decay": 1e-2,
                          "optimizer_options": {"eps": 1e-4}, "drop_last": False,
                          "epochs": lambda shots, dataset: 100 if dataset == "eurosat" else 20})
