@@ -13,6 +13,7 @@ from typing import Optional
 
 # the method modules (each registers its method with @register_method, presets and optimizer builders)
 from . import adalora, aira, dora, dylora, lora, lorafa, loraplus, nora, optim, pissa, vera  # noqa: F401
+from . import cocoop, coop, kgcoop, prograd  # noqa: F401  (prompt learners)
 from .registry import (MethodSpec, OptimizerSpec, lookup_method, lookup_optimizer, registered_methods,
                        registered_optimizers)
 

@@ -72,6 +72,8 @@ def dora_count(adapter):  # LoRA plus the magnitude vector
 
 
 WEIGHTS = dict(kind="weights", mergeable=True, rank="rank")
+PROMPTS = dict(kind="prompts", mergeable=False, rank=None, preserves=False, export=dict(refused="no weight update"),
+               precision={})
 
 CASES = {
     "lora": dict(WEIGHTS, options=dict(rank=4, alpha=8), preserves=True, count=per_adapter(lora_count),
@@ -145,6 +147,17 @@ CASES = {
                  export=dict(form="dora", ranks={4}), precision={}),
     "pissa": dict(WEIGHTS, options=dict(rank=4), preserves=True, count=per_adapter(lora_count),
                   export=dict(form="lora", ranks={8}), precision={}),  # residual: 2r
+    # prompt learners (tiny-vit: text width 64, image features 32): the context, CoCoOp's meta-net too
+    "coop": dict(PROMPTS, options=dict(), count=lambda model: 16 * 64),
+    "coop4": dict(PROMPTS, options=dict(), count=lambda model: 4 * 64),
+    "coop16": dict(PROMPTS, options=dict(), count=lambda model: 16 * 64),
+    "coop_csc_front": dict(PROMPTS, method="coop", options=dict(n_ctx=3, csc=True, class_token_position="front"),
+                           count=lambda model: len(CLASSES) * 3 * 64),
+    "coop_middle": dict(PROMPTS, method="coop", options=dict(n_ctx=5, class_token_position="middle"),
+                        count=lambda model: 5 * 64),
+    "cocoop": dict(PROMPTS, options=dict(), count=lambda model: 4 * 64 + (32 * 2 + 2) + (2 * 64 + 64)),
+    "kgcoop": dict(PROMPTS, options=dict(), count=lambda model: 4 * 64),
+    "prograd": dict(PROMPTS, options=dict(), count=lambda model: 16 * 64),
     # (a new method's row goes above this line)
 }
 

@@ -30,7 +30,7 @@ from safetensors.torch import load_file  # noqa: E402
 import lora_zoo as lz  # noqa: E402
 from conftest import tiny_clip  # noqa: E402
 from lora_zoo.hf_clip import hf_clip_state_dict, to_hf_clip  # noqa: E402
-from method_cases import CASES, apply_case, cases_with, column, method_of, missing_rows  # noqa: E402
+from method_cases import CASES, CLASSES, LABELS, apply_case, cases_with, column, method_of, missing_rows  # noqa: E402
 from lora_zoo.models import TINY_CONFIGS  # noqa: E402
 from lora_zoo.peft_export import CONFIG_NAME, WEIGHTS_NAME, export_peft, hf_module_name  # noqa: E402
 
@@ -50,13 +50,17 @@ def test_every_method_has_a_row():
 
 
 def train_steps(model, images, texts, steps=3):
-    """A few AdamW steps of the method's optimizer and schedule on a random objective (as test_architecture)."""
+    """A few AdamW steps of the method's optimizer and schedule on a random objective (as test_architecture); a
+    learner (no weight of the towers changes) on its own classifier's cross-entropy too."""
     optimizer = lz.build_optimizer(model, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.999))
-    hooks = lz.training_hooks(model, steps)
+    hooks, scorer = lz.training_hooks(model, steps), lz.scorer_of(model)
     model.train()
     for step in range(steps):
         hooks.before_forward(step)
         loss = (model.encode_image(images) @ model.encode_text(texts).t()).pow(2).mean() + hooks.regularizer()
+        if lz.kind_of(model).name != "weights":
+            logits = scorer.logits(model, scorer.inputs(model, images), scorer.class_state(model, CLASSES))
+            loss = loss + torch.nn.functional.cross_entropy(logits, LABELS[:len(images)])
         optimizer.zero_grad()
         loss.backward()
         hooks.after_backward(step)
