@@ -74,6 +74,7 @@ def dora_count(adapter):  # LoRA plus the magnitude vector
 WEIGHTS = dict(kind="weights", mergeable=True, rank="rank")
 PROMPTS = dict(kind="prompts", mergeable=False, rank=None, preserves=False, export=dict(refused="no weight update"),
                precision={})
+PROMPT_VARIANT = {k: v for k, v in PROMPTS.items() if k not in ("export", "precision")}  # a method's other options
 
 CASES = {
     "lora": dict(WEIGHTS, options=dict(rank=4, alpha=8), preserves=True, count=per_adapter(lora_count),
@@ -151,9 +152,9 @@ CASES = {
     "coop": dict(PROMPTS, options=dict(), count=lambda model: 16 * 64),
     "coop4": dict(PROMPTS, options=dict(), count=lambda model: 4 * 64),
     "coop16": dict(PROMPTS, options=dict(), count=lambda model: 16 * 64),
-    "coop_csc_front": dict(PROMPTS, method="coop", options=dict(n_ctx=3, csc=True, class_token_position="front"),
+    "coop_csc_front": dict(PROMPT_VARIANT, method="coop", options=dict(n_ctx=3, csc=True, class_token_position="front"),
                            count=lambda model: len(CLASSES) * 3 * 64),
-    "coop_middle": dict(PROMPTS, method="coop", options=dict(n_ctx=5, class_token_position="middle"),
+    "coop_middle": dict(PROMPT_VARIANT, method="coop", options=dict(n_ctx=5, class_token_position="middle"),
                         count=lambda model: 5 * 64),
     "cocoop": dict(PROMPTS, options=dict(), count=lambda model: 4 * 64 + (32 * 2 + 2) + (2 * 64 + 64)),
     "kgcoop": dict(PROMPTS, options=dict(), count=lambda model: 4 * 64),
