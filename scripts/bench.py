@@ -14,7 +14,9 @@ median is reported, so drift on a shared machine hits every row alike.
 
 With ``--part pipeline`` (or ``all``, the default) it also measures the text context, the data
 stream and a per-run projection (``bench_pipeline.py``); ``--dataset`` sets the prompt count (the
-dataset's real class count, e.g. 101 for food101, 1,000 for imagenet) and the projected run.
+dataset's real class count, e.g. 101 for food101, 1,000 for imagenet) and the projected run. With
+``--part prompts`` (or ``all``) it measures the prompt learners' text tower: a CoOp step on the shortest
+exact context against the full one, and CoCoOp's batch in one pass against its per-image loop.
 
     python scripts/bench.py                       # ViT-B-16, random init, CPU
     python scripts/bench.py --device cuda --batch 32 --amp
@@ -257,8 +259,9 @@ def main(argv=None):
     parser.add_argument("--dataset", default="food101", choices=sorted(BENCHMARK_SIZES),
                         help="its class count is the prompt count; the run projected (default food101: 101)")
     parser.add_argument("--classes", type=int, default=None, help="prompt count (default: the dataset's classes)")
-    parser.add_argument("--part", choices=["methods", "pipeline", "all"], default="all")
+    parser.add_argument("--part", choices=["methods", "pipeline", "prompts", "all"], default="all")
     parser.add_argument("--step_batch", type=int, default=32, help="batch of the full-vs-cut step (pipeline part)")
+    parser.add_argument("--cocoop_batch", type=int, default=4, help="images of the CoCoOp step (prompts part)")
     parser.add_argument("--image_size", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=5)
@@ -271,7 +274,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 repetitions (seconds)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.reps, args.step_batch = "tiny-vit", 2, 8
+        args.model, args.reps, args.step_batch, args.cocoop_batch = "tiny-vit", 2, 8, 4
     classes = args.classes or BENCHMARK_SIZES[args.dataset][0]
     unknown = sorted(set(args.methods or []) - set(lz.list_methods()))
     if unknown:
@@ -285,6 +288,9 @@ def main(argv=None):
     if args.part in ("pipeline", "all"):
         result["pipeline"] = run_pipeline(args, classes, log)
         print("\n" + pipeline.markdown(result["pipeline"]))
+    if args.part in ("prompts", "all"):
+        result["prompts"] = run_prompts(args, classes, log)
+        print("\n" + pipeline.prompts_markdown(result["prompts"]))
     if args.json:
         write_json(args.json, result)
     return result
@@ -309,6 +315,21 @@ def run_pipeline(args, classes: int, log) -> dict:
     measured.update(pipeline.projection(args.dataset, measured["step_cut_s"], eval_rate))
     measured.update(model=args.model, device=str(device), threads=torch.get_num_threads(), reps=args.reps,
                     eval_images_per_s=eval_rate)
+    return measured
+
+
+def run_prompts(args, classes: int, log) -> dict:
+    """The prompt learners' text tower: CoOp's step full vs cut context, CoCoOp batched vs per image."""
+    device = torch.device(args.device)
+    prepare_device(device, args.threads)
+    backbone = build_clip(args.model, pretrained=None, device=device)
+    log("prompts: CoOp step, full vs cut context ...")
+    measured = pipeline.coop_step(backbone.model, backbone.tokenizer, classes, args.step_batch, args.reps, device,
+                                  args.amp and device.type == "cuda")
+    log("prompts: CoCoOp step, per-image loop vs batched ...")
+    measured.update(pipeline.cocoop_step(backbone.model, backbone.tokenizer, classes, args.cocoop_batch, args.reps,
+                                         device))
+    measured.update(model=args.model, device=str(device), threads=torch.get_num_threads(), reps=args.reps)
     return measured
 
 
