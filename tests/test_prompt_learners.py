@@ -340,3 +340,26 @@ def test_epochs_and_batch_by_shots(method, shots, dataset, epochs, batch):
         (epochs, batch, "epoch_cosine", 1, 1e-5)
     # Dassl's loader: floor(N / B) batches when N >= B, else one batch of all N
     assert config.iterations(shots, 47 * shots) == epochs * max(1, (47 * shots) // batch)
+
+
+# ---- names, checkpoints ------------------------------------------------------------------------------------
+def test_display_names_are_the_papers_row_names():
+    rows = {line.split(",")[0] for line in (lz.models.WEIGHTS_DIR.parents[1] / "reported/nora_table2.csv")
+            .read_text().splitlines() if line and not line.startswith("#")}
+    for method, name in (("coop4", "CoOp (4)"), ("coop16", "CoOp (16)"), ("cocoop", "CoCoOp"), ("kgcoop", "KgCoOp"),
+                         ("prograd", "ProGrad")):
+        assert lz.get_method(method).display_name == name and name in rows
+        assert (lz.get_method(method).kind, lz.get_method(method).optimizer) == ("prompts", "sgd")
+
+
+def test_a_checkpoint_of_another_n_ctx_is_refused_in_one_line(tmp_path):
+    model, _ = adapted("coop", n_ctx=8)
+    path = lz.save_adapters(model, tmp_path / "adapters.safetensors")
+    other, _ = adapted("coop", n_ctx=16)
+    with pytest.raises(ValueError) as error:
+        lz.load_adapters(other, path)
+    assert str(error.value) == (f"checkpoint {path} was saved with n_ctx=8, but the model's "
+                                "adapters have n_ctx=16")
+    fresh = tiny_clip()  # a plain model is rebuilt from the checkpoint: 8 tokens
+    lz.load_adapters(fresh, path)
+    assert fresh.lora_zoo_learner.lora_context.shape == (8, 64)

@@ -151,3 +151,14 @@ def test_evaluating_a_run_with_another_n_ctx_is_refused_and_writes_nothing(coop4
                     "--eval_only", *RUN)
     assert code == 1 and len(err) == 1 and "was trained with method_options.n_ctx=None, not 4" in err[0], err
     assert files(folder) == before
+
+
+@pytest.mark.parametrize("method, flags", [
+    ("coop", ("--n_ctx", "--ctx_init", "--csc", "--class_token_position")), ("coop4", ("CoOp (4)", "--n_ctx")),
+    ("cocoop", ("--ctx_init",)), ("kgcoop", ("--weight",)), ("prograd", ("--prograd_lambda", "--temperature")),
+])
+def test_options_are_in_help(method, flags, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main_run(["--method", method, "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and all(flag in out for flag in flags)
