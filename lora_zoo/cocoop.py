@@ -48,7 +48,7 @@ class CocoopConfig(LearnerConfig):
 
 
 # lr 0.002, SGD, batch 1, 10 epochs, Dassl's schedule: their configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml
-@register_method("cocoop", display_name="CoCoOp", citation="Zhou et al., CVPR 2022", lr=0.002, optimizer="sgd",
+@register_method("cocoop", display_name="CoCoOp", citation="Zhou et al., CVPR 2022", lr=0.002,
                  recipe=dassl_recipe(1, lambda shots, dataset: 10))
 class CocoopLearner(ContextLearner):
     config_class = CocoopConfig

@@ -53,7 +53,7 @@ class CoopConfig(LearnerConfig):
 
 
 # lr 0.002, SGD, batch 32, Dassl's schedule: their configs/trainers/CoOp/vit_b16*.yaml
-@register_method("coop", display_name="CoOp", citation=CITATION, lr=0.002, optimizer="sgd",
+@register_method("coop", display_name="CoOp", citation=CITATION, lr=0.002,
                  recipe=dassl_recipe(32, coop_epochs))
 class CoopLearner(ContextLearner):
     config_class = CoopConfig
@@ -81,7 +81,7 @@ class CoopLearner(ContextLearner):
 
 
 # the NoRA paper's Table 2 rows: CoOp's two published settings
-register_preset("coop4", layer="coop", display_name="CoOp (4)", citation=CITATION, lr=0.002, optimizer="sgd",
+register_preset("coop4", layer="coop", display_name="CoOp (4)", citation=CITATION, lr=0.002,
                 options={"ctx_init": "a photo of a"})
-register_preset("coop16", layer="coop", display_name="CoOp (16)", citation=CITATION, lr=0.002, optimizer="sgd",
+register_preset("coop16", layer="coop", display_name="CoOp (16)", citation=CITATION, lr=0.002,
                 options={"n_ctx": 16})

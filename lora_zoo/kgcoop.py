@@ -66,7 +66,7 @@ class KgcoopConfig(LearnerConfig):
 
 
 # lr 0.002, SGD, batch 128, 100 epochs, Dassl's schedule: their configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml
-@register_method("kgcoop", display_name="KgCoOp", citation="Yao et al., CVPR 2023", lr=0.002, optimizer="sgd",
+@register_method("kgcoop", display_name="KgCoOp", citation="Yao et al., CVPR 2023", lr=0.002,
                  recipe=dassl_recipe(128, lambda shots, dataset: 100))
 class KgcoopLearner(ContextLearner):
     config_class = KgcoopConfig

@@ -84,7 +84,7 @@ def run_lambda(shots: int, dataset: str) -> float:
 
 
 # lr 0.002, SGD, batch 32, Dassl's schedule, CoOp's epochs per shots: their configs/trainers/ProGrad/rn50*.yaml
-@register_method("prograd", display_name="ProGrad", citation="Zhu et al., ICCV 2023", lr=0.002, optimizer="sgd",
+@register_method("prograd", display_name="ProGrad", citation="Zhu et al., ICCV 2023", lr=0.002,
                  recipe=dassl_recipe(32, coop_epochs), options={"prograd_lambda": run_lambda})
 class ProgradLearner(ContextLearner):
     config_class = ProgradConfig

@@ -45,11 +45,12 @@ FALLBACK_TEMPLATE = "a photo of a {}."  # for a dataset an official template tab
 
 
 def dassl_recipe(batch_size: int, epochs: Callable[[int, str], int]) -> dict[str, Any]:
-    """The loop settings of Dassl's trainer as the CoOp family's configs run it (notes: SGD momentum 0.9, weight decay
-    5e-4; one warm-up epoch at the constant 1e-5, then a cosine stepped per epoch to 0; Dassl's loader drops the
-    short last batch when the set holds a full one)."""
-    return {"lr_schedule": "epoch_cosine", "warmup_epochs": 1, "warmup_lr": 1e-5, "eta_min": 0.0,
-            "weight_decay": 5e-4, "batch_size": batch_size, "drop_last": True, "epochs": epochs}
+    """The loop settings of Dassl's trainer as the CoOp family's configs run it: SGD (momentum 0.9, weight decay
+    5e-4); one warm-up epoch at the constant 1e-5, then a cosine stepped per epoch to 0; Dassl's loader drops the
+    short last batch when the set holds a full one. The optimizer is part of the recipe, not of the method:
+    ``recipe: clip_lora`` trains the same learner with CLIP-LoRA's AdamW."""
+    return {"optimizer": "sgd", "lr_schedule": "epoch_cosine", "warmup_epochs": 1, "warmup_lr": 1e-5,
+            "eta_min": 0.0, "weight_decay": 5e-4, "batch_size": batch_size, "drop_last": True, "epochs": epochs}
 
 
 def coop_epochs(shots: int, dataset: str) -> int:

@@ -243,7 +243,8 @@ def coop_step(model, tokenizer, prompts: int, batch: int, reps: int, device, amp
     runs = {}
     for name in ("full", "cut"):
         adapted = with_method(model, "coop16", classes)
-        runs[name] = (adapted, lz.build_optimizer(adapted, lr=0.002, weight_decay=5e-4, betas=(0.9, 0.999)),
+        runs[name] = (adapted, lz.build_optimizer(adapted, lr=0.002, weight_decay=5e-4, betas=(0.9, 0.999),
+                                                  optimizer="sgd"),  # Dassl's, CoOp's recipe
                       lz.training_hooks(adapted, 10))
     logits = {}
     for name, (adapted, _, _) in runs.items():

@@ -315,7 +315,7 @@ def test_prograd_projection_removes_only_a_conflicting_component():
 # ---- recipes -----------------------------------------------------------------------------------------------
 def test_dassl_schedule_of_cocoop_is_their_numbers():
     config = TrainConfig().resolved(lz.get_method("cocoop").recipe_settings(16, "dtd"), lr=0.002)
-    assert (config.optimizer or lz.get_method("cocoop").optimizer, config.batch_size, config.epochs,
+    assert (config.optimizer, config.batch_size, config.epochs,
             config.weight_decay, config.drop_last) == ("sgd", 1, 10, 5e-4, True)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.002)
     scheduler, lrs = lr_scheduler(optimizer, config, iterations=10, per_epoch=1), []
@@ -349,7 +349,10 @@ def test_display_names_are_the_papers_row_names():
     for method, name in (("coop4", "CoOp (4)"), ("coop16", "CoOp (16)"), ("cocoop", "CoCoOp"), ("kgcoop", "KgCoOp"),
                          ("prograd", "ProGrad")):
         assert lz.get_method(method).display_name == name and name in rows
-        assert (lz.get_method(method).kind, lz.get_method(method).optimizer) == ("prompts", "sgd")
+        recipe = lz.get_method(method).recipe_settings(16, "dtd")  # their SGD: the recipe's, not the method's
+        assert (lz.get_method(method).kind, recipe["optimizer"], lz.get_method(method).optimizer) == \
+            ("prompts", "sgd", "adamw")
+        assert TrainConfig(recipe="clip_lora").resolved(recipe).optimizer is None  # CLIP-LoRA's loop: the AdamW
 
 
 def test_a_checkpoint_of_another_n_ctx_is_refused_in_one_line(tmp_path):
