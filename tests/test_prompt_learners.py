@@ -366,3 +366,14 @@ def test_a_checkpoint_of_another_n_ctx_is_refused_in_one_line(tmp_path):
     fresh = tiny_clip()  # a plain model is rebuilt from the checkpoint: 8 tokens
     lz.load_adapters(fresh, path)
     assert fresh.lora_zoo_learner.lora_context.shape == (8, 64)
+
+
+def test_their_template_tables_are_keyed_by_our_dataset_names():
+    from datasets import list_datasets
+    from lora_zoo import kgcoop, prograd
+    theirs = set(list_datasets()) - {"imagefolder", "scenes_compose", "scenes_names"}  # theirs: "a photo of a {}."
+    assert set(kgcoop.TEMPLATES) == set(prograd.TEMPLATES) == theirs and len(theirs) == 15
+    assert (kgcoop.TEMPLATES["dtd"], prograd.TEMPLATES["dtd"]) == ("a photo of a {}, a type of texture.",
+                                                                   "a texture of {}.")
+    assert [prograd.template_words(d) for d in ("food101", "eurosat", "scenes_names")] == \
+        ["a type of food, a photo of", "a centered satellite photo of", "a photo of a"]

@@ -83,6 +83,19 @@ def test_base_to_new_scores_the_new_classes_with_the_learned_context(root, tmp_p
     assert record["method_config"]["weight"] == 8.0 and record["config"]["train"]["batch_size"] == 4
 
 
+@pytest.mark.parametrize("method", ["coop16", "cocoop", "kgcoop", "prograd"])
+def test_each_prompt_learner_under_every_protocol(method, root, tmp_path, capsys):
+    """Few-shot with --eval_on, then base-to-new (coop4: above; reloading: tests/test_methods.py's round trip)."""
+    common = ["--method", method, "--root_path", root, "--output_dir", tmp_path, *RUN]
+    assert run(capsys, *common, "--eval_on", "eurosat")[0] == 0
+    record = result(tmp_path / f"tiny-clip/dtd/2shots/seed1/{method}")
+    assert record["kind"] == "prompts" and 0 <= record["eval_on"]["eurosat"] <= 100
+    assert run(capsys, *common, "--protocol", "base2new")[0] == 0
+    halves = result(tmp_path / f"tiny-clip/dtd/base2new/2shots/seed1/{method}")
+    assert halves["harmonic_mean"] == pytest.approx(lz.results.harmonic_mean(halves["base_accuracy"],
+                                                                             halves["new_accuracy"]))
+
+
 def test_a_killed_prograd_run_resumes_and_ends_bit_identical(root, tmp_path, capsys, monkeypatch):
     args = ["--method", "prograd", "--root_path", root, *RUN, "--checkpoint_every", "2"]
     assert run(capsys, *args, "--output_dir", tmp_path / "whole")[0] == 0
