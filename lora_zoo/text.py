@@ -22,11 +22,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-try:
-    from open_clip.model import CLIP as OpenClipCLIP
-    from open_clip.transformer import text_global_pool
-except ImportError:  # pragma: no cover - depends on the installed open_clip
-    OpenClipCLIP, text_global_pool = None, None
+
+def _open_clip():
+    """open_clip's ``CLIP`` class and its text pooling, imported on first use: the prompt learners import this
+    module, and looking a method up (``catalog``) loads no open_clip."""
+    try:
+        from open_clip.model import CLIP
+        from open_clip.transformer import text_global_pool
+    except ImportError:  # pragma: no cover - depends on the installed open_clip
+        return None, None
+    return CLIP, text_global_pool
 
 
 def _is_causal(mask: Optional[torch.Tensor]) -> bool:
@@ -38,9 +43,10 @@ def _is_causal(mask: Optional[torch.Tensor]) -> bool:
 
 def short_context_length(model: nn.Module, tokens: torch.Tensor) -> Optional[int]:
     """``L`` for which ``encode_text`` on the first L positions is exact, or None when that cannot be shown."""
-    if OpenClipCLIP is None or not isinstance(model, OpenClipCLIP):
+    clip_class = _open_clip()[0]
+    if clip_class is None or not isinstance(model, clip_class):
         return None
-    if type(model).encode_text is not OpenClipCLIP.encode_text or getattr(model, "cls_emb", None) is not None:
+    if type(model).encode_text is not clip_class.encode_text or getattr(model, "cls_emb", None) is not None:
         return None
     pool = getattr(model, "text_pool_type", None)
     if pool == "argmax":
@@ -81,7 +87,7 @@ def _tower(model: nn.Module, embeddings: torch.Tensor, tokens: torch.Tensor) -> 
     x = embeddings.to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
-    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    x = _open_clip()[1](x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
     if model.text_projection is not None:
         x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
     return x
