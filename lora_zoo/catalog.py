@@ -14,6 +14,7 @@ from typing import Optional
 # the method modules (each registers its method with @register_method, presets and optimizer builders)
 from . import adalora, aira, dora, dylora, lora, lorafa, loraplus, maple, nora, optim, pissa, plot, vera  # noqa: F401
 from . import clip_adapter, lp_pp, taskres, tip_adapter  # noqa: F401
+from . import cocoop, coop, kgcoop, prograd  # noqa: F401  (prompt learners)
 from .registry import (MethodSpec, OptimizerSpec, lookup_method, lookup_optimizer, registered_methods,
                        registered_optimizers)
 

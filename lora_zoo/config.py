@@ -185,7 +185,7 @@ class ExperimentConfig(Options):
     def __post_init__(self):
         # checked against the libraries they name, imported here: reading this module (results, make_table)
         # must not load torch, open_clip or the method registry
-        from .catalog import get_optimizer
+        from .catalog import get_method, get_optimizer
         from .inject import method_options
         from .models import list_backbones, resolve_pretrained
         from .targets import check_targets
@@ -218,7 +218,9 @@ class ExperimentConfig(Options):
         dataset_spec(self.dataset)                             # unknown dataset → one line listing names
         if self.template is not None:
             check_template(self.template)
-        # unknown method / bad option → one line; resolved once, carried here for every stage
+        # unknown method / bad option → one line; resolved once, carried here for every stage (with the defaults
+        # the method takes from the run's shots and dataset: ProGrad's λ)
+        self.method_options = {**get_method(self.method).run_options(self.shots, self.dataset), **self.method_options}
         self.method_spec, self.method_config, self.hooks_options = method_options(self.method, self.method_options)
         spec = self.method_spec
         self.train = self.train.resolved(spec.recipe_settings(self.shots, self.dataset), lr=spec.lr)

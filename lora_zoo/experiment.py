@@ -220,7 +220,7 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
         log = stack.enter_context(RunLog())
         stages.seed_everything(cfg.seed)
         data = stages.prepare_data(cfg, request.targets)
-        backbone = stages.build_model(cfg, device, check_options=request.adapt)
+        backbone = stages.build_model(cfg, device, check_options=request.adapt, data=data)
         model, classes = backbone.model, data.classes(backbone.tokenizer)
         if request.adapt:
             stages.check_task(cfg, model, data.ds, device)

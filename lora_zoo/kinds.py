@@ -18,7 +18,7 @@ without a weight update says what to use instead of a merged or peft export, ``i
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -60,7 +60,8 @@ class WeightsKind(Kind):
     name = "weights"
     merges = True
 
-    def check_fits(self, model, method: str, options: Mapping[str, Any], encoders, targets, layers) -> None:
+    def check_fits(self, model, method: str, options: Mapping[str, Any], encoders, targets, layers,
+                   classes: Sequence[ClassSet] = ()) -> None:
         check_fits(model, method, encoders=encoders, targets=targets, layers=layers, **options)
 
     def install(self, model, method: str, options: Mapping[str, Any], *, classes=None, stats=None, support=None,
@@ -130,9 +131,10 @@ class LearnerKind(Kind):
     def __init__(self, name: str, caches_features: bool = False):
         self.name, self.caches_features = name, caches_features
 
-    def check_fits(self, model, method: str, options: Mapping[str, Any], encoders, targets, layers) -> None:
+    def check_fits(self, model, method: str, options: Mapping[str, Any], encoders, targets, layers,
+                   classes: Sequence[ClassSet] = ()) -> None:
         spec, config, _ = method_options(method, options)
-        spec.layer_class.check_fits(model, config)
+        spec.layer_class.check_fits(model, config, classes)
 
     def check_task(self, model, method: str, options: Mapping[str, Any], task: Task) -> None:
         spec, config, _ = method_options(method, options)

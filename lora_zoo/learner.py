@@ -27,7 +27,7 @@ line with its estimate (``FeatureHead.memory_bytes``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +103,9 @@ class Learner(nn.Module, Scorer):
         return cls(model, config, ClassSet(tuple(record["classes"])))
 
     @classmethod
-    def check_fits(cls, model: nn.Module, config: LearnerConfig) -> None:
-        """A one-line error when ``config`` asks ``model`` for more than it has (before any work)."""
+    def check_fits(cls, model: nn.Module, config: LearnerConfig, classes: Sequence[ClassSet] = ()) -> None:
+        """A one-line error when ``config`` asks ``model`` for more than it has (before any work); ``classes``: the
+        class sets a run will score, its training classes first, when known (a prompt too long for the context)."""
 
     @classmethod
     def splits(cls, config: LearnerConfig) -> tuple[str, ...]:

@@ -46,7 +46,8 @@ class MethodSpec:
     #: the loop's settings (``TrainConfig`` fields) its own recipe sets; a value may be a function of
     #: ``(shots, dataset)`` (CoOp's epochs per shot count)
     recipe: Mapping[str, Any] = field(default_factory=dict)
-    #: a preset's own defaults of the method's options (CoOp (4): n_ctx 4 from "a photo of a"); given ones win
+    #: a preset's own defaults of the method's options (CoOp (4): n_ctx 4 from "a photo of a"); given ones win. A
+    #: value may be a function of ``(shots, dataset)``, a default a run resolves (ProGrad's λ; ``run_options``)
     options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -73,7 +74,7 @@ class MethodSpec:
 
     def split_options(self, options: Mapping[str, Any]) -> tuple[dict, dict]:
         """``(module options, hooks options)`` from one mapping of method options."""
-        options = {**self.options, **options}
+        options = {**{k: v for k, v in self.options.items() if not callable(v)}, **options}
         module_names = set(field_names(self.config_class))
         hooks_names = set(field_names(self.hooks_options_class)) if self.hooks_options_class else set()
         unknown = sorted(set(options) - module_names - hooks_names)
@@ -82,6 +83,12 @@ class MethodSpec:
                               f"{', '.join(sorted(module_names | hooks_names))}")
         return ({k: v for k, v in options.items() if k in module_names},
                 {k: v for k, v in options.items() if k in hooks_names})
+
+    def run_options(self, shots: int, dataset: str) -> dict[str, Any]:
+        """The defaults of the method's options that depend on the run (the functions of ``(shots, dataset)`` among
+        its ``options``: ProGrad's λ at 8 and 16 shots), evaluated; a preset's over its method's."""
+        options = {**(_METHODS[self.layer].options if self.layer in _METHODS else {}), **self.options}
+        return {key: value(shots, dataset) for key, value in options.items() if callable(value)}
 
     def recipe_settings(self, shots: int, dataset: str) -> dict[str, Any]:
         """The loop's settings of the method's own recipe for a run of ``shots`` on ``dataset`` (a preset's, over its
@@ -124,11 +131,14 @@ def _add(spec: MethodSpec) -> None:
 
 
 def register_method(name: str, *, display_name: str, citation: str, lr: float, optimizer: str = "adamw",
-                    hooks: Optional[type] = None, recipe: Optional[Mapping[str, Any]] = None):
-    """Class decorator registering a method class (``AdapterLinear`` or ``Learner`` subclass) as method ``name``."""
+                    hooks: Optional[type] = None, recipe: Optional[Mapping[str, Any]] = None,
+                    options: Optional[Mapping[str, Callable]] = None):
+    """Class decorator registering a method class (``AdapterLinear`` or ``Learner`` subclass) as method ``name``;
+    ``options``: defaults of its options that a run resolves from its ``(shots, dataset)``."""
 
     def decorator(cls):
-        _add(MethodSpec(name, name, display_name, citation, float(lr), optimizer, hooks, cls, dict(recipe or {})))
+        _add(MethodSpec(name, name, display_name, citation, float(lr), optimizer, hooks, cls, dict(recipe or {}),
+                        dict(options or {})))
         cls.method_name = name
         return cls
 

@@ -14,7 +14,9 @@ median is reported, so drift on a shared machine hits every row alike.
 
 With ``--part pipeline`` (or ``all``, the default) it also measures the text context, the data
 stream and a per-run projection (``bench_pipeline.py``); ``--dataset`` sets the prompt count (the
-dataset's real class count, e.g. 101 for food101, 1,000 for imagenet) and the projected run.
+dataset's real class count, e.g. 101 for food101, 1,000 for imagenet) and the projected run. With
+``--part prompts`` (or ``all``) it measures the prompt learners' text tower: a CoOp step on the shortest
+exact context against the full one, and CoCoOp's batch in one pass against its per-image loop.
 
     python scripts/bench.py                       # ViT-B-16, random init, CPU
     python scripts/bench.py --device cuda --batch 32 --amp
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import tempfile
@@ -35,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_pipeline as pipeline  # noqa: E402
+import bench_prompts  # noqa: E402
 import lora_zoo as lz  # noqa: E402
 from datasets.registry import BENCHMARK_SIZES  # noqa: E402
 from lora_zoo.files import write_json  # noqa: E402
@@ -258,13 +260,14 @@ def main(argv=None):
     parser.add_argument("--dataset", default="food101", choices=sorted(BENCHMARK_SIZES),
                         help="its class count is the prompt count; the run projected (default food101: 101)")
     parser.add_argument("--classes", type=int, default=None, help="prompt count (default: the dataset's classes)")
-    parser.add_argument("--part", choices=["methods", "pipeline", "heads", "all"], default="all",
+    parser.add_argument("--part", choices=["methods", "pipeline", "heads", "prompts", "all"], default="all",
                         help="heads: only the pipeline's head training, cached features against re-encoding")
     parser.add_argument("--head_images", type=int, default=16, help="JPEGs a head trains on (pipeline part)")
     parser.add_argument("--head_epochs", type=int, default=50, help="its epochs (pipeline part)")
     parser.add_argument("--head_views", type=int, default=5, help="views encoded once (pipeline part; the heads' "
                                                                    "epochs / views: CLIP-Adapter's and TaskRes's 200/20)")
     parser.add_argument("--step_batch", type=int, default=32, help="batch of the full-vs-cut step (pipeline part)")
+    parser.add_argument("--cocoop_batch", type=int, default=4, help="images of the CoCoOp step (prompts part)")
     parser.add_argument("--image_size", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=5)
@@ -280,7 +283,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 repetitions (seconds)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.reps, args.step_batch = "tiny-vit", 2, 8
+        args.model, args.reps, args.step_batch, args.cocoop_batch = "tiny-vit", 2, 8, 4
         args.head_images, args.head_epochs, args.head_views = 8, 4, 2
     classes = args.classes or BENCHMARK_SIZES[args.dataset][0]
     unknown = sorted(set(args.methods or []) - set(lz.list_methods()))
@@ -303,6 +306,9 @@ def main(argv=None):
     if args.part == "heads":
         result["heads"] = run_heads(args, log)
         print("\n" + pipeline.head_markdown(result["heads"]))
+    if args.part in ("prompts", "all"):
+        result["prompts"] = run_prompts(args, classes, log)
+        print("\n" + bench_prompts.prompts_markdown(result["prompts"]))
     if args.json:
         write_json(args.json, result)
     return result
@@ -343,6 +349,21 @@ def run_heads(args, log) -> dict:
     measured = pipeline.head_training(backbone.model, backbone.tokenizer, args.head_images, args.head_epochs,
                                       args.head_views, 8, device)
     return {**measured, "model": args.model, "device": str(device), "threads": torch.get_num_threads()}
+
+
+def run_prompts(args, classes: int, log) -> dict:
+    """The prompt learners' text tower: CoOp's step full vs cut context, CoCoOp batched vs per image."""
+    device = torch.device(args.device)
+    prepare_device(device, args.threads)
+    backbone = build_clip(args.model, pretrained=None, device=device)
+    log("prompts: CoOp step, full vs cut context ...")
+    measured = bench_prompts.coop_step(backbone.model, backbone.tokenizer, classes, args.step_batch, args.reps, device,
+                                  args.amp and device.type == "cuda")
+    log("prompts: CoCoOp step, per-image loop vs batched ...")
+    measured.update(bench_prompts.cocoop_step(backbone.model, backbone.tokenizer, classes, args.cocoop_batch, args.reps,
+                                         device))
+    measured.update(model=args.model, device=str(device), threads=torch.get_num_threads(), reps=args.reps)
+    return measured
 
 
 if __name__ == "__main__":

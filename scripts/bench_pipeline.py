@@ -16,6 +16,9 @@ on the same model and inputs, by ``scripts/bench.py --part pipeline``:
   epoch's augmented batches with the image tower, against ``views`` views encoded once and written to
   the features cache (``features.cached_views``), and against a rerun that reads them from it; with a
   check that the cached view 0 is the first epoch's re-encoded batch (the same crops).
+- the prompt learners (``--part prompts``): a CoOp training step, its text tower over every class prompt, on the
+  shortest exact context against CoOp's full 77-token one, and CoCoOp's images of a batch in one text-tower
+  pass against their per-image loop, each pair at equal logits (asserted).
 """
 from __future__ import annotations
 

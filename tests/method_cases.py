@@ -86,7 +86,9 @@ def plot_count(n_text, n_ctx, n_visual, visual_tokens):  # N text contexts of th
 
 WEIGHTS = dict(kind="weights", mergeable=True, rank="rank")
 HEAD = dict(kind="head", mergeable=False, rank=None, export=dict(refused="no weight update"))
-PROMPTS = dict(kind="prompts", preserves=False, mergeable=False, rank=None, export=dict(refused="no weight update"))
+PROMPTS = dict(kind="prompts", mergeable=False, rank=None, preserves=False, export=dict(refused="no weight update"),
+               precision={})
+PROMPT_VARIANT = {k: v for k, v in PROMPTS.items() if k not in ("export", "precision")}  # a method's other options
 
 CASES = {
     "lora": dict(WEIGHTS, options=dict(rank=4, alpha=8), preserves=True, count=per_adapter(lora_count),
@@ -172,6 +174,17 @@ CASES = {
     "maple": dict(PROMPTS, options=dict(depth=2), count=maple_count(2, 2), precision={}),
     # CLASSES name no dataset: their generic templates, 4 words each
     "plot": dict(PROMPTS, options=dict(n_visual=2), count=plot_count(4, 4, 2, 2), precision={}),
+    # prompt learners (tiny-vit: text width 64, image features 32): the context, CoCoOp's meta-net too
+    "coop": dict(PROMPTS, options=dict(), count=lambda model: 16 * 64),
+    "coop4": dict(PROMPTS, options=dict(), count=lambda model: 4 * 64),
+    "coop16": dict(PROMPTS, options=dict(), count=lambda model: 16 * 64),
+    "coop_csc_front": dict(PROMPT_VARIANT, method="coop", options=dict(n_ctx=3, csc=True, class_token_position="front"),
+                           count=lambda model: len(CLASSES) * 3 * 64),
+    "coop_middle": dict(PROMPT_VARIANT, method="coop", options=dict(n_ctx=5, class_token_position="middle"),
+                        count=lambda model: 5 * 64),
+    "cocoop": dict(PROMPTS, options=dict(), count=lambda model: 4 * 64 + (32 * 2 + 2) + (2 * 64 + 64)),
+    "kgcoop": dict(PROMPTS, options=dict(), count=lambda model: 4 * 64),
+    "prograd": dict(PROMPTS, options=dict(), count=lambda model: 16 * 64),
     # (a new method's row goes above this line)
 }
 

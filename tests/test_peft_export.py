@@ -61,9 +61,10 @@ def objective(model, images, texts):
 
 
 def train_steps(model, images, texts, steps=3):
-    """A few AdamW steps of the method's optimizer and schedule on a random objective (as test_architecture)."""
+    """A few AdamW steps of the method's optimizer and schedule on a random objective (as test_architecture); a
+    learner (no weight of the towers changes) on its own classifier's cross-entropy too."""
     optimizer = lz.build_optimizer(model, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.999))
-    hooks = lz.training_hooks(model, steps)
+    hooks, scorer = lz.training_hooks(model, steps), lz.scorer_of(model)
     model.train()
     for step in range(steps):
         hooks.before_forward(step)
