@@ -11,6 +11,9 @@ The loop (``train.py``) calls, for every method:
         optimizer.step(); hooks.after_step(step)        # e.g. AdaLoRA: importance from θ_{t+1}·g_t, budget at t
     hooks.finish(); hooks.summary()                     # e.g. final ranks, recorded in the results
 
+The schedule is built after the hooks: ``hooks.restarts()`` names the steps where the cosine starts again
+from the base lr (2SFS's second stage: ``train.lr_scheduler``).
+
 A method registers its schedule class with ``@register_method(..., hooks=Cls)``.
 The class is built as ``Cls(model, total_steps, seed, options)``: ``seed`` is the
 run's seed (a sampler's generator is seeded from it) and ``options`` an instance
@@ -45,6 +48,10 @@ class TrainingHooks:
 
     def after_step(self, step: int) -> None:
         pass
+
+    def restarts(self) -> tuple[int, ...]:
+        """Steps at which the per-iteration cosine schedule starts again from the base lr (2SFS's second stage)."""
+        return ()
 
     def finish(self) -> None:
         """Called once after the last step (e.g. to restore full rank for evaluation)."""

@@ -167,8 +167,28 @@ def epoch_cosine(config: TrainConfig, per_epoch: int, epochs: int, base_lr: floa
     return factor
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, iterations: int, per_epoch: int):
-    """The run's learning-rate schedule, stepped once per iteration (``TrainConfig.lr_schedule``)."""
+def restarted_cosine(eta_min: float, base_lr: float, iterations: int, restarts: tuple[int, ...]
+                     ) -> Callable[[int], float]:
+    """The per-iteration cosine as a factor of ``base_lr``, started again from ``base_lr`` at each step of
+    ``restarts``: on a segment of ``length`` steps from ``start``, ``eta_min + (base - eta_min)·(1 + cos(π·(step −
+    start)/length))/2`` — what a new ``CosineAnnealingLR(T_max=length)`` gives (2SFS's second stage)."""
+    bounds = [0, *restarts, iterations]
+
+    def factor(step: int) -> float:
+        start, end = next((a, b) for a, b in zip(bounds, bounds[1:]) if step < b or b == iterations)
+        cosine = (1 + math.cos(math.pi * (step - start) / (end - start))) / 2
+        return (eta_min + (base_lr - eta_min) * cosine) / base_lr
+    return factor
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, iterations: int, per_epoch: int,
+                 restarts: tuple[int, ...] = ()):
+    """The run's learning-rate schedule, stepped once per iteration (``TrainConfig.lr_schedule``); the cosine starts
+    again from the base lr at each step of ``restarts`` (the method's hooks say where: ``TrainingHooks.restarts``)."""
+    restarts = tuple(sorted({r for r in restarts if 0 < r < iterations}))
+    if config.lr_schedule == "cosine" and restarts:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, [
+            restarted_cosine(config.eta_min, group["lr"], iterations, restarts) for group in optimizer.param_groups])
     if config.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=config.eta_min)
     if config.lr_schedule == "constant":
@@ -190,9 +210,10 @@ def build_loop(model: nn.Module, config: TrainConfig, iterations: int, device: t
                                 **config.optimizer_options)
     groups = [{"name": g.get("name", "?"), "tensors": len(g["params"]), "parameters": sum(p.numel() for p in g["params"]),
                "lr": g["lr"]} for g in optimizer.param_groups]
-    scheduler = lr_scheduler(optimizer, config, iterations, per_epoch or iterations)
+    hooks = training_hooks(model, iterations, seed)
+    scheduler = lr_scheduler(optimizer, config, iterations, per_epoch or iterations, hooks.restarts())
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    return Loop(optimizer, scheduler, scaler, training_hooks(model, iterations, seed), lr, groups)
+    return Loop(optimizer, scheduler, scaler, hooks, lr, groups)
 
 
 def check_finite_adapters(model: nn.Module, when: str) -> None:
@@ -220,9 +241,11 @@ def record_losses(pending: list[torch.Tensor], history: dict[str, list], first_s
 
 
 def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
-    """Steps the optimizer took (AdamW's per-tensor count; a step the GradScaler skips is not one)."""
+    """Steps the optimizer took (a step the GradScaler skips is not one): its groups' counts (``optim.count_steps``;
+    right when tensors train in turns, as 2SFS's two stages do), or AdamW's per-tensor counts (checkpoints written
+    before groups counted)."""
     counts = [int(state["step"]) for state in optimizer.state.values() if "step" in state]
-    return max(counts, default=0)
+    return max(counts + [int(group.get("steps", 0)) for group in optimizer.param_groups], default=0)
 
 
 def loss_entries(losses: list[float], log_every: int, iterations: int) -> list[tuple[int, float]]:
