@@ -151,6 +151,21 @@ def test_a_saved_second_stage_loads_as_the_second_stage(trained, tmp_path):
     assert torch.equal(logits[0], logits[1]) and int(lz.scorer_of(fresh).lora_stage) == 2
 
 
+def test_steps_of_tensors_that_train_in_turns_all_count():
+    """skipped_steps = iterations − the optimizer's steps: per-tensor AdamW counts would see 3 of these 5."""
+    model = tiny_clip()
+    lz.apply_method(model, "twostage", classes=CLASSES)
+    optimizer = lz.build_optimizer(model, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999))
+    learner = lz.scorer_of(model)
+    for step in range(5):
+        stage = list(learner.norms.parameters()) if step < 3 else [learner.lora_head]
+        optimizer.zero_grad(set_to_none=True)
+        for param in stage:
+            param.grad = torch.ones_like(param)
+        optimizer.step()
+    assert max(int(s["step"]) for s in optimizer.state.values()) == 3 and train.optimizer_steps(optimizer) == 5
+
+
 def run(capsys, argv):
     code = main.run([str(a) for a in argv])
     captured = capsys.readouterr()
