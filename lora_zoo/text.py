@@ -17,16 +17,23 @@ model's own ``encode_text`` on the full context otherwise (e.g. ``CustomTextCLIP
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import nn
 
-try:
-    from open_clip.model import CLIP as OpenClipCLIP
-    from open_clip.transformer import text_global_pool
-except ImportError:  # pragma: no cover - depends on the installed open_clip
-    OpenClipCLIP, text_global_pool = None, None
+
+@functools.lru_cache(maxsize=None)
+def _open_clip() -> tuple:
+    """open_clip's ``CLIP`` class and ``text_global_pool``, imported when first needed (a method module that scores
+    text, such as a learner's, is imported by every method lookup, which must not load open_clip)."""
+    try:
+        from open_clip.model import CLIP
+        from open_clip.transformer import text_global_pool
+    except ImportError:  # pragma: no cover - depends on the installed open_clip
+        return None, None
+    return CLIP, text_global_pool
 
 
 def _is_causal(mask: Optional[torch.Tensor]) -> bool:
@@ -38,9 +45,10 @@ def _is_causal(mask: Optional[torch.Tensor]) -> bool:
 
 def short_context_length(model: nn.Module, tokens: torch.Tensor) -> Optional[int]:
     """``L`` for which ``encode_text`` on the first L positions is exact, or None when that cannot be shown."""
-    if OpenClipCLIP is None or not isinstance(model, OpenClipCLIP):
+    open_clip_model = _open_clip()[0]
+    if open_clip_model is None or not isinstance(model, open_clip_model):
         return None
-    if type(model).encode_text is not OpenClipCLIP.encode_text or getattr(model, "cls_emb", None) is not None:
+    if type(model).encode_text is not open_clip_model.encode_text or getattr(model, "cls_emb", None) is not None:
         return None
     pool = getattr(model, "text_pool_type", None)
     if pool == "argmax":
@@ -81,7 +89,7 @@ def _tower(model: nn.Module, embeddings: torch.Tensor, tokens: torch.Tensor) -> 
     x = embeddings.to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
-    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    x = _open_clip()[1](x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
     if model.text_projection is not None:
         x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
     return x
