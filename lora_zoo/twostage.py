@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import encoder_blocks
 from .hooks import TrainingHooks
 from .learner import LearnerConfig, TensorLearner, attached_learner
 from .options import OptionError, Options, option
@@ -82,6 +81,8 @@ class TunedNorm(nn.Module):
 
 def block_norms(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
     """``(block, attribute, qualified name)`` of ``ln_1`` and ``ln_2`` in every block of both towers."""
+    from .attention import encoder_blocks  # here: attention loads open_clip, which a method lookup must not
+
     found = []
     for tower in TOWERS:
         prefix, blocks = encoder_blocks(model, tower)
