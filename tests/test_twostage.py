@@ -14,6 +14,7 @@ import lora_zoo as lz
 import lora_zoo.train as train
 import main
 from conftest import tiny_clip
+from datasets import write_synthetic_dataset
 from lora_zoo.config import TrainConfig
 from lora_zoo.scoring import ClassSet, text_features
 from lora_zoo.twostage import block_norms
@@ -176,9 +177,19 @@ ARGS = ["--method", "twostage", "--backbone", "tiny-clip", "--shots", "2", "--n_
         "--num_workers", "0", "--eval_batch_size", "16", "--quiet", "--checkpoint_every", "4"]
 
 
-def test_killed_after_the_switch_it_resumes_to_the_same_result_and_evaluates_again(data_root, tmp_path, capsys,
+@pytest.fixture(scope="module")
+def two_datasets(tmp_path_factory):
+    """The synthetic DTD of conftest and a synthetic EuroSAT to evaluate on (--eval_on)."""
+    root = tmp_path_factory.mktemp("two")
+    for dataset in ("dtd", "eurosat"):
+        write_synthetic_dataset(root, dataset, num_classes=4, train_per_class=4, val_per_class=2, test_per_class=4,
+                                image_size=32)
+    return root
+
+
+def test_killed_after_the_switch_it_resumes_to_the_same_result_and_evaluates_again(two_datasets, tmp_path, capsys,
                                                                                    monkeypatch):
-    args = ARGS + ["--root_path", data_root]
+    args = ARGS + ["--root_path", two_datasets]
     assert run(capsys, args + ["--output_dir", tmp_path / "whole"])[0] == 0
     original = train.training_step
 
@@ -200,6 +211,11 @@ def test_killed_after_the_switch_it_resumes_to_the_same_result_and_evaluates_aga
     assert whole["trainable_params"] == 4 * 2 * 2 * 128 + 4 * 2 * 2 * 64 + 4 * 64  # LayerNorms, then a 4 × 64 head
     code, err, out = run(capsys, args + ["--output_dir", tmp_path / "whole", "--eval_only"])
     assert code == 0 and f"top-1 {whole['accuracy']:.2f}%" in out, err
+    # another dataset's classes: no head rows, so the tuned encoder's text features (the run is not trained again)
+    assert run(capsys, args + ["--output_dir", tmp_path / "whole", "--eval_on", "eurosat"])[0] == 0
+    target = json.loads((tmp_path / "whole" / folder / "eval_on/eurosat.json").read_text())
+    assert target["classes"] == 4 and 0 <= target["accuracy"] <= 100
+    assert json.loads((tmp_path / "whole" / folder / "result.json").read_text())["final_loss"] == whole["final_loss"]
 
 
 def test_base_to_new_run_records_both_halves(data_root, tmp_path, capsys):
