@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Optional
 
 # the method modules (each registers its method with @register_method, presets and optimizer builders)
-from . import adalora, aira, clip_svd, dora, dylora, lora, lorafa, loraplus, nora, optim, pissa  # noqa: F401
-from . import twostage, vera  # noqa: F401
+from . import adalora, aira, clip_svd, dora, dylora, lora, lorafa, loraplus, maple, nora, optim  # noqa: F401
+from . import pissa, plot, twostage, vera  # noqa: F401
 from .registry import (MethodSpec, OptimizerSpec, lookup_method, lookup_optimizer, registered_methods,
                        registered_optimizers)
 

@@ -96,6 +96,9 @@ class TrainConfig(Options):
     warmup_epochs: Optional[int] = recipe_option(0, "epochs at the constant warmup_lr before the schedule starts "
                                                     "(epoch_cosine)")
     warmup_lr: Optional[float] = recipe_option(1e-5, "learning rate of the warm-up epochs")
+    schedule_cycles: Optional[int] = recipe_option(1, "consecutive equal parts of the run, each a training of its own: "
+                                                      "the schedule (warm-up included) and the optimizer's state "
+                                                      "start again at each (PLOT++'s two stages, two Dassl runs)")
     optimizer: Optional[str] = option(None, "optimizer builder: adamw, sgd, adam, loraplus, lorafa, ... (null: the "
                                             "method's)")
     optimizer_options: Optional[dict] = recipe_option({}, "options of the optimizer builder, e.g. lr_ratio for "
@@ -109,7 +112,7 @@ class TrainConfig(Options):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("n_iters", "batch_size", "epochs"):
+        for name in ("n_iters", "batch_size", "epochs", "schedule_cycles"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name, ok, need in (("lr", self.lr is None or self.lr > 0, "> 0"), ("lr_scale", self.lr_scale > 0, "> 0"),

@@ -9,8 +9,9 @@ finish. A request either trains (and resumes a killed run from its checkpoint) o
 finished run's adapters (``--eval_only``, an export, ``--eval_on`` targets not yet evaluated).
 
 What it promises:
-- bad input writes nothing: the data, the weights, the method's shapes and the export paths are
-  checked, and the zero-shot pass, decoding and calibration run, before the run folder exists;
+- bad input writes nothing: the data, the weights, the method's shapes, a learner's prompts of every
+  class and the export paths are checked, and the zero-shot pass, decoding and calibration run, before the
+  run folder exists;
 - one run, one owner: the folder is claimed (``runlock.claim``) before its log or checkpoint is
   opened; a run claimed by a live process elsewhere is ``RunClaimedError`` before any data is
   read (the command line skips it), a claim left by a killed process is taken over;
@@ -222,6 +223,8 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
         backbone = stages.build_model(cfg, device, check_options=request.adapt)
         model, classes = backbone.model, data.classes(backbone.tokenizer)
         scoring = stages.build_scoring(cfg, backbone, data.plan, workers)
+        for checked in (classes, *scoring.classes):  # a learner's prompts of every class fit its text tower
+            kind_of(cfg.method).check_classes(model, cfg.method, cfg.method_options, checked)
         subset = stages.train_subset_record(data.ds)
         record: dict[str, Any] = {"method": cfg.method, **method_record(cfg), "dataset": dataset_name(cfg),
                                   "shots": cfg.shots,

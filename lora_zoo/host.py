@@ -6,7 +6,6 @@ with ``available_cpus``), so it must stay cheap to import: the package versions 
 """
 from __future__ import annotations
 
-import importlib
 import os
 import platform
 import time
@@ -47,7 +46,11 @@ def cpus_busy_elsewhere(window: float = 0.3) -> float:
 
 def versions() -> dict[str, str]:
     """Versions of Python and of the packages a result depends on."""
-    found = {name: importlib.import_module(module).__version__
-             for name, module in (("torch", "torch"), ("torchvision", "torchvision"), ("open_clip", "open_clip"),
-                                  ("numpy", "numpy"))}
+    import numpy
+    import open_clip
+    import torch
+    import torchvision
+
+    found = {"torch": torch.__version__, "torchvision": torchvision.__version__, "open_clip": open_clip.__version__,
+             "numpy": numpy.__version__}
     return {"python": platform.python_version(), **found, "lora_zoo": __version__}

@@ -41,6 +41,10 @@ class Kind:
     merges = False            # has a weight update that merging and the exports fold into the weights
     caches_features = False   # trains on features of augmented views computed once (``features.py``)
 
+    def check_classes(self, model, method: str, options: Mapping[str, Any], classes: ClassSet) -> None:
+        """A one-line error when the method cannot score ``classes`` (a learner's prompts too long), before any
+        work; weight adapters score any classes."""
+
     def instead(self, method: str) -> str:
         """What to use instead of a merged or peft export, for a kind without a weight update."""
         return (f"{method} is a {self.name} method: it has no weight update to merge or export; evaluate the run "
@@ -126,6 +130,10 @@ class LearnerKind(Kind):
     def check_fits(self, model, method: str, options: Mapping[str, Any], encoders, targets, layers) -> None:
         spec, config, _ = method_options(method, options)
         spec.layer_class.check_fits(model, config)
+
+    def check_classes(self, model, method: str, options: Mapping[str, Any], classes: ClassSet) -> None:
+        spec, config, _ = method_options(method, options)
+        spec.layer_class.check_classes(model, config, classes)
 
     def install(self, model, method: str, options: Mapping[str, Any], *, classes: Optional[ClassSet] = None,
                 stats=None, support: Optional[Support] = None, **_) -> None:

@@ -87,6 +87,11 @@ class Learner(nn.Module, Scorer):
     def check_fits(cls, model: nn.Module, config: LearnerConfig) -> None:
         """A one-line error when ``config`` asks ``model`` for more than it has (before any work)."""
 
+    @classmethod
+    def check_classes(cls, model: nn.Module, config: LearnerConfig, classes: ClassSet) -> None:
+        """A one-line error when the learner cannot score ``classes`` on ``model`` (its prompts of their names
+        longer than the text context), before any work: a run checks its training and evaluated classes."""
+
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 

@@ -171,20 +171,4 @@ def build_optimizer(model: nn.Module, lr: float, *, weight_decay: float, betas: 
     stepper = ALGORITHMS[spec.algorithm](groups, lr, betas, weight_decay, spec.options(options), fused or None)
     if any("decay_to_init" in g for g in groups):
         stepper.register_step_pre_hook(decay_toward_init_hook(sources))
-    stepper.register_step_post_hook(count_steps)
     return stepper
-
-
-def count_steps(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Step post-hook: ``group["steps"] += 1`` of every group the step updated (saved with the optimizer's state,
-    so a checkpoint resumes it; ``train.optimizer_steps`` reads it: a step the GradScaler skips calls no hook);
-    under SGD also ``state["step"] += 1`` of every tensor it updated, as Adam keeps it."""
-    for group in optimizer.param_groups:
-        stepped = [param for param in group["params"] if param.grad is not None]
-        if stepped:
-            group["steps"] = group.get("steps", 0) + 1
-        if not isinstance(optimizer, torch.optim.SGD):
-            continue
-        for param in stepped:
-            state = optimizer.state[param]
-            state["step"] = state.get("step", 0) + 1

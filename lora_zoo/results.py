@@ -40,7 +40,7 @@ PROTOCOLS = ("fewshot", "base2new", "cross_dataset", "domain")
 MISSING = "—"  # a table cell without a run
 #: the loop settings records written before methods had recipes (lora_zoo 0.3) lack: what those runs used
 LOOP_BEFORE_RECIPES = {"recipe": "method", "epochs": None, "drop_last": False, "lr_schedule": "cosine",
-                       "warmup_epochs": 0, "warmup_lr": 1e-5}
+                       "warmup_epochs": 0, "warmup_lr": 1e-5, "schedule_cycles": 1}
 
 
 @dataclass(frozen=True)

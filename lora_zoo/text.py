@@ -17,17 +17,15 @@ model's own ``encode_text`` on the full context otherwise (e.g. ``CustomTextCLIP
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import nn
 
 
-@functools.lru_cache(maxsize=None)
-def _open_clip() -> tuple:
-    """open_clip's ``CLIP`` class and ``text_global_pool``, imported when first needed (a method module that scores
-    text, such as a learner's, is imported by every method lookup, which must not load open_clip)."""
+def _open_clip():
+    """open_clip's ``CLIP`` class and its text pooling, imported at first use: looking a method up (a learner
+    imports this module) loads no open_clip. ``(None, None)`` without it."""
     try:
         from open_clip.model import CLIP
         from open_clip.transformer import text_global_pool

@@ -151,13 +151,14 @@ class Loop:
     hooks: Any
     lr: float
     groups: list[dict[str, Any]]
+    restarts: tuple[int, ...] = ()   # iterations at which the optimizer's state starts again (``part_starts``)
 
 
 def epoch_cosine(config: TrainConfig, per_epoch: int, epochs: int, base_lr: float) -> Callable[[int], float]:
     """Dassl's schedule as a factor of ``base_lr`` at each iteration: the whole of each of the first
     ``warmup_epochs`` epochs at the constant ``warmup_lr``, then ``eta_min + (base - eta_min)·(1 + cos(π·(e −
     warmup_epochs)/epochs))/2`` for epoch ``e`` (0-based), stepped once per epoch (so the last epoch does not
-    reach ``eta_min``; docs/METHODS.md, "Recipes")."""
+    reach ``eta_min``; docs/METHODS.md, "Kinds of methods and their recipes")."""
     def factor(step: int) -> float:
         epoch = step // per_epoch
         if epoch < config.warmup_epochs:
@@ -167,35 +168,40 @@ def epoch_cosine(config: TrainConfig, per_epoch: int, epochs: int, base_lr: floa
     return factor
 
 
-def restarted_cosine(eta_min: float, base_lr: float, iterations: int, restarts: tuple[int, ...]
-                     ) -> Callable[[int], float]:
-    """The per-iteration cosine as a factor of ``base_lr``, started again from ``base_lr`` at each step of
-    ``restarts``: on a segment of ``length`` steps from ``start``, ``eta_min + (base - eta_min)·(1 + cos(π·(step −
-    start)/length))/2`` — what a new ``CosineAnnealingLR(T_max=length)`` gives (2SFS's second stage)."""
-    bounds = [0, *restarts, iterations]
+def cycle_starts(iterations: int, cycles: int) -> list[int]:
+    """The first iteration of each of ``cycles`` equal consecutive parts of a run (the last one takes the rest)."""
+    return [cycle * (iterations // cycles) for cycle in range(max(1, min(cycles, iterations)))]
 
-    def factor(step: int) -> float:
-        start, end = next((a, b) for a, b in zip(bounds, bounds[1:]) if step < b or b == iterations)
-        cosine = (1 + math.cos(math.pi * (step - start) / (end - start))) / 2
-        return (eta_min + (base_lr - eta_min) * cosine) / base_lr
-    return factor
+
+def part_starts(iterations: int, cycles: int, restarts: tuple[int, ...] = ()) -> list[int]:
+    """The first iteration of each part of a run: its ``cycles`` equal parts (``schedule_cycles``), each also cut at
+    the steps the method's hooks name (``TrainingHooks.restarts``: 2SFS's second stage)."""
+    return sorted(set(cycle_starts(iterations, cycles)) | {step for step in restarts if 0 < step < iterations})
+
+
+def cycle_factor(config: TrainConfig, per_epoch: int, length: int, base_lr: float) -> Callable[[int], float]:
+    """The schedule's factor of ``base_lr`` at each iteration of a part of ``length`` iterations."""
+    if config.lr_schedule == "constant":
+        return lambda step: 1.0
+    if config.lr_schedule == "cosine":  # CosineAnnealingLR's closed form
+        return lambda step: (config.eta_min + (base_lr - config.eta_min) * (1 + math.cos(math.pi * step / length)) / 2
+                             ) / base_lr
+    return epoch_cosine(config, per_epoch, max(1, -(-length // per_epoch)), base_lr)
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, iterations: int, per_epoch: int,
                  restarts: tuple[int, ...] = ()):
-    """The run's learning-rate schedule, stepped once per iteration (``TrainConfig.lr_schedule``); the cosine starts
-    again from the base lr at each step of ``restarts`` (the method's hooks say where: ``TrainingHooks.restarts``)."""
-    restarts = tuple(sorted({r for r in restarts if 0 < r < iterations}))
-    if config.lr_schedule == "cosine" and restarts:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, [
-            restarted_cosine(config.eta_min, group["lr"], iterations, restarts) for group in optimizer.param_groups])
-    if config.lr_schedule == "cosine":
+    """The run's learning-rate schedule, stepped once per iteration (``TrainConfig.lr_schedule``), started again at
+    each of ``schedule_cycles`` parts of the run and at each step of ``restarts`` (the method's hooks')."""
+    starts = part_starts(iterations, config.schedule_cycles or 1, restarts)
+    if len(starts) == 1 and config.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=config.eta_min)
-    if config.lr_schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    epochs = max(1, -(-iterations // per_epoch))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [epoch_cosine(config, per_epoch, epochs, group["lr"]) for group in optimizer.param_groups])
+    ends = starts[1:] + [iterations]
+
+    def cyclic(base_lr: float) -> Callable[[int], float]:
+        parts = [(start, cycle_factor(config, per_epoch, end - start, base_lr)) for start, end in zip(starts, ends)]
+        return lambda step: next((f(step - start) for start, f in reversed(parts) if step >= start), 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [cyclic(group["lr"]) for group in optimizer.param_groups])
 
 
 def build_loop(model: nn.Module, config: TrainConfig, iterations: int, device: torch.device, seed: int,
@@ -213,7 +219,9 @@ def build_loop(model: nn.Module, config: TrainConfig, iterations: int, device: t
     hooks = training_hooks(model, iterations, seed)
     scheduler = lr_scheduler(optimizer, config, iterations, per_epoch or iterations, hooks.restarts())
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    return Loop(optimizer, scheduler, scaler, hooks, lr, groups)
+    count_steps(optimizer)
+    return Loop(optimizer, scheduler, scaler, hooks, lr, groups,
+                tuple(part_starts(iterations, config.schedule_cycles or 1, hooks.restarts())[1:]))
 
 
 def check_finite_adapters(model: nn.Module, when: str) -> None:
@@ -240,12 +248,30 @@ def record_losses(pending: list[torch.Tensor], history: dict[str, list], first_s
     history["loss"].extend(values)
 
 
+STEPS_TAKEN = "steps_taken"  # the optimizer's first param group counts its steps: its state_dict keeps the count
+
+
+def count_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Count the steps ``optimizer`` takes (a step the GradScaler skips is not one), whatever its algorithm, in its
+    first param group, which a resumed run loads with the optimizer: not in its per-tensor state, which a new part
+    of the run (``schedule_cycles``) clears, and which SGD does not keep."""
+    optimizer.param_groups[0][STEPS_TAKEN] = 0
+
+    def counted(opt, args, kwargs):
+        group = opt.param_groups[0]
+        if STEPS_TAKEN in group:  # a checkpoint from before the count has none
+            found_inf = getattr(opt, "found_inf", None)  # a fused optimizer is always stepped and skips by itself
+            group[STEPS_TAKEN] = group[STEPS_TAKEN] + (1 if found_inf is None else (found_inf == 0).to(torch.int64))
+    optimizer.register_step_post_hook(counted)
+
+
 def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
-    """Steps the optimizer took (a step the GradScaler skips is not one): its groups' counts (``optim.count_steps``;
-    right when tensors train in turns, as 2SFS's two stages do), or AdamW's per-tensor counts (checkpoints written
-    before groups counted)."""
+    """Steps the optimizer took (a step the GradScaler skips is not one): its count (``count_steps``), else (a
+    checkpoint from before it) Adam's per-tensor count."""
+    if STEPS_TAKEN in optimizer.param_groups[0]:
+        return int(optimizer.param_groups[0][STEPS_TAKEN])
     counts = [int(state["step"]) for state in optimizer.state.values() if "step" in state]
-    return max(counts + [int(group.get("steps", 0)) for group in optimizer.param_groups], default=0)
+    return max(counts, default=0)
 
 
 def loss_entries(losses: list[float], log_every: int, iterations: int) -> list[tuple[int, float]]:
@@ -306,6 +332,8 @@ def train_adapters(model: nn.Module, loader: Iterable, classes, config: TrainCon
     started = time.perf_counter()
     for step in bar:
         inputs, labels = next(batches)
+        if step in loop.restarts:  # a new part of the run: a fresh optimizer, as a new Dassl run builds one
+            loop.optimizer.state.clear()
         lr_now = loop.optimizer.param_groups[0]["lr"]
         pending.append(training_step(model, inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True),
                                      classes, loop.optimizer, loop.hooks, step, device, precision, loop.scaler,

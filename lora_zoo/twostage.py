@@ -6,8 +6,8 @@ text_c)`` over the class prompts, text features recomputed every step. Stage 2 f
 linear head, one row per training class, initialised at the switch from the normalised text features of the
 class prompts as the stage-1 encoder computes them: ``logit_scale.exp() · cos(image, head_c)``, the image
 tower run without gradients. The switch comes after ``int(first_stage × iterations)`` iterations (0.6 of
-300 × shots); the cosine schedule starts again from the base lr there (``TwoStageHooks.restarts``), as their
-second optimizer does. Classes the head was not trained on (base-to-new's new classes, another dataset's
+300 × shots), where a new part of the run starts (``TwoStageHooks.restarts``): the cosine from the base lr
+again and a fresh optimizer state, as their second optimizer and scheduler are. Classes the head was not trained on (base-to-new's new classes, another dataset's
 with ``--eval_on``) are scored with fresh text features of the tuned encoder, the trained ones with their rows.
 
 Which LayerNorms: ``ln_1`` and ``ln_2`` of every residual block of both towers. Their selection code also lists
@@ -98,7 +98,7 @@ class Classifier(NamedTuple):
 
 
 class TwoStageHooks(TrainingHooks):
-    """Switches the learner to stage 2 at ``int(first_stage × iterations)``, where the cosine restarts."""
+    """Switches the learner to stage 2 at ``int(first_stage × iterations)``, where a new part of the run starts."""
 
     options_class = TwoStageOptions
 

@@ -140,9 +140,10 @@ def timed(fn, device) -> float:
 
 
 def run_benchmark(model_name="ViT-B-16", batch=4, classes=10, image_size=None, device="cpu", reps=5,
-                  amp=False, methods=None, threads=None, log=print, dropout=None) -> dict:
+                  amp=False, methods=None, threads=None, log=print, dropout=None, options=None) -> dict:
     """Measure every method; returns ``{"setup": ..., "rows": [...]}`` (one row per variant). ``dropout``: the
-    adapter-input dropout of every method that has one, instead of its default (what dropout costs)."""
+    adapter-input dropout of every method that has one, instead of its default (what dropout costs);
+    ``options``: ``{method: {option: value}}`` instead of its defaults (MaPLe's depth on a 2-block model)."""
     device = torch.device(device)
     prepare_device(device)  # as the runner does (flushes CPU denormals)
     if threads:
@@ -163,7 +164,7 @@ def run_benchmark(model_name="ViT-B-16", batch=4, classes=10, image_size=None, d
 
     nora = lz.build_config("nora")  # the like-for-like LoRA: NoRA's inner rank and dropout
     specs = [(FROZEN, None, {}), (f"lora r={nora.inner_rank}", "lora", {"rank": nora.inner_rank, "dropout": nora.dropout})]
-    specs += [(m, m, {}) for m in (methods or lz.list_methods())]
+    specs += [(m, m, dict((options or {}).get(m, {}))) for m in (methods or lz.list_methods())]
     if dropout is not None:
         specs = [(name, m, {**o, "dropout": dropout} if m and hasattr(lz.build_config(m), "dropout") else o)
                  for name, m, o in specs]
@@ -267,6 +268,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dropout", type=float, default=None,
                         help="adapter-input dropout of every method that has one (default: each method's own)")
+    parser.add_argument("--options", nargs="*", default=[], metavar="METHOD.OPTION=VALUE",
+                        help="a method's option instead of its default, e.g. maple.depth=6 (--quick: those the tiny "
+                             "model needs, bench_pipeline.TINY_OPTIONS)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 repetitions (seconds)")
     args = parser.parse_args(argv)
@@ -276,11 +280,16 @@ def main(argv=None):
     unknown = sorted(set(args.methods or []) - set(lz.list_methods()))
     if unknown:
         parser.error(f"unknown method {unknown[0]}; expected some of {', '.join(lz.list_methods())}")
+    try:
+        options = pipeline.method_options([*(pipeline.TINY_OPTIONS if args.quick else ()), *args.options])
+    except ValueError as err:
+        parser.error(f"--options: {err}")
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     result = {}
     if args.part in ("methods", "all"):
         result = run_benchmark(args.model, args.batch, classes, args.image_size, args.device, args.reps,
-                               args.amp, args.methods, args.threads, log=log, dropout=args.dropout)
+                               args.amp, args.methods, args.threads, log=log, dropout=args.dropout,
+                               options=options)
         print(markdown(result))
     if args.part in ("pipeline", "all"):
         result["pipeline"] = run_pipeline(args, classes, log)

@@ -44,6 +44,25 @@ WORDS = ("red", "spotted", "garden", "lizard", "apple", "pie", "baby", "back", "
          "brown", "bread", "pudding", "golden", "eagle", "stone", "bridge", "mountain", "bike", "frozen", "yogurt")
 
 
+#: options a method needs on the tiny backbones (``--quick``, ``--tiny``): tiny-vit's towers have 2 blocks, MaPLe's
+#: default depth is 9 (ViT-B-16 has 12)
+TINY_OPTIONS = ("maple.depth=2",)
+
+
+def method_options(items) -> dict:
+    """``{method: {option: value}}`` from ``METHOD.OPTION=VALUE`` items (values read as YAML); ValueError otherwise."""
+    import yaml
+
+    options: dict = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        method, _, name = key.partition(".")
+        if not (method and name and value):
+            raise ValueError(f"expected METHOD.OPTION=VALUE, got {item!r}")
+        options.setdefault(method, {})[name] = yaml.safe_load(value)
+    return options
+
+
 def class_names(count: int) -> list[str]:
     """``count`` distinct names of one to three words, deterministic (a stand-in for a dataset's classes)."""
     rng = np.random.default_rng(0)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu_check_e2e as e2e  # noqa: E402
 import lora_zoo as lz  # noqa: E402
-from bench_pipeline import class_names  # noqa: E402
+from bench_pipeline import TINY_OPTIONS, class_names, method_options  # noqa: E402
 from lora_zoo.config import TrainConfig  # noqa: E402
 from lora_zoo.files import atomic_write  # noqa: E402
 from lora_zoo.models import TINY_CONFIGS, build_clip  # noqa: E402
@@ -82,7 +82,7 @@ ADAMW = TrainConfig().resolved()  # weight_decay and betas: the protocol's AdamW
 class Variant:
     """One row: a copy of the split base model on the device with a method's adapters (or frozen)."""
 
-    def __init__(self, method, base, device, images, labels, classes, steps: int, amp: bool):
+    def __init__(self, method, base, device, images, labels, classes, steps: int, amp: bool, options=None):
         self.model = copy.deepcopy(base).to(device)
         self.inputs = images
         if method is None:  # the frozen bound: gradients reach every activation, no weight gets one
@@ -93,7 +93,7 @@ class Variant:
         else:
             stats = (lz.collect_activation_stats(self.model, image_batches=[images], text_batches=[classes.tokens])
                      if lz.build_config(method).needs_calibration else None)
-            self.inputs = apply_method_on_batch(self.model, method, classes, images, labels, stats)
+            self.inputs = apply_method_on_batch(self.model, method, classes, images, labels, stats, **(options or {}))
             self.optimizer = lz.build_optimizer(self.model, lr=lz.get_method(method).lr, weight_decay=ADAMW.weight_decay,
                                                 betas=ADAMW.betas)  # the method's builder, the protocol's AdamW
             self.hooks = lz.training_hooks(self.model, steps)
@@ -152,7 +152,8 @@ def methods_section(args, device, amp: bool, log) -> list[dict]:
     for name, method in [(FROZEN, None)] + [(m, m) for m in lz.list_methods()]:
         fresh_memory(device)
         log(f"methods: {name}")
-        variant = Variant(method, base, device, images, labels, classes, args.skip_steps, amp)
+        variant = Variant(method, base, device, images, labels, classes, args.skip_steps, amp,
+                          args.method_options.get(method))
         row = measure(variant, (images, labels, classes), device, amp, args.warmup, args.timed, args.skip_steps)
         rows.append({"method": name, **row, "images_per_s": 1000 * args.batch / row["step_ms"]})
         del variant
@@ -272,6 +273,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--data", type=Path, default=None, help="folder for the synthetic dataset (default: temporary)")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables to this file")
+    parser.add_argument("--options", nargs="*", default=[], metavar="METHOD.OPTION=VALUE",
+                        help="a method's option instead of its default (--tiny: those the tiny model needs, "
+                             "bench_pipeline.TINY_OPTIONS)")
     args = parser.parse_args(argv)
     if args.tiny:
         explicit = {a.split("=")[0].lstrip("-") for a in (argv if argv is not None else sys.argv[1:])}
@@ -292,6 +296,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--device {args.device}: CUDA is not available (use --device cpu)")
     if args.out is not None and (args.out.is_dir() or not args.out.parent.is_dir()):
         parser.error(f"--out {args.out}: expected a file in an existing folder")
+    try:
+        args.method_options = method_options([*(TINY_OPTIONS if args.tiny else ()), *args.options])
+    except ValueError as err:
+        parser.error(f"--options: {err}")
     if args.workers is None:
         args.workers = min(8, available_cpus()) if args.device.startswith("cuda") else 0
     return args

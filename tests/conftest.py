@@ -112,3 +112,18 @@ class FixedDropout(nn.Module):
 
     def forward(self, x):
         return x * self.mask if self.training else x
+
+
+def cli(capsys, *args) -> tuple[int, str]:
+    """``main.py ARGS`` in this process: (exit code, what it printed on stderr)."""
+    from lora_zoo.cli import run
+
+    capsys.readouterr()
+    code = run([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    """The one line ``err`` holds (it must hold exactly one)."""
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    return err[:-1]

@@ -73,11 +73,25 @@ def dora_count(adapter):  # LoRA plus the magnitude vector
     return lora_count(adapter) + adapter.out_features
 
 
+def widths(model):
+    """(text width, vision width) of the towers prompt learners put tokens into."""
+    return model.token_embedding.weight.shape[1], model.visual.transformer.width
+
+
+def maple_count(depth, n_ctx):  # per depth: a text prompt and its coupling Linear (text → vision)
+    return lambda model: depth * (n_ctx * widths(model)[0] + (widths(model)[0] + 1) * widths(model)[1])
+
+
+def plot_count(n_text, n_ctx, n_visual, visual_tokens):  # N text contexts of the template's n words, M visual sets
+    return lambda model: n_text * n_ctx * widths(model)[0] + n_visual * visual_tokens * widths(model)[1]
+
+
 def svd_count(adapter):  # CLIP-SVD: one singular value per direction
     return min(adapter.in_features, adapter.out_features)
 
 
 WEIGHTS = dict(kind="weights", mergeable=True, rank="rank")
+PROMPTS = dict(kind="prompts", preserves=False, mergeable=False, rank=None, export=dict(refused="no weight update"))
 
 CASES = {
     "lora": dict(WEIGHTS, options=dict(rank=4, alpha=8), preserves=True, count=per_adapter(lora_count),
@@ -151,6 +165,10 @@ CASES = {
                  export=dict(form="dora", ranks={4}), precision={}),
     "pissa": dict(WEIGHTS, options=dict(rank=4), preserves=True, count=per_adapter(lora_count),
                   export=dict(form="lora", ranks={8}), precision={}),  # residual: 2r
+    # tiny-vit's towers have 2 blocks: prompts at the input and in block 1
+    "maple": dict(PROMPTS, options=dict(depth=2), count=maple_count(2, 2), precision={}),
+    # CLASSES name no dataset: their generic templates, 4 words each
+    "plot": dict(PROMPTS, options=dict(n_visual=2), count=plot_count(4, 4, 2, 2), precision={}),
     # every singular value of each layer trains: min(d_in, d_out) per layer, and the export carries a full-rank update
     "clip_svd": dict(WEIGHTS, options=dict(), preserves=True, count=per_adapter(svd_count), rank=None,
                      export=dict(form="lora", ranks={64}), precision={}),

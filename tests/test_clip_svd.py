@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_zoo as lz
-import main
-from conftest import tiny_clip
+from conftest import cli, one_line, tiny_clip
 from datasets import write_synthetic_dataset
 from lora_zoo.clip_svd import ALL_TARGETS
 from lora_zoo.config import load_config
@@ -122,11 +121,6 @@ def test_recipe_targets_and_template_are_the_official_ones_unless_given():
         assert b2n.iterations(24 * 16) == epochs * 12  # epochs of ceil(384 / 32) batches
 
 
-def run(capsys, argv):
-    code = main.run([str(a) for a in argv])
-    return code, capsys.readouterr().err.strip().splitlines()
-
-
 RUN = ["--backbone", "tiny-clip", "--shots", "2", "--batch_size", "4", "--num_workers", "0", "--eval_batch_size", "16",
        "--quiet"]
 
@@ -137,8 +131,8 @@ def test_few_shot_run_evaluated_on_another_dataset_and_a_base_to_new_run(tmp_pat
         write_synthetic_dataset(root, dataset, num_classes=4, train_per_class=4, val_per_class=2, test_per_class=4,
                                 image_size=32)
     out = tmp_path / "out"
-    code, err = run(capsys, ["--method", "clip_svd", "--root_path", root, "--output_dir", out, *RUN, "--n_iters", "2",
-                             "--eval_on", "eurosat"])
+    code, err = cli(capsys, "--method", "clip_svd", "--root_path", root, "--output_dir", out, *RUN, "--n_iters", "2",
+                    "--eval_on", "eurosat")
     assert code == 0, err
     folder = out / "tiny-clip/dtd/2shots/seed1/clip_svd"
     result = json.loads((folder / "result.json").read_text())
@@ -147,8 +141,8 @@ def test_few_shot_run_evaluated_on_another_dataset_and_a_base_to_new_run(tmp_pat
     assert result["iterations"] == 4 and result["merged"] is True and result["display_name"] == "CLIP-SVD"
     target = json.loads((folder / "eval_on/eurosat.json").read_text())
     assert 0 <= target["accuracy"] <= 100 and target["classes"] == 4
-    code, err = run(capsys, ["--method", "clip_svd_b2n", "--root_path", root, "--output_dir", out, *RUN,
-                             "--protocol", "base2new"])
+    code, err = cli(capsys, "--method", "clip_svd_b2n", "--root_path", root, "--output_dir", out, *RUN,
+                    "--protocol", "base2new")
     assert code == 0, err
     b2n = json.loads((out / "tiny-clip/dtd/base2new/2shots/seed1/clip_svd_b2n/result.json").read_text())
     assert (b2n["config"]["train"]["lr"], b2n["iterations"], b2n["config"]["template"]) == (4e-4, 20, "default")
@@ -161,6 +155,6 @@ def test_few_shot_run_evaluated_on_another_dataset_and_a_base_to_new_run(tmp_pat
     (["--set", "method_options.rank=4"], "unknown option(s) rank for method clip_svd"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(argv, message, data_root, tmp_path, capsys):
-    code, err = run(capsys, ["--method", "clip_svd", "--root_path", data_root, "--output_dir", tmp_path, *RUN, *argv])
-    assert code == 1 and len(err) == 1 and message in err[0], err
+    code, err = cli(capsys, "--method", "clip_svd", "--root_path", data_root, "--output_dir", tmp_path, *RUN, *argv)
+    assert code == 1 and message in one_line(err)
     assert not any(tmp_path.iterdir())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from open_clip import SimpleTokenizer
 
 import lora_zoo
 import main
@@ -341,10 +342,12 @@ def test_readme_library_api_block_runs(tmp_path, monkeypatch, images, texts):
     loading = 'open_clip.create_model("ViT-B-16", pretrained="openai")'
     assert loading in block
     monkeypatch.chdir(tmp_path)
-    scope = {"nn": torch.nn, "images": images, "tokens": texts, "fresh_model": tiny_clip(seed=0)}
+    scope = {"nn": torch.nn, "images": images, "tokens": texts, "fresh_model": tiny_clip(seed=0),
+             "names": ["dog", "red car", "cat"], "tokenizer": SimpleTokenizer(context_length=32)}
     exec(compile(block.replace(loading, "tiny_clip(seed=0)"), "README.md", "exec"), {"tiny_clip": tiny_clip, **scope},
          scope)
     ranks = scope["lz"].layer_ranks(scope["model"])
     assert scope["adapter"].config.rank == 4 and sum(ranks.values()) == 8 * len(ranks)  # AIRA keeps the budget
     assert scope["lz"].count_trainable(scope["fresh_model"]) == scope["lz"].count_trainable(scope["model"]) > 0
     assert (tmp_path / "run" / "adapters.json").is_file()
+    assert scope["logits"].shape == (len(images), 3) and scope["logits"].isfinite().all()  # any kind's scorer

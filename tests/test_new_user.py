@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import lora_zoo as lz
+from conftest import cli, one_line
 from lora_zoo.checkpoint import RECORD_DIGEST, config_path
 from lora_zoo.cli import run
 from lora_zoo.files import sha256_json
@@ -25,18 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "tiny-vit", "--shots", "1", "--batch_size", "4", "--num_workers", "0", "--eval_batch_size", "16",
         "--n_iters", "2", "--quiet"]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def cli(capsys, *args) -> tuple[int, str]:
-    """``main.py ARGS`` in this process: (exit code, what it printed on stderr)."""
-    capsys.readouterr()
-    code = run([str(a) for a in args])
-    return code, capsys.readouterr().err
-
-
-def one_line(err: str) -> str:
-    assert err.count("\n") == 1 and err.endswith("\n"), err
-    return err[:-1]
 
 
 def run_folder(out, dataset="dtd", leaf="lora") -> Path:

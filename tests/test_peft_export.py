@@ -30,7 +30,7 @@ from safetensors.torch import load_file  # noqa: E402
 import lora_zoo as lz  # noqa: E402
 from conftest import tiny_clip  # noqa: E402
 from lora_zoo.hf_clip import hf_clip_state_dict, to_hf_clip  # noqa: E402
-from method_cases import CASES, apply_case, cases_with, column, method_of, missing_rows  # noqa: E402
+from method_cases import CASES, CLASSES, LABELS, apply_case, cases_with, column, method_of, missing_rows  # noqa: E402
 from lora_zoo.models import TINY_CONFIGS  # noqa: E402
 from lora_zoo.peft_export import CONFIG_NAME, WEIGHTS_NAME, export_peft, hf_module_name  # noqa: E402
 
@@ -49,6 +49,17 @@ def test_every_method_has_a_row():
     assert {method_of(c) for c in cases_with("export")} == set(lz.list_methods())  # each export is tested
 
 
+def objective(model, images, texts):
+    """A random objective on both towers; for a method without a weight update (a learner, whose tensors the
+    towers alone never reach), plus its classifier's cross-entropy."""
+    loss = (model.encode_image(images) @ model.encode_text(texts).t()).pow(2).mean()
+    if not lz.kind_of(model).merges:
+        scorer = lz.scorer_of(model)
+        logits = scorer.logits(model, scorer.inputs(model, images), scorer.class_state(model, CLASSES))
+        loss = loss + torch.nn.functional.cross_entropy(logits, LABELS[:len(images)])
+    return loss
+
+
 def train_steps(model, images, texts, steps=3):
     """A few AdamW steps of the method's optimizer and schedule on a random objective (as test_architecture)."""
     optimizer = lz.build_optimizer(model, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.999))
@@ -56,7 +67,7 @@ def train_steps(model, images, texts, steps=3):
     model.train()
     for step in range(steps):
         hooks.before_forward(step)
-        loss = (model.encode_image(images) @ model.encode_text(texts).t()).pow(2).mean() + hooks.regularizer()
+        loss = objective(model, images, texts) + hooks.regularizer()
         optimizer.zero_grad()
         loss.backward()
         hooks.after_backward(step)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import cli, one_line
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -28,7 +30,6 @@ import lora_zoo.experiment
 import lora_zoo.stages
 from datasets import build_dataset, write_synthetic_dataset
 from datasets.scenes import write_task
-from lora_zoo.cli import run
 from lora_zoo.runlock import claimed_by
 from scripts import make_table, sweep
 
@@ -38,18 +39,6 @@ TINY = ["--backbone", "tiny-vit", "--shots", "1", "--batch_size", "4", "--num_wo
         "--quiet"]
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) [\w.]+: \S.*")
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def cli(capsys, *args) -> tuple[int, str]:
-    """``main.py ARGS`` in this process: (exit code, what it printed on stderr)."""
-    capsys.readouterr()
-    code = run([str(a) for a in args])
-    return code, capsys.readouterr().err
-
-
-def one_line(err: str) -> str:
-    assert err.count("\n") == 1 and err.endswith("\n"), err
-    return err[:-1]
 
 
 def result(folder: Path) -> dict:

@@ -118,3 +118,22 @@ def test_merge_export_and_checkpoint_loading_agree_through_apply_delta(biased, c
     assert all(a.merged for a in lz.adapter_modules(merged).values())
     for ours, reference in zip(outputs(merged, images, texts), unmerged):
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_a_merge_that_would_make_a_weight_non_finite_changes_nothing(images, texts):
+    """Safe merge, as peft's ``safe_merge``: the sums are computed into new tensors and committed only when finite.
+    An fp16 model whose update overflows fp16 (65504) is refused with the weights and the merged flag unchanged."""
+    from lora_zoo.errors import NonFiniteError
+
+    model = tiny_clip()
+    adapters = lz.apply_adapters(model, "lora", targets=("v",), rank=2, dropout=0.0)
+    model.half()
+    adapter = adapters["visual.transformer.resblocks.0.attn.v"]
+    with torch.no_grad():
+        adapter.lora_B.fill_(1e4)  # ΔW = (1/√2) · B A: every entry 0.707 · 2 · 1e4 · 10 ≈ 1.4e5 > fp16 max
+        adapter.lora_A.fill_(10.0)
+    before = {n: a.base_layer.weight.clone() for n, a in adapters.items()}
+    with pytest.raises(NonFiniteError, match="left unchanged"):
+        lz.merge_adapters(model)
+    assert not adapter.merged
+    assert all(torch.equal(a.base_layer.weight, before[n]) for n, a in adapters.items())
