@@ -29,7 +29,10 @@ def test_quick_benchmark_covers_every_method(tmp_path):
     assert rows["nora"]["trainable"] == 12 * 2 * 51 * 16
     for name, row in rows.items():
         assert row["step_s"] > 0 and row["step_vs_frozen"] > 0
-        assert row["saved_activation_bytes"] >= frozen["saved_activation_bytes"] > 0
+        # the frozen bound trains the positional embeddings; tuned backbone tensors (2SFS's first stage: the blocks'
+        # LayerNorms) need nothing saved before block 0, 18 kB less on tiny-vit
+        tensors = name not in ("frozen", "lora r=16") and lz.kind_of(name).name == "tensors"
+        assert row["saved_activation_bytes"] >= (0.99 if tensors else 1) * frozen["saved_activation_bytes"] > 0
         if name != "frozen":
             assert row["adapter_bytes"] > 0 and row["trainable"] > 0
             if name == "lora r=16" or lz.kind_of(name).merges:
