@@ -109,9 +109,11 @@ def test_recipe_targets_and_template_are_the_official_ones_unless_given():
     assert cfg.targets == ALL_TARGETS and cfg.template == "dataset" and cfg.train.lr == 5e-4
     assert (cfg.train.n_iters, cfg.iterations(40), cfg.train.batch_size, cfg.train.weight_decay, cfg.train.eta_min,
             cfg.train.lr_schedule) == (200, 800, 32, 0.01, 1e-6, "cosine")
+    clip_lora = load_config(overrides={"method": "clip_svd", "backbone": "tiny-vit", "recipe": "clip_lora"})
+    assert clip_lora.train.n_iters == 500 and clip_lora.targets == ALL_TARGETS  # run defaults are not the loop's
     given = load_config(overrides={"method": "clip_svd", "backbone": "tiny-vit", "targets": "q,v",
-                                   "template": "default", "recipe": "clip_lora"})
-    assert given.targets == ("q", "v") and given.template == "default" and given.train.n_iters == 500
+                                   "template": "default"})
+    assert given.targets == ("q", "v") and given.template == "default"
     lora = load_config(overrides={"method": "lora", "backbone": "tiny-vit"})
     assert lora.targets == ("q", "k", "v") and lora.template is None  # methods without run defaults: as before
     for dataset, epochs, template in (("dtd", 20, "default"), ("food101", 10, "dataset")):
