@@ -69,12 +69,14 @@ class CocoopLearner(ContextLearner):
         return self.config.ctx_init or super().prefix(classes)
 
     @classmethod
-    def check_fits(cls, model, config: CocoopConfig, classes=()) -> None:
+    def check_fits(cls, model, config: CocoopConfig) -> None:
         check_context(model, config.context_tokens, cls.method_name)
+
+    @classmethod
+    def check_classes(cls, model, config: CocoopConfig, classes, training) -> None:
         prefix = config.ctx_init or " ".join(["X"] * config.context_tokens)
-        for scored in classes:
-            check_prompts_fit(scored, prefix, config.context_tokens, int(model.positional_embedding.shape[0]),
-                              cls.method_name)
+        check_prompts_fit(classes, prefix, config.context_tokens, int(model.positional_embedding.shape[0]),
+                          cls.method_name)
 
     def meta_shift(self, features: torch.Tensor) -> torch.Tensor:
         """The meta-net's shift of the context for each normalised image feature, ``B × width``."""

@@ -8,15 +8,16 @@ Each setting has one home, its dataclass field (default and help text):
 - ``ExperimentConfig``: method and its options, data, backbone, targets, evaluation,
   outputs, with ``train`` holding a ``TrainConfig``;
 - a method's options: its layer config and schedule options (``registry.MethodSpec``);
+- a method's defaults of the others: its recipe fills the ``TrainConfig`` fields made with ``recipe_option``
+  and its ``run_defaults`` the ``ExperimentConfig`` fields made with ``method_default`` (targets, template:
+  CLIP-SVD adapts every linear of a block), each only where the run left it null;
 - an optimizer builder's options: its ``options_class`` (``optim.py``).
 
-``load_config(yaml_paths, overrides)`` layers YAML files and overrides over the
-defaults. Keys are flat: the name of an ``ExperimentConfig`` or ``TrainConfig``
-field (``lr``, ``shots``), ``method_options.<name>`` and
-``optimizer_options.<name>`` (or those two as mappings). An unknown key, or a
-value of the wrong type, is a one-line error naming it and where it came from:
-``collect_values`` remembers the file that set each key (``ConfigValues``), and
-``build_config`` adds it to an error about a value a file set.
+``load_config(yaml_paths, overrides)`` layers YAML files and overrides over the defaults. Keys are flat: the
+name of an ``ExperimentConfig`` or ``TrainConfig`` field (``lr``, ``shots``), ``method_options.<name>`` and
+``optimizer_options.<name>`` (or those two as mappings). An unknown key, or a value of the wrong type, is a
+one-line error naming it and where it came from: ``collect_values`` remembers the file that set each key
+(``ConfigValues``), and ``build_config`` adds it to an error about a value a file set.
 """
 from __future__ import annotations
 
@@ -42,6 +43,14 @@ def recipe_option(fallback, help: str):
     it from the recipe, else ``fallback`` (CLIP-LoRA's protocol, the LoRA family's recipe)."""
     return dataclasses.field(default=None, metadata={"help": f"{help} (null: the method's recipe, else {fallback!r})",
                                                      "affects_result": True, "fallback": fallback})
+
+
+def method_default(fallback, help: str):
+    """A run setting a method may default (``MethodSpec.run_defaults``): None until the run's config resolves it
+    from the method, else ``fallback``. Unlike a recipe's loop settings, ``recipe: clip_lora`` keeps them."""
+    return dataclasses.field(default=None, metadata={"help": f"{help} (null: the method's default, else {fallback!r})",
+                                                     "affects_result": True, "fallback": fallback,
+                                                     "method_default": True})
 
 
 def batches_per_epoch(size: int, batch_size: int, drop_last: bool) -> int:
@@ -155,10 +164,12 @@ class ExperimentConfig(Options):
     pretrained: Optional[str] = option("openai", "open_clip pretrained tag ('none': random init)")
     method_options: dict = option({}, "the method's options (layer and schedule)")
     encoders: tuple[str, ...] = option(("vision", "text"), "towers to adapt: vision,text")
-    targets: tuple[str, ...] = option(("q", "k", "v"), "linears to adapt in each block: q,k,v,o,fc1,fc2")
+    targets: Optional[tuple[str, ...]] = method_default(("q", "k", "v"), "linears to adapt in each block: "
+                                                                          "q,k,v,o,fc1,fc2")
     layers: Optional[tuple[int, ...]] = option(None, "block indices to adapt (null or 'all': every block)")
-    template: Optional[str] = option(None, "prompt template with one {} for the class name, or 'dataset' (the "
-                                           "dataset's own CoOp template); null: 'a photo of a {}.'")
+    template: Optional[str] = method_default(None, "prompt template with one {} for the class name, 'dataset' (the "
+                                                   "dataset's own CoOp template) or 'default' ('a photo of a {}.', "
+                                                   "also what null comes to)")
     num_workers: Optional[int] = option(None, "data loader workers (null: 0 on CPU, else min(8, CPUs))",
                                         affects_result=False)
     threads: Optional[int] = option(None, "CPU intra-op threads (null: OMP_NUM_THREADS, else the cores other "
@@ -207,7 +218,6 @@ class ExperimentConfig(Options):
         if self.run_name is not None and not RUN_NAME.fullmatch(self.run_name):
             raise ValueError(f"run_name must be 1-120 characters of letters, digits and . _ = , + - "
                              f"(it becomes part of a folder name), got {self.run_name!r}")
-        self.encoders, self.targets = check_targets(self.encoders, self.targets)
         if self.backbone not in list_backbones():
             raise ValueError(f"unknown backbone {self.backbone!r}; expected an open_clip model name "
                              "(open_clip.list_models(), e.g. ViT-B-16) or a tiny-* backbone")
@@ -216,13 +226,15 @@ class ExperimentConfig(Options):
         from datasets.registry import get_spec as dataset_spec
 
         dataset_spec(self.dataset)                             # unknown dataset → one line listing names
-        if self.template is not None:
-            check_template(self.template)
         # unknown method / bad option → one line; resolved once, carried here for every stage (with the defaults
         # the method takes from the run's shots and dataset: ProGrad's λ)
         self.method_options = {**get_method(self.method).run_options(self.shots, self.dataset), **self.method_options}
         self.method_spec, self.method_config, self.hooks_options = method_options(self.method, self.method_options)
         spec = self.method_spec
+        self._resolve_method_defaults(spec.run_settings(self.shots, self.dataset))
+        self.encoders, self.targets = check_targets(self.encoders, self.targets)
+        if self.template is not None:
+            check_template(self.template)
         self.train = self.train.resolved(spec.recipe_settings(self.shots, self.dataset), lr=spec.lr)
         if self.train.precision is None:  # resolved here: the setting a run records, compares and resumes
             self.train = dataclasses.replace(self.train, precision=default_precision(self.device))
@@ -231,6 +243,16 @@ class ExperimentConfig(Options):
         get_optimizer(self.optimizer).options(self.train.optimizer_options)
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
+
+    def _resolve_method_defaults(self, defaults: Mapping[str, Any]) -> None:
+        """Each ``method_default`` setting left null: the method's default, else the setting's fallback."""
+        settable = {f.name: f for f in dataclasses.fields(self) if f.metadata.get("method_default")}
+        unknown = sorted(set(defaults) - set(settable))
+        if unknown:
+            raise ValueError(f"method {self.method} defaults unknown run setting(s) {', '.join(unknown)}")
+        for name, f in settable.items():
+            if getattr(self, name) is None:
+                setattr(self, name, defaults.get(name, f.metadata["fallback"]))
 
     @property
     def optimizer(self) -> str:

@@ -69,15 +69,17 @@ class CoopLearner(ContextLearner):
         return self.config.ctx_init or super().prefix(classes)
 
     @classmethod
-    def check_fits(cls, model, config: CoopConfig, classes=()) -> None:
+    def check_fits(cls, model, config: CoopConfig) -> None:
         check_context(model, config.context_tokens, cls.method_name)
+
+    @classmethod
+    def check_classes(cls, model, config: CoopConfig, classes, training) -> None:
         prefix = config.ctx_init or " ".join(["X"] * config.context_tokens)
-        for scored in classes:
-            check_prompts_fit(scored, prefix, config.context_tokens, int(model.positional_embedding.shape[0]),
-                              cls.method_name)
-            if config.csc and tuple(scored.names) != tuple(classes[0].names):
-                raise ValueError(f"{cls.method_name} with csc learns one context per training class: it cannot "
-                                 "score other classes (base-to-new's new classes, --eval_on datasets)")
+        check_prompts_fit(classes, prefix, config.context_tokens, int(model.positional_embedding.shape[0]),
+                          cls.method_name)
+        if config.csc and tuple(classes.names) != tuple(training.names):
+            raise ValueError(f"{cls.method_name} with csc learns one context per training class: it cannot "
+                             "score other classes (base-to-new's new classes, --eval_on datasets)")
 
 
 # the NoRA paper's Table 2 rows: CoOp's two published settings

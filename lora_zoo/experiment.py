@@ -220,13 +220,13 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
         log = stack.enter_context(RunLog())
         stages.seed_everything(cfg.seed)
         data = stages.prepare_data(cfg, request.targets)
-        backbone = stages.build_model(cfg, device, check_options=request.adapt, data=data)
+        backbone = stages.build_model(cfg, device, check_options=request.adapt)
         model, classes = backbone.model, data.classes(backbone.tokenizer)
         if request.adapt:
             stages.check_task(cfg, model, data.ds, device)
         scoring = stages.build_scoring(cfg, backbone, data.plan, workers)
         for checked in (classes, *scoring.classes):  # a learner's prompts of every class fit its text tower
-            kind_of(cfg.method).check_classes(model, cfg.method, cfg.method_options, checked)
+            kind_of(cfg.method).check_classes(model, cfg.method, cfg.method_options, checked, classes)
         subset = stages.train_subset_record(data.ds)
         record: dict[str, Any] = {"method": cfg.method, **method_record(cfg), "dataset": dataset_name(cfg),
                                   "shots": cfg.shots,

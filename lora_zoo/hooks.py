@@ -11,6 +11,10 @@ The loop (``train.py``) calls, for every method:
         optimizer.step(); hooks.after_step(step)        # e.g. AdaLoRA: importance from θ_{t+1}·g_t, budget at t
     hooks.finish(); hooks.summary()                     # e.g. final ranks, recorded in the results
 
+The schedule is built after the hooks: ``hooks.restarts()`` names steps where a new part of the run starts,
+as a ``schedule_cycles`` part does: the schedule from the base lr again and a fresh optimizer state (2SFS's
+second stage, at 60% of the run: ``train.part_starts``).
+
 A method registers its schedule class with ``@register_method(..., hooks=Cls)``.
 The class is built as ``Cls(model, total_steps, seed, options)``: ``seed`` is the
 run's seed (a sampler's generator is seeded from it) and ``options`` an instance
@@ -46,6 +50,11 @@ class TrainingHooks:
 
     def after_step(self, step: int) -> None:
         pass
+
+    def restarts(self) -> tuple[int, ...]:
+        """Steps at which a new part of the run starts: the schedule again from the base lr, a fresh optimizer
+        state (2SFS's second stage, a new optimizer in their code)."""
+        return ()
 
     def finish(self) -> None:
         """Called once after the last step (e.g. to restore full rank for evaluation)."""

@@ -82,12 +82,14 @@ class KgcoopLearner(ContextLearner):
         return self.config.ctx_init or super().prefix(classes)
 
     @classmethod
-    def check_fits(cls, model, config: KgcoopConfig, classes=()) -> None:
+    def check_fits(cls, model, config: KgcoopConfig) -> None:
         check_context(model, config.context_tokens, cls.method_name)
+
+    @classmethod
+    def check_classes(cls, model, config: KgcoopConfig, classes, training) -> None:
         prefix = config.ctx_init or " ".join(["X"] * config.context_tokens)
-        for scored in classes:
-            check_prompts_fit(scored, prefix, config.context_tokens, int(model.positional_embedding.shape[0]),
-                              cls.method_name)
+        check_prompts_fit(classes, prefix, config.context_tokens, int(model.positional_embedding.shape[0]),
+                          cls.method_name)
 
     def targets(self, model, classes: ClassSet) -> torch.Tensor:
         """Normalised features of the frozen model for the dataset's hand-crafted prompt of each class."""

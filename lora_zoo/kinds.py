@@ -18,7 +18,7 @@ without a weight update says what to use instead of a merged or peft export, ``i
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -44,9 +44,11 @@ class Kind:
     def check_task(self, model, method: str, options: Mapping[str, Any], task: Task) -> None:
         """A one-line error before any work when the method cannot train this task (``Learner.check_task``)."""
 
-    def check_classes(self, model, method: str, options: Mapping[str, Any], classes: ClassSet) -> None:
-        """A one-line error when the method cannot score ``classes`` (a learner's prompts too long), before any
-        work; weight adapters score any classes."""
+    def check_classes(self, model, method: str, options: Mapping[str, Any], classes: ClassSet,
+                      training: ClassSet) -> None:
+        """A one-line error when the method trained on ``training`` cannot score ``classes`` (a learner's prompts too
+        long for the text context, a per-class context of other classes), before any work; weight adapters score any
+        classes."""
 
     def instead(self, method: str) -> str:
         """What to use instead of a merged or peft export, for a kind without a weight update."""
@@ -60,8 +62,7 @@ class WeightsKind(Kind):
     name = "weights"
     merges = True
 
-    def check_fits(self, model, method: str, options: Mapping[str, Any], encoders, targets, layers,
-                   classes: Sequence[ClassSet] = ()) -> None:
+    def check_fits(self, model, method: str, options: Mapping[str, Any], encoders, targets, layers) -> None:
         check_fits(model, method, encoders=encoders, targets=targets, layers=layers, **options)
 
     def install(self, model, method: str, options: Mapping[str, Any], *, classes=None, stats=None, support=None,
@@ -131,18 +132,18 @@ class LearnerKind(Kind):
     def __init__(self, name: str, caches_features: bool = False):
         self.name, self.caches_features = name, caches_features
 
-    def check_fits(self, model, method: str, options: Mapping[str, Any], encoders, targets, layers,
-                   classes: Sequence[ClassSet] = ()) -> None:
+    def check_fits(self, model, method: str, options: Mapping[str, Any], encoders, targets, layers) -> None:
         spec, config, _ = method_options(method, options)
-        spec.layer_class.check_fits(model, config, classes)
+        spec.layer_class.check_fits(model, config)
 
     def check_task(self, model, method: str, options: Mapping[str, Any], task: Task) -> None:
         spec, config, _ = method_options(method, options)
         spec.layer_class.check_task(model, config, task)
 
-    def check_classes(self, model, method: str, options: Mapping[str, Any], classes: ClassSet) -> None:
+    def check_classes(self, model, method: str, options: Mapping[str, Any], classes: ClassSet,
+                      training: ClassSet) -> None:
         spec, config, _ = method_options(method, options)
-        spec.layer_class.check_classes(model, config, classes)
+        spec.layer_class.check_classes(model, config, classes, training)
 
     def install(self, model, method: str, options: Mapping[str, Any], *, classes: Optional[ClassSet] = None,
                 stats=None, support: Optional[Support] = None, **_) -> None:

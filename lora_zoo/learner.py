@@ -27,7 +27,7 @@ line with its estimate (``FeatureHead.memory_bytes``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -103,9 +103,8 @@ class Learner(nn.Module, Scorer):
         return cls(model, config, ClassSet(tuple(record["classes"])))
 
     @classmethod
-    def check_fits(cls, model: nn.Module, config: LearnerConfig, classes: Sequence[ClassSet] = ()) -> None:
-        """A one-line error when ``config`` asks ``model`` for more than it has (before any work); ``classes``: the
-        class sets a run will score, its training classes first, when known (a prompt too long for the context)."""
+    def check_fits(cls, model: nn.Module, config: LearnerConfig) -> None:
+        """A one-line error when ``config`` asks ``model`` for more than it has (before any work)."""
 
     @classmethod
     def splits(cls, config: LearnerConfig) -> tuple[str, ...]:
@@ -124,9 +123,10 @@ class Learner(nn.Module, Scorer):
         return type(self).splits(self.config)
 
     @classmethod
-    def check_classes(cls, model: nn.Module, config: LearnerConfig, classes: ClassSet) -> None:
-        """A one-line error when the learner cannot score ``classes`` on ``model`` (its prompts of their names
-        longer than the text context), before any work: a run checks its training and evaluated classes."""
+    def check_classes(cls, model: nn.Module, config: LearnerConfig, classes: ClassSet, training: ClassSet) -> None:
+        """A one-line error when the learner, trained on ``training``, cannot score ``classes`` on ``model`` (its
+        prompts of their names longer than the text context; a context per training class asked to score other
+        classes), before any work: a run checks its training classes and every class set it evaluates."""
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

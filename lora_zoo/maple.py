@@ -94,7 +94,7 @@ class MapleLearner(PromptLearner):
         self.lora_coupling_bias = nn.Parameter(torch.stack(
             [projection.bias.detach()] + [shared.bias.detach()] * (depth - 1)).to(device))
         if classes.tokenizer is not None:
-            self.check_classes(model, config, classes)
+            self.check_classes(model, config, classes, classes)
         self.prompts = TowerPrompts()
         vision_blocks, vision_first = tower_blocks(model, "vision")
         text_blocks, text_first = tower_blocks(model, "text")
@@ -127,7 +127,7 @@ class MapleLearner(PromptLearner):
                              f"{length} tokens")
 
     @classmethod
-    def check_classes(cls, model, config, classes) -> None:
+    def check_classes(cls, model, config, classes, training) -> None:
         context_prompts(classes.tokenizer, [f"{config.prefix} {name}." for name in classes.names],
                         context_length(model), "maple")
 

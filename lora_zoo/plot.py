@@ -140,7 +140,7 @@ class PlotLearner(PromptLearner):
         device = model.token_embedding.weight.device
         context = torch.zeros(len(self.templates), self.n_ctx, text_width)
         if classes.tokenizer is not None:  # rebuilt from a checkpoint: no tokenizer, its tensors are loaded next
-            self.check_classes(model, config, classes)
+            self.check_classes(model, config, classes, classes)
             tokens = classes.tokenizer(self.templates).to(device)
             with torch.no_grad():
                 context = model.token_embedding(tokens)[:, 1:1 + self.n_ctx].float().cpu()
@@ -157,7 +157,7 @@ class PlotLearner(PromptLearner):
         check_prompt_towers(model, "plot")
 
     @classmethod
-    def check_classes(cls, model, config, classes) -> None:
+    def check_classes(cls, model, config, classes, training) -> None:
         """Every class name after the longest of every dataset's templates (a run's evaluation on another dataset
         keeps its training templates) fits the text context."""
         longest = max((t for group in TEMPLATES.values() for t in group), key=lambda t: len(t.split()))

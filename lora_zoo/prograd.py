@@ -112,16 +112,17 @@ class ProgradLearner(ContextLearner):
         return " ".join(["X"] * (self.n_ctx - word_count(words))) + " " + words
 
     @classmethod
-    def check_fits(cls, model, config: ProgradConfig, classes=()) -> None:
+    def check_fits(cls, model, config: ProgradConfig) -> None:
         check_context(model, config.n_ctx, cls.method_name)
-        for scored in classes:
-            prefix = " ".join(["X"] * config.n_ctx)
-            if config.ctx_init:
-                check_template(config.n_ctx, scored.dataset, cls.method_name)
-                words = template_words(scored.dataset)
-                prefix = " ".join(["X"] * (config.n_ctx - word_count(words))) + " " + words
-            check_prompts_fit(scored, prefix, config.n_ctx, int(model.positional_embedding.shape[0]),
-                              cls.method_name)
+
+    @classmethod
+    def check_classes(cls, model, config: ProgradConfig, classes, training) -> None:
+        prefix = " ".join(["X"] * config.n_ctx)
+        if config.ctx_init:
+            check_template(config.n_ctx, classes.dataset, cls.method_name)
+            words = template_words(classes.dataset)
+            prefix = " ".join(["X"] * (config.n_ctx - word_count(words))) + " " + words
+        check_prompts_fit(classes, prefix, config.n_ctx, int(model.positional_embedding.shape[0]), cls.method_name)
 
     def teacher(self, model, classes: ClassSet) -> torch.Tensor:
         template = template_of(classes.dataset)

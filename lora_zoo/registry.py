@@ -14,7 +14,8 @@ optimizer), so it stays runnable by name. Each registration carries the display 
 (tables), the citation (docs, ``--help``), the protocol learning rate (the runner's
 default), the optimizer builder the method trains with, its own training recipe (the loop's
 settings it trains with by default, e.g. SGD with a warm-up epoch for the prompt learners),
-and its training hooks (AdaLoRA's rank allocator, DyLoRA's rank sampler), if any.
+the run settings it defaults (``run_defaults``: CLIP-SVD adapts every linear of a block), and
+its training hooks (AdaLoRA's rank allocator, DyLoRA's rank sampler), if any.
 
 This module only holds what was registered; it imports no method. ``catalog.py`` imports
 every method module by a plain import (so the import contracts see them) and is where
@@ -49,6 +50,9 @@ class MethodSpec:
     #: a preset's own defaults of the method's options (CoOp (4): n_ctx 4 from "a photo of a"); given ones win. A
     #: value may be a function of ``(shots, dataset)``, a default a run resolves (ProGrad's λ; ``run_options``)
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: run settings (``ExperimentConfig`` fields made with ``config.method_default``: targets, template) the method
+    #: defaults when a run leaves them null (CLIP-SVD: every linear of a block); values or functions of (shots, dataset)
+    run_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def layer_class(self) -> type:
@@ -93,8 +97,17 @@ class MethodSpec:
     def recipe_settings(self, shots: int, dataset: str) -> dict[str, Any]:
         """The loop's settings of the method's own recipe for a run of ``shots`` on ``dataset`` (a preset's, over its
         method's)."""
-        recipe = {**(_METHODS[self.layer].recipe if self.layer in _METHODS else {}), **self.recipe}
-        return {key: value(shots, dataset) if callable(value) else value for key, value in recipe.items()}
+        return self._resolved("recipe", shots, dataset)
+
+    def run_settings(self, shots: int, dataset: str) -> dict[str, Any]:
+        """The run settings the method defaults (``run_defaults``) for a run of ``shots`` on ``dataset`` (a preset's,
+        over its method's)."""
+        return self._resolved("run_defaults", shots, dataset)
+
+    def _resolved(self, table: str, shots: int, dataset: str) -> dict[str, Any]:
+        method = getattr(_METHODS[self.layer], table) if self.layer in _METHODS else {}
+        values = {**method, **getattr(self, table)}
+        return {key: value(shots, dataset) if callable(value) else value for key, value in values.items()}
 
 
 @dataclass(frozen=True)
@@ -132,13 +145,15 @@ def _add(spec: MethodSpec) -> None:
 
 def register_method(name: str, *, display_name: str, citation: str, lr: float, optimizer: str = "adamw",
                     hooks: Optional[type] = None, recipe: Optional[Mapping[str, Any]] = None,
-                    options: Optional[Mapping[str, Callable]] = None):
+                    options: Optional[Mapping[str, Callable]] = None,
+                    run_defaults: Optional[Mapping[str, Any]] = None):
     """Class decorator registering a method class (``AdapterLinear`` or ``Learner`` subclass) as method ``name``;
-    ``options``: defaults of its options that a run resolves from its ``(shots, dataset)``."""
+    ``options``: defaults of its options that a run resolves from its ``(shots, dataset)``; ``run_defaults``: of
+    the run's method-default settings (targets, template)."""
 
     def decorator(cls):
         _add(MethodSpec(name, name, display_name, citation, float(lr), optimizer, hooks, cls, dict(recipe or {}),
-                        dict(options or {})))
+                        dict(options or {}), run_defaults=dict(run_defaults or {})))
         cls.method_name = name
         return cls
 
@@ -148,11 +163,12 @@ def register_method(name: str, *, display_name: str, citation: str, lr: float, o
 def register_preset(name: str, *, layer: str, display_name: str, citation: str, lr: float,
                     optimizer: str = "adamw", hooks: Optional[type] = None,
                     recipe: Optional[Mapping[str, Any]] = None, options: Optional[Mapping[str, Any]] = None,
-                    ) -> MethodSpec:
+                    run_defaults: Optional[Mapping[str, Any]] = None) -> MethodSpec:
     """Register ``name`` as method ``layer``'s modules trained with optimizer builder ``optimizer`` (and its recipe,
-    hooks and defaults of the method's ``options``, if given: a paper's named setting, e.g. CoOp (4))."""
+    hooks, defaults of the method's ``options`` and of the run's settings, if given: a paper's named setting, e.g.
+    CoOp (4))."""
     spec = MethodSpec(name, layer, display_name, citation, float(lr), optimizer, hooks, None, dict(recipe or {}),
-                      dict(options or {}))
+                      dict(options or {}), dict(run_defaults or {}))
     _add(spec)
     return spec
 

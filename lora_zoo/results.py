@@ -17,7 +17,8 @@ and domain generalisation). ``load_results`` reads few-shot runs only. Each run
 keeps the display name its record gives its method (``runs.method_record``; None in
 records written before runs recorded it): tables read no method registry. The cell
 format of the tables (``cell_text``, ``average_text``) is here too.
-A result whose accuracy is not a finite number (NaN from weights that diverged) is
+A run that chose a setting on the test split says so (``"selected_on": "test"``: an authors' variant
+that selects as their code does); tables mark it. A result whose accuracy is not a finite number (NaN from weights that diverged) is
 never read as a run: ``load_results`` skips it with a warning naming the file, so no
 table ranks or averages it.
 """
@@ -56,7 +57,7 @@ class Run:
     setting: tuple
     zero_shot: float | None = None  # the base model's accuracy on the same test split and prompts
     display_name: str | None = None  # the method's, as the run recorded it (None: written before runs did)
-    selected_on: str | None = None   # the split its method selected on after training ("test": marked in tables)
+    selected_on: str | None = None  # "test" when the run chose a setting on the test split (the authors' variants)
 
     def value(self, key: str):
         return getattr(self, key) if key in AXES else dict(self.setting).get(key, ABSENT)

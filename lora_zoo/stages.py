@@ -108,18 +108,14 @@ def prepare_data(cfg: ExperimentConfig, targets: Sequence[str] = ()) -> RunData:
     return RunData(ds, ds.prompts(cfg.template), plan + target_plan(cfg, others))
 
 
-def build_model(cfg: ExperimentConfig, device: torch.device, check_options: bool = True,
-                data: Optional[RunData] = None) -> Backbone:
-    """The backbone; the adapted layers and (``check_options``) the method's options against their shapes, and
-    against the classes of ``data`` the run trains on and scores (a learner's prompts must fit the text context),
-    are checked before any work (a rank above a layer's width: one line, not after the zero-shot pass)."""
+def build_model(cfg: ExperimentConfig, device: torch.device, check_options: bool = True) -> Backbone:
+    """The backbone; the adapted layers and (``check_options``) the method's options against their shapes are
+    checked before any work (a rank above a layer's width: one line, not after the zero-shot pass)."""
     backbone = build_clip(cfg.backbone, cfg.pretrained, device, seed=cfg.backbone_seed)
     check_layers(backbone.model, cfg.encoders, cfg.layers)
     if check_options:
-        scored = [] if data is None else [data.classes(backbone.tokenizer)] + [
-            ClassSet.of(e.names, e.prompts, backbone.tokenizer, e.dataset) for e in data.plan]
         kind_of(cfg.method).check_fits(backbone.model, cfg.method, cfg.method_options, cfg.encoders, cfg.targets,
-                                       cfg.layers, classes=scored)
+                                       cfg.layers)
     return backbone
 
 

@@ -151,7 +151,7 @@ class Loop:
     hooks: Any
     lr: float
     groups: list[dict[str, Any]]
-    restarts: tuple[int, ...] = ()   # iterations at which the optimizer's state starts again (schedule_cycles)
+    restarts: tuple[int, ...] = ()   # iterations at which the optimizer's state starts again (``part_starts``)
 
 
 def epoch_cosine(config: TrainConfig, per_epoch: int, epochs: int, base_lr: float) -> Callable[[int], float]:
@@ -173,6 +173,12 @@ def cycle_starts(iterations: int, cycles: int) -> list[int]:
     return [cycle * (iterations // cycles) for cycle in range(max(1, min(cycles, iterations)))]
 
 
+def part_starts(iterations: int, cycles: int, restarts: tuple[int, ...] = ()) -> list[int]:
+    """The first iteration of each part of a run: its ``cycles`` equal parts (``schedule_cycles``), each also cut at
+    the steps the method's hooks name (``TrainingHooks.restarts``: 2SFS's second stage)."""
+    return sorted(set(cycle_starts(iterations, cycles)) | {step for step in restarts if 0 < step < iterations})
+
+
 def cycle_factor(config: TrainConfig, per_epoch: int, length: int, base_lr: float) -> Callable[[int], float]:
     """The schedule's factor of ``base_lr`` at each iteration of a part of ``length`` iterations."""
     if config.lr_schedule == "constant":
@@ -183,10 +189,11 @@ def cycle_factor(config: TrainConfig, per_epoch: int, length: int, base_lr: floa
     return epoch_cosine(config, per_epoch, max(1, -(-length // per_epoch)), base_lr)
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, iterations: int, per_epoch: int):
+def lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, iterations: int, per_epoch: int,
+                 restarts: tuple[int, ...] = ()):
     """The run's learning-rate schedule, stepped once per iteration (``TrainConfig.lr_schedule``), started again at
-    each of ``schedule_cycles`` parts of the run."""
-    starts = cycle_starts(iterations, config.schedule_cycles or 1)
+    each of ``schedule_cycles`` parts of the run and at each step of ``restarts`` (the method's hooks')."""
+    starts = part_starts(iterations, config.schedule_cycles or 1, restarts)
     if len(starts) == 1 and config.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=config.eta_min)
     ends = starts[1:] + [iterations]
@@ -209,12 +216,13 @@ def build_loop(model: nn.Module, config: TrainConfig, iterations: int, device: t
                                 **config.optimizer_options)
     groups = [{"name": g.get("name", "?"), "tensors": len(g["params"]), "parameters": sum(p.numel() for p in g["params"]),
                "lr": g["lr"]} for g in optimizer.param_groups]
-    scheduler = lr_scheduler(optimizer, config, iterations, per_epoch or iterations)
+    hooks = training_hooks(model, iterations, seed)
+    scheduler = lr_scheduler(optimizer, config, iterations, per_epoch or iterations, hooks.restarts())
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     count_steps(optimizer)
-    hooks = training_hooks(model, iterations, seed)
     hooks.per_epoch = per_epoch or iterations  # where epochs end, for a hook acting there (Tip-Adapter-F, authors)
-    return Loop(optimizer, scheduler, scaler, hooks, lr, groups, tuple(cycle_starts(iterations, config.schedule_cycles)[1:]))
+    return Loop(optimizer, scheduler, scaler, hooks, lr, groups,
+                tuple(part_starts(iterations, config.schedule_cycles or 1, hooks.restarts())[1:]))
 
 
 def check_finite_adapters(model: nn.Module, when: str) -> None:

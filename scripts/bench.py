@@ -277,8 +277,8 @@ def main(argv=None):
     parser.add_argument("--dropout", type=float, default=None,
                         help="adapter-input dropout of every method that has one (default: each method's own)")
     parser.add_argument("--options", nargs="*", default=[], metavar="METHOD.OPTION=VALUE",
-                        help="a method's option instead of its default, e.g. maple.depth=6 (--quick: those the tiny "
-                             "model needs, bench_pipeline.TINY_OPTIONS)")
+                        help="a method's option instead of its default, e.g. maple.depth=6 (always: "
+                             "bench_pipeline.BENCH_OPTIONS; --quick: those the tiny model needs, TINY_OPTIONS)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 repetitions (seconds)")
     args = parser.parse_args(argv)
@@ -290,7 +290,8 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown method {unknown[0]}; expected some of {', '.join(lz.list_methods())}")
     try:
-        options = pipeline.method_options([*(pipeline.TINY_OPTIONS if args.quick else ()), *args.options])
+        options = pipeline.method_options([*pipeline.BENCH_OPTIONS, *(pipeline.TINY_OPTIONS if args.quick else ()),
+                                           *args.options])
     except ValueError as err:
         parser.error(f"--options: {err}")
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731

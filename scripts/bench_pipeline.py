@@ -54,6 +54,10 @@ WORDS = ("red", "spotted", "garden", "lizard", "apple", "pie", "baby", "back", "
 #: options a method needs on the tiny backbones (``--quick``, ``--tiny``): tiny-vit's towers have 2 blocks, MaPLe's
 #: default depth is 9 (ViT-B-16 has 12)
 TINY_OPTIONS = ("maple.depth=2",)
+#: options every benchmark gives a method (``--options`` overrides them): 2SFS's step is timed in its first stage
+#: (LayerNorms trained through both towers, 60% of its run); its second trains a head on an image tower run without
+#: gradients, and a bench of a few steps would otherwise time a mix of both
+BENCH_OPTIONS = ("twostage.first_stage=1.0",)
 
 
 def method_options(items) -> dict:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu_check_e2e as e2e  # noqa: E402
 import lora_zoo as lz  # noqa: E402
-from bench_pipeline import TINY_OPTIONS, class_names, method_options  # noqa: E402
+from bench_pipeline import BENCH_OPTIONS, TINY_OPTIONS, class_names, method_options  # noqa: E402
 from lora_zoo.config import TrainConfig  # noqa: E402
 from lora_zoo.files import atomic_write  # noqa: E402
 from lora_zoo.models import TINY_CONFIGS, build_clip  # noqa: E402
@@ -274,8 +274,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=None, help="folder for the synthetic dataset (default: temporary)")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables to this file")
     parser.add_argument("--options", nargs="*", default=[], metavar="METHOD.OPTION=VALUE",
-                        help="a method's option instead of its default (--tiny: those the tiny model needs, "
-                             "bench_pipeline.TINY_OPTIONS)")
+                        help="a method's option instead of its default (always: bench_pipeline.BENCH_OPTIONS; --tiny: "
+                             "those the tiny model needs, TINY_OPTIONS)")
     args = parser.parse_args(argv)
     if args.tiny:
         explicit = {a.split("=")[0].lstrip("-") for a in (argv if argv is not None else sys.argv[1:])}
@@ -297,7 +297,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out is not None and (args.out.is_dir() or not args.out.parent.is_dir()):
         parser.error(f"--out {args.out}: expected a file in an existing folder")
     try:
-        args.method_options = method_options([*(TINY_OPTIONS if args.tiny else ()), *args.options])
+        args.method_options = method_options([*BENCH_OPTIONS, *(TINY_OPTIONS if args.tiny else ()), *args.options])
     except ValueError as err:
         parser.error(f"--options: {err}")
     if args.workers is None:

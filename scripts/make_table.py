@@ -18,6 +18,7 @@ column order and rendering of ``lora_zoo/tables.py``; neither torch, open_clip n
     python scripts/make_table.py outputs [--backbone ViT-B-16] [--rows lr] [--cols method_options.inner_rank]
                                  [--best_over lr] [--datasets benchmark] [--format md|latex|csv|all] [--plot_dir DIR]
     python scripts/make_table.py outputs --protocol base2new|cross_dataset|domain [--source imagenet]
+    python scripts/make_table.py outputs --paper table2     # the paper's rows in its order, ours beside each value
 """
 from __future__ import annotations
 
@@ -288,6 +289,22 @@ def tables(runs, args, backbone: str) -> list[tuple[str, list[str], list[str], l
     return out
 
 
+def paper_main(args) -> int:
+    """``--paper NAME``: a paper's table row by row (``lora_zoo/paper_table.py``), ours beside its values."""
+    from lora_zoo.paper_table import paper_table, paper_tables
+    runs, _ = load_results(args.results)
+    try:
+        table = paper_table(args.paper)
+        if args.backbone and args.backbone not in {r.backbone for r in runs}:
+            raise TableError(f"no results for backbone {args.backbone} under {args.results}")
+    except ValueError as err:
+        print(f"error: --paper {args.paper}: {err}", file=sys.stderr)
+        return 2
+    for title, groups, head, rows in paper_tables(table, runs, args.reported, args.backbone):
+        print_table(title, head, rows, args.format, groups)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="results folder (main.py --output_dir)")
@@ -306,11 +323,15 @@ def main(argv=None) -> int:
     parser.add_argument("--no_reported", action="store_true", help="do not show the paper's rows")
     parser.add_argument("--format", choices=["md", "latex", "csv", "all"], default="all")
     parser.add_argument("--plot_dir", type=Path, help="write accuracy-vs-shots PNGs here (needs matplotlib)")
+    parser.add_argument("--paper", metavar="TABLE", help="a paper's table row by row, ours beside its values: table2 "
+                                                         "(the NoRA paper's, lora_zoo/paper_table.py)")
     add_protocol_arguments(parser)
     args = parser.parse_args(argv)
     if not args.results.is_dir():
         print(f"error: results folder not found: {args.results}", file=sys.stderr)
         return 1
+    if args.paper:
+        return paper_main(args)
     if args.protocol != "fewshot":  # base-to-new, cross-dataset, domain generalisation: scripts/protocol_tables.py
         return protocol_main(args)
     runs, args.unreadable = load_results(args.results)

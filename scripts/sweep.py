@@ -48,9 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
                "Examples: scripts/sweep.sh --root_path DATA --methods nora --datasets dtd --shots 4 "
                "--grid lr=1e-3,5e-4 --grid method_options.inner_rank=8,16; "
                "scripts/sweep.sh --root_path DATA --protocol base2new --methods \"lora nora aira\"; "
+               "scripts/sweep.sh --root_path DATA --table 2; "
                "scripts/sweep.sh --root_path DATA --protocol cross_dataset (then --protocol domain: the same runs)")
     parser.add_argument("--root_path", required=True, help="folder holding the datasets (DATASET.md)")
     parser.add_argument("--methods", nargs="+", metavar="M", help=f"methods ({words}; default: every registered one)")
+    parser.add_argument("--table", choices=["2"], help="plan a paper's table: 2 = the NoRA paper's Table 2, each of "
+                        "its rows and ours beside them whose method is registered here (others skipped with a "
+                        "warning; lora_zoo/paper_table.py) x food101, oxford_pets, dtd x shots 4 16 x seeds 1 2 3; "
+                        "--methods, --datasets and --shots narrow it")
     parser.add_argument("--datasets", nargs="+", metavar="D",
                         help=f"datasets ({words}; default: every benchmark dataset found under --root_path)")
     parser.add_argument("--protocol", default="fewshot", choices=PROTOCOLS,

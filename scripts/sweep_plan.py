@@ -9,6 +9,9 @@ A run is one ``main.py`` command. The protocol (``--protocol``) decides what the
   ``--eval_on`` every other benchmark dataset found under the root (CoOp/CoCoOp's transfer protocol);
 - ``domain``: the same source runs with ``--eval_on`` the ImageNet variants found (``DOMAIN_DATASETS``).
 
+``--table 2`` plans a paper's table instead of ``--methods``: the rows of the NoRA paper's Table 2 and ours
+beside them (``lora_zoo/paper_table.py``) whose methods this checkout registers, over its datasets and shots.
+
 Where a run stands (``standing``): finished when its ``result.json`` is and every target has its
 ``eval_on/<target>.json``; a finished run with targets missing is pending evaluation only (``main.py``
 reloads its saved adapters and evaluates the missing targets, no training); a run whose folder another
@@ -18,8 +21,10 @@ until a function needs it (``sweep.py --help`` stays fast).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,15 +224,47 @@ def check_base2new(datasets: list[str], root: Path) -> None:
             raise SweepError(f"--protocol base2new: {err}") from None
 
 
-def axes(args, root: Path) -> tuple[list[str], list[str], list[int], list[int], tuple[str, ...]]:
-    """Methods, datasets, shots, seeds and evaluation targets of the request, each checked."""
+def table_methods(args, registered: list[str]) -> list[tuple[str, list[str]]]:
+    """``--table N``: the paper table's rows (``lora_zoo/paper_table.py``) whose method this checkout registers, the
+    others skipped with one warning line, ``--methods`` narrowing them; each with its options' arguments. Its
+    datasets and shots become the defaults of ``--datasets`` and ``--shots``."""
+    from lora_zoo.paper_table import paper_table
+
+    if args.protocol != "fewshot":
+        raise SweepError(f"--table {args.table} plans few-shot runs; leave out --protocol {args.protocol}")
+    table = paper_table(f"table{args.table}")
+    args.datasets = args.datasets or [" ".join(table.datasets)]
+    args.shots = args.shots or [" ".join(map(str, table.shots))]
+    rows = [row for row in table.rows if row.method in registered]
+    skipped = [row.method for row in table.rows if row.method not in registered]
+    if skipped:
+        print(f"sweep: warning: --table {args.table}: not registered in this checkout, skipped: {', '.join(skipped)}",
+              file=sys.stderr)
+    if args.methods:
+        wanted = words(args.methods, "methods")
+        unknown = [m for m in wanted if m not in {row.method for row in rows}]
+        if unknown:
+            raise SweepError(f"--methods {unknown[0]}: not a registered row of --table {args.table} (rows here: "
+                             f"{', '.join(row.method for row in rows)})")
+        rows = [row for row in rows if row.method in wanted]
+    return [(row.method, [arg for name, value in row.options for arg in (
+        "--set", f"method_options.{name}={value if isinstance(value, str) else json.dumps(value)}")]
+        + (["--run_name", row.run_name] if row.run_name else [])) for row in rows]
+
+
+def axes(args, root: Path) -> tuple[list[tuple[str, list[str]]], list[str], list[int], list[int], tuple[str, ...]]:
+    """Methods (each with the arguments of its table row, if any), datasets, shots, seeds and evaluation targets of
+    the request, each checked."""
     from lora_zoo.catalog import list_methods
 
     if args.eval_on and args.protocol == "base2new":
         raise SweepError("--eval_on evaluates few-shot runs on other datasets; a base-to-new run is evaluated on "
                          "its own new classes")
-    methods = words(args.methods, "methods") if args.methods else list_methods()
-    unknown = [m for m in methods if m not in list_methods()]
+    if args.table:
+        methods = table_methods(args, list_methods())
+    else:
+        methods = [(m, []) for m in (words(args.methods, "methods") if args.methods else list_methods())]
+    unknown = [m for m, _ in methods if m not in list_methods()]
     if unknown:
         raise SweepError(f"unknown method {unknown[0]!r} (registered: {', '.join(list_methods())})")
     datasets = source_datasets(args, root)
@@ -270,9 +307,9 @@ def plan(args, extra: list[str]) -> list[Run]:
     common = common_arguments(args, root, extra, targets)
     protocol = "base2new" if args.protocol == "base2new" else "fewshot"  # what each run's config must say
     runs, folders = [], {}
-    for dataset, k, seed, method, point in itertools.product(datasets, shots, seeds, methods, grid_points(grid)):
+    for dataset, k, seed, (method, row), point in itertools.product(datasets, shots, seeds, methods, grid_points(grid)):
         name = run_name(point)
-        argv = ["--method", method, "--dataset", dataset, "--shots", str(k), "--seed", str(seed), *common, *extra]
+        argv = ["--method", method, "--dataset", dataset, "--shots", str(k), "--seed", str(seed), *common, *extra, *row]
         argv += [arg for key, text in point for arg in ("--set", f"{key}={text}")]  # last: they win
         label = (f"{method} {dataset}{' base-to-new' if protocol == 'base2new' else ''} {k}-shot seed {seed}"
                  + (f" [{name}]" if name else ""))

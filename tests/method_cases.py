@@ -13,6 +13,8 @@ variants of it (the authors' presets, other options). A row holds:
 - ``export``: the peft export (``form``, per-layer ``ranks``, ``options``/``targets``/``layers`` overrides),
   or ``refused``: the one-line message of a refused export (tests/test_peft_export.py); absent: not tested;
 - ``precision``: trains under CPU bf16/fp16 autocast (``lr``, ``options`` overrides; tests/test_precision.py).
+- ``later_stage``: trainable tensors only a later stage of the method's schedule trains (2SFS's head): a few
+  steps without the method's hooks (tests/test_methods.py) leave them as they were.
 """
 from __future__ import annotations
 
@@ -82,6 +84,10 @@ def maple_count(depth, n_ctx):  # per depth: a text prompt and its coupling Line
 
 def plot_count(n_text, n_ctx, n_visual, visual_tokens):  # N text contexts of the template's n words, M visual sets
     return lambda model: n_text * n_ctx * widths(model)[0] + n_visual * visual_tokens * widths(model)[1]
+
+
+def svd_count(adapter):  # CLIP-SVD: one singular value per direction
+    return min(adapter.in_features, adapter.out_features)
 
 
 WEIGHTS = dict(kind="weights", mergeable=True, rank="rank")
@@ -185,6 +191,16 @@ CASES = {
     "cocoop": dict(PROMPTS, options=dict(), count=lambda model: 4 * 64 + (32 * 2 + 2) + (2 * 64 + 64)),
     "kgcoop": dict(PROMPTS, options=dict(), count=lambda model: 4 * 64),
     "prograd": dict(PROMPTS, options=dict(), count=lambda model: 16 * 64),
+    # every singular value of each layer trains: min(d_in, d_out) per layer, and the export carries a full-rank update
+    "clip_svd": dict(WEIGHTS, options=dict(), preserves=True, count=per_adapter(svd_count), rank=None,
+                     export=dict(form="lora", ranks={64}), precision={}),
+    "clip_svd_b2n": dict(WEIGHTS, options=dict(), preserves=True, count=per_adapter(svd_count), rank=None,
+                         export=dict(form="lora", ranks={64}), precision={}),
+    # ln_1/ln_2 of 2 blocks × 2 towers (64 wide), then a 4-class head of the 32-dim embedding; its logits are
+    # logit_scale.exp() (tiny-vit's 14.3) · cos, so not the pretrained 100 · cos; its head trains in stage 2 only
+    "twostage": dict(kind="tensors", options=dict(), preserves=False, mergeable=False, rank=None,
+                     count=lambda model: 2 * 2 * 2 * 2 * 64 + 4 * 32, later_stage=("lora_head",),
+                     export=dict(refused="no weight update"), precision={}),
     # (a new method's row goes above this line)
 }
 

@@ -31,11 +31,15 @@ def test_quick_benchmark_covers_every_method(tmp_path):
     for name, row in rows.items():
         assert row["step_s"] > 0 and row["step_vs_frozen"] > 0
         weights = name in ("frozen", "lora r=16") or lz.get_method(name).kind == "weights"
+        # the frozen bound trains the positional embeddings; tuned backbone tensors (2SFS's first stage: the blocks'
+        # LayerNorms) need nothing saved before block 0, 18 kB less on tiny-vit
+        tensors = not weights and lz.kind_of(name).name == "tensors"
         if name in heads:  # a head steps on features encoded once: no tower in its backward
             assert 0 < row["saved_activation_bytes"] < frozen["saved_activation_bytes"] / 10
-        else:  # a weight update keeps what the frozen bound keeps (both towers) and more; a prompt learner's image
-            # tower may need no backward
-            assert row["saved_activation_bytes"] >= (frozen["saved_activation_bytes"] if weights else 1)
+        elif weights or tensors:  # a weight update keeps what the frozen bound keeps (both towers) and more
+            assert row["saved_activation_bytes"] >= (0.99 if tensors else 1) * frozen["saved_activation_bytes"] > 0
+        else:  # a prompt learner's image tower may need no backward
+            assert row["saved_activation_bytes"] >= 1
         if name != "frozen":
             assert row["adapter_bytes"] > 0 and row["trainable"] > 0
             if weights:
