@@ -23,9 +23,9 @@ from torch import nn
 
 from .learner import LearnerConfig
 from .options import option
-from .prompting import (ClassPrompts, ContextLearner, PromptState, check_context, check_context_options,
-                        check_prompts_fit, context_tokens, dassl_recipe, image_features, initial_context,
-                        insert_context, logit_scale, prompt_features)
+from .prompting import (ClassPrompts, ContextLearner, PromptState, check_context_options, context_tokens, dassl_recipe,
+                        image_features, initial_context, insert_context, logit_scale,
+                        prompt_features)
 from .registry import register_method
 
 PROMPTS_PER_PASS = 4096  # evaluation: images of a batch per text-tower pass, so that a pass holds at most these
@@ -68,15 +68,6 @@ class CocoopLearner(ContextLearner):
     def prefix(self, classes) -> str:
         return self.config.ctx_init or super().prefix(classes)
 
-    @classmethod
-    def check_fits(cls, model, config: CocoopConfig) -> None:
-        check_context(model, config.context_tokens, cls.method_name)
-
-    @classmethod
-    def check_classes(cls, model, config: CocoopConfig, classes, training) -> None:
-        prefix = config.ctx_init or " ".join(["X"] * config.context_tokens)
-        check_prompts_fit(classes, prefix, config.context_tokens, int(model.positional_embedding.shape[0]),
-                          cls.method_name)
 
     def meta_shift(self, features: torch.Tensor) -> torch.Tensor:
         """The meta-net's shift of the context for each normalised image feature, ``B × width``."""

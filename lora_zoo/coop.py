@@ -22,8 +22,8 @@ from torch import nn
 
 from .learner import LearnerConfig
 from .options import option
-from .prompting import (ContextLearner, check_context, check_context_options, check_prompts_fit, context_tokens,
-                        coop_epochs, dassl_recipe, initial_context)
+from .prompting import (ContextLearner, check_context_options, context_tokens, coop_epochs, dassl_recipe,
+                        initial_context)
 from .registry import register_method, register_preset
 
 CITATION = "Zhou et al., IJCV 2022"
@@ -69,14 +69,8 @@ class CoopLearner(ContextLearner):
         return self.config.ctx_init or super().prefix(classes)
 
     @classmethod
-    def check_fits(cls, model, config: CoopConfig) -> None:
-        check_context(model, config.context_tokens, cls.method_name)
-
-    @classmethod
     def check_classes(cls, model, config: CoopConfig, classes, training) -> None:
-        prefix = config.ctx_init or " ".join(["X"] * config.context_tokens)
-        check_prompts_fit(classes, prefix, config.context_tokens, int(model.positional_embedding.shape[0]),
-                          cls.method_name)
+        super().check_classes(model, config, classes, training)
         if config.csc and tuple(classes.names) != tuple(training.names):
             raise ValueError(f"{cls.method_name} with csc learns one context per training class: it cannot "
                              "score other classes (base-to-new's new classes, --eval_on datasets)")

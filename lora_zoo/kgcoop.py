@@ -19,9 +19,8 @@ from torch import nn
 
 from .learner import LearnerConfig
 from .options import option
-from .prompting import (FALLBACK_TEMPLATE, ContextLearner, PromptState, check_context, check_context_options,
-                        check_prompts_fit, context_tokens, dassl_recipe, image_features, initial_context,
-                        logit_scale)
+from .prompting import (FALLBACK_TEMPLATE, ContextLearner, PromptState, check_context_options, context_tokens,
+                        dassl_recipe, image_features, initial_context, logit_scale)
 from .registry import register_method
 from .scoring import ClassSet, text_features
 
@@ -81,15 +80,6 @@ class KgcoopLearner(ContextLearner):
     def prefix(self, classes) -> str:
         return self.config.ctx_init or super().prefix(classes)
 
-    @classmethod
-    def check_fits(cls, model, config: KgcoopConfig) -> None:
-        check_context(model, config.context_tokens, cls.method_name)
-
-    @classmethod
-    def check_classes(cls, model, config: KgcoopConfig, classes, training) -> None:
-        prefix = config.ctx_init or " ".join(["X"] * config.context_tokens)
-        check_prompts_fit(classes, prefix, config.context_tokens, int(model.positional_embedding.shape[0]),
-                          cls.method_name)
 
     def targets(self, model, classes: ClassSet) -> torch.Tensor:
         """Normalised features of the frozen model for the dataset's hand-crafted prompt of each class."""

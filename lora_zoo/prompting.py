@@ -222,6 +222,18 @@ class ContextLearner(PromptLearner):
         """The text the learned positions replace, before each class name (CoOp: "X X … X" or its ctx_init)."""
         return " ".join(["X"] * self.n_ctx)
 
+    @classmethod
+    def check_fits(cls, model: nn.Module, config) -> None:
+        """The context (``config.context_tokens``) leaves room in the text context (one line otherwise)."""
+        check_context(model, config.context_tokens, cls.method_name)
+
+    @classmethod
+    def check_classes(cls, model: nn.Module, config, classes: ClassSet, training: ClassSet) -> None:
+        """Every class prompt (``config.ctx_init`` or the placeholders, then the name) fits the text context."""
+        prefix = config.ctx_init or " ".join(["X"] * config.context_tokens)
+        check_prompts_fit(classes, prefix, config.context_tokens, int(model.positional_embedding.shape[0]),
+                          cls.method_name)
+
     def prompts(self, model: nn.Module, classes: ClassSet) -> ClassPrompts:
         """``classes``' frozen prompt layout, built once per class set and device."""
         prefix = self.prefix(classes)
