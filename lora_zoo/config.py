@@ -2,11 +2,9 @@
 
 Each setting has one home, its dataclass field (default and help text):
 
-- ``TrainConfig``: what the training loop uses, passed whole to ``train.train_adapters``
-  (AdamW settings, the optimizer builder and its options, iterations per shot, batch, AMP);
-  ``lr: null`` means the method's registered protocol learning rate;
-- ``ExperimentConfig``: method and its options, data, backbone, targets, evaluation,
-  outputs, with ``train`` holding a ``TrainConfig``;
+- ``TrainConfig``: what the training loop uses, passed whole to ``train.train_adapters`` (the optimizer builder and
+  its options, the schedule, iterations, batch, precision); ``lr: null`` means the method's protocol learning rate;
+- ``ExperimentConfig``: method and its options, data, backbone, targets, evaluation, outputs, and ``train``;
 - a method's options: its layer config and schedule options (``registry.MethodSpec``);
 - a method's defaults of the others: its recipe fills the ``TrainConfig`` fields made with ``recipe_option``
   and its ``run_defaults`` the ``ExperimentConfig`` fields made with ``method_default`` (targets, template:
@@ -228,14 +226,20 @@ class ExperimentConfig(Options):
         dataset_spec(self.dataset)                             # unknown dataset → one line listing names
         # unknown method / bad option → one line; resolved once, carried here for every stage (with the defaults
         # the method takes from the run's shots and dataset: ProGrad's λ)
-        self.method_options = {**get_method(self.method).run_options(self.shots, self.dataset), **self.method_options}
+        run_options = get_method(self.method).run_options(self.shots, self.dataset)
+        #: settings the method's recipe or run options gave this run for its shots and dataset (make_table does not
+        #: split a method's rows by them: they follow from the table's axes)
+        self.derived_settings = sorted(f"method_options.{k}" for k in run_options if k not in self.method_options)
+        self.method_options = {**run_options, **self.method_options}
         self.method_spec, self.method_config, self.hooks_options = method_options(self.method, self.method_options)
         spec = self.method_spec
         self._resolve_method_defaults(spec.run_settings(self.shots, self.dataset))
         self.encoders, self.targets = check_targets(self.encoders, self.targets)
         if self.template is not None:
             check_template(self.template)
-        self.train = self.train.resolved(spec.recipe_settings(self.shots, self.dataset), lr=spec.lr)
+        recipe = spec.recipe_settings(self.shots, self.dataset) if self.train.recipe == "method" else {}
+        self.derived_settings += sorted(k for k in recipe if getattr(self.train, k) is None)
+        self.train = self.train.resolved(recipe, lr=spec.lr)
         if self.train.precision is None:  # resolved here: the setting a run records, compares and resumes
             self.train = dataclasses.replace(self.train, precision=default_precision(self.device))
         if self.augment_on is None:
@@ -271,11 +275,8 @@ class ExperimentConfig(Options):
 
     def to_dict(self) -> dict[str, Any]:
         def plain(value):
-            if isinstance(value, tuple):
-                return list(value)
-            if isinstance(value, dict):
-                return {k: plain(v) for k, v in value.items()}
-            return value
+            return (list(value) if isinstance(value, tuple) else {k: plain(v) for k, v in value.items()}
+                    if isinstance(value, dict) else value)
         return plain(dataclasses.asdict(self))
 
 

@@ -232,7 +232,7 @@ def run_experiment(cfg: ExperimentConfig, *, eval_only: bool = False, export_pat
                                   "shots": cfg.shots,
                                   "seed": cfg.seed, "run_name": cfg.run_name, "backbone": cfg.backbone,
                                   "pretrained": cfg.pretrained, "device": str(device), "threads": threads,
-                                  "num_workers": workers}
+                                  "num_workers": workers, "derived_settings": cfg.derived_settings}
         zero_shots, target_zero_shots = stages.zero_shot(cfg, model,
                                                          scoring.everything if request.adapt else scoring.targets,
                                                          device)

@@ -58,6 +58,7 @@ class Run:
     zero_shot: float | None = None  # the base model's accuracy on the same test split and prompts
     display_name: str | None = None  # the method's, as the run recorded it (None: written before runs did)
     selected_on: str | None = None  # "test" when the run chose a setting on the test split (the authors' variants)
+    derived: frozenset = frozenset()  # settings its method's recipe gave it for its shots and dataset (not split)
 
     def value(self, key: str):
         return getattr(self, key) if key in AXES else dict(self.setting).get(key, ABSENT)
@@ -167,7 +168,7 @@ def load_results(root: Path) -> tuple[list[Run], int]:
         return Run(str(r["backbone"]), str(r["method"]), str(r["dataset"]), int(r["shots"]), int(r["seed"]),
                    finite_score(r, "accuracy"), (r.get("config") or {}).get("run_name"), setting_of(r),
                    optional_float(r.get("zero_shot_accuracy")), optional_text(r.get("display_name")),
-                   optional_text(r.get("selected_on")))
+                   optional_text(r.get("selected_on")), frozenset(r.get("derived_settings") or ()))
     return read_records(sorted(root.rglob("result.json")), parse)
 
 

@@ -75,8 +75,11 @@ def determines(runs, keys, key) -> bool:
 
 
 def identity_keys(runs, rows, cols, best) -> list[str]:
-    """The keys that tell one method's settings apart: ``rows`` first, ``best`` last, ``cols`` left out."""
-    varying = sorted(k for k in {k for r in runs for k, _ in r.setting} if len({r.value(k) for r in runs}) > 1)
+    """The keys that tell one method's settings apart: ``rows`` first, ``best`` last, ``cols`` left out; a setting every
+    run got from its method's recipe for its shots and dataset (CoOp's epochs by shots) splits nothing."""
+    derived = frozenset.intersection(*(r.derived for r in runs)) if runs else frozenset()
+    keys = {k for r in runs for k, _ in r.setting} - derived
+    varying = sorted(k for k in keys if len({r.value(k) for r in runs}) > 1)
     if not determines(runs, varying, "run_name"):
         varying.append("run_name")
     lead = [rows] if rows not in (None, "method") else []

@@ -388,6 +388,9 @@ def test_a_new_method_of_any_kind_is_one_file_one_catalogue_line_and_one_test_ro
     assert results["toy"]["config"]["train"]["lr"] == 3e-3 and results["toy"]["method_config"]["toy_gain"] == 2.0
     prompt = results["toy_prompt"]  # its own recipe: SGD, one warm-up epoch at 1e-5, 3 epochs of one batch
     assert (prompt["kind"], prompt["optimizer"], prompt["iterations"]) == ("prompts", "sgd", 3)
+    # what the recipe gave the run, recorded for the tables (not passed on the command line: --batch_size was)
+    assert {"optimizer", "epochs", "lr_schedule", "warmup_epochs"} <= set(prompt["derived_settings"])
+    assert "batch_size" not in prompt["derived_settings"] and results["toy"]["derived_settings"] == []
     curves = (out / "tiny-vit/dtd/1shots/seed1/toy_prompt/curves.csv").read_text().splitlines()[1:]
     assert [float(line.split(",")[2]) for line in curves] == pytest.approx([1e-5, 2e-3, 2e-3 * (1 + 0.5) / 2])  # cos(pi/3)
     assert (results["toy_head"]["kind"], results["toy_head"]["optimizer"], results["toy_head"]["iterations"]) == \

@@ -235,3 +235,21 @@ def test_script_runs_from_anywhere(tmp_path, fixture_results):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| NoRA (ours, nora) | — | 71.00 ± 1.41 (2/3) | 80.00 ± 1.00 |" in proc.stdout
+
+
+def test_a_setting_the_methods_recipe_gives_per_shot_count_does_not_split_its_rows(tmp_path, capsys):
+    """CoOp's recipe trains 100 epochs at 4 shots and 200 at 16: one row, one cell per shot count. The same epochs set
+    on the command line (not derived) split the rows as any other setting does."""
+    root = tmp_path / "results"
+    for shots, epochs, acc in ((4, 100, 60.0), (16, 200, 70.0)):
+        path = write_result(root, "coop4", "dtd", shots, 1, acc, config={"train": {"epochs": epochs}})
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "derived_settings": ["epochs"]}))
+    code, out, _ = table(capsys, root, "--format", "csv", "--no_reported")
+    head, rows = csv_rows(out.split("\n\n")[1])
+    assert code == 0 and list(rows) == ["CoOp (4) (ours, coop4)"]
+    assert rows["CoOp (4) (ours, coop4)"] == ["60.00", "60.00", "70.00", "70.00"]  # DTD and Average at 4 and 16 shots
+    for shots, epochs, acc in ((4, 50, 61.0),):  # an explicit epochs: its own row
+        write_result(root, "coop4", "dtd", shots, 2, acc, config={"train": {"epochs": epochs}})
+    _, out, _ = table(capsys, root, "--format", "csv", "--no_reported")
+    assert len(csv_rows(out.split("\n\n")[1])[1]) == 3  # epochs=50, 100, 200 (derived only where every run has it)
