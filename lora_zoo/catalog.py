@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 # the method modules (each registers its method with @register_method, presets and optimizer builders)
-from . import adalora, aira, dora, dylora, lora, lorafa, loraplus, nora, optim, pissa, vera  # noqa: F401
+from . import adalora, aira, dora, dylora, lokr, lora, lorafa, loraplus, nora, optim, pissa, vera  # noqa: F401
 from .registry import (MethodSpec, OptimizerSpec, lookup_method, lookup_optimizer, registered_methods,
                        registered_optimizers)
 

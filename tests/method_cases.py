@@ -71,6 +71,16 @@ def dora_count(adapter):  # LoRA plus the magnitude vector
     return lora_count(adapter) + adapter.out_features
 
 
+def lokr_count(adapter):  # peft's LoKr: each side split into its divisor pair nearest the square root
+    def pair(side):
+        small = max(m for m in range(1, int(side ** 0.5) + 1) if side % m == 0)
+        return small, side // small
+    (out_l, out_k), (in_m, in_n), r = pair(adapter.out_features), pair(adapter.in_features), adapter.config.rank
+    small = out_l * in_m if not (adapter.config.decompose_both and r < max(out_l, in_m) / 2) else r * (out_l + in_m)
+    large = out_k * in_n if r >= max(out_k, in_n) / 2 else r * (out_k + in_n)
+    return small + large
+
+
 WEIGHTS = dict(kind="weights", mergeable=True, rank="rank")
 
 CASES = {
@@ -145,6 +155,12 @@ CASES = {
                  export=dict(form="dora", ranks={4}), precision={}),
     "pissa": dict(WEIGHTS, options=dict(rank=4), preserves=True, count=per_adapter(lora_count),
                   export=dict(form="lora", ranks={8}), precision={}),  # residual: 2r
+    # 64-wide layers split 8 × 8: at rank 2 the large factor is a rank-2 pair, the small one full (and zero)
+    "lokr": dict(WEIGHTS, options=dict(rank=2, alpha=4), preserves=True, count=per_adapter(lokr_count),
+                 export=dict(form="lokr", ranks={2}), precision={}),
+    "lokr_decompose_both": dict(WEIGHTS, method="lokr", options=dict(rank=2, alpha=4, decompose_both=True,
+                                                                     init="lycoris"),
+                                preserves=True, count=per_adapter(lokr_count), export=dict(form="lokr", ranks={2})),
     # (a new method's row goes above this line)
 }
 
