@@ -253,7 +253,8 @@ def markdown(result: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-B-16")
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=None, help="images per step (default 4); commonsense: sequences "
+                                                                "of the 7B-width model (default 1)")
     parser.add_argument("--dataset", default="food101", choices=sorted(BENCHMARK_SIZES),
                         help="its class count is the prompt count; the run projected (default food101: 101)")
     parser.add_argument("--classes", type=int, default=None, help="prompt count (default: the dataset's classes)")
@@ -269,7 +270,13 @@ def main(argv=None):
                         help="adapter-input dropout of every method that has one (default: each method's own)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 repetitions (seconds)")
+    parser.add_argument("--task", choices=["classification", "commonsense"], default="classification",
+                        help="commonsense: weight methods on tiny-lm and a Llama at 7B width (bench_commonsense.py)")
+    parser.add_argument("--layers", type=int, default=2, help="commonsense: blocks of the 7B-width Llama")
+    parser.add_argument("--seq", type=int, default=64, help="commonsense: tokens per sequence of the 7B-width model")
     args = parser.parse_args(argv)
+    if args.task == "commonsense":
+        return commonsense(args, parser)
     if args.quick:
         args.model, args.reps, args.step_batch = "tiny-vit", 2, 8
     classes = args.classes or BENCHMARK_SIZES[args.dataset][0]
@@ -279,12 +286,30 @@ def main(argv=None):
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     result = {}
     if args.part in ("methods", "all"):
-        result = run_benchmark(args.model, args.batch, classes, args.image_size, args.device, args.reps,
+        result = run_benchmark(args.model, args.batch or 4, classes, args.image_size, args.device, args.reps,
                                args.amp, args.methods, args.threads, log=log, dropout=args.dropout)
         print(markdown(result))
     if args.part in ("pipeline", "all"):
         result["pipeline"] = run_pipeline(args, classes, log)
         print("\n" + pipeline.markdown(result["pipeline"]))
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+def commonsense(args, parser) -> dict:
+    """``--task commonsense``: ``bench_commonsense.py`` (``--batch`` is the 7B-width model's, default 1)."""
+    import bench_commonsense
+
+    args.batch = args.batch or 1
+    args.reps = 2 if args.quick else args.reps
+    weights = [m for m in lz.list_methods() if lz.get_method(m).kind == "weights"]
+    unknown = sorted(set(args.methods or []) - set(weights))
+    if unknown:
+        parser.error(f"unknown weight method {unknown[0]}; expected some of {', '.join(weights)}")
+    result = bench_commonsense.run_commonsense_bench(args, lambda m: print(m, file=sys.stderr))
+    for model in result["models"]:
+        print(bench_commonsense.markdown(model) + "\n")
     if args.json:
         write_json(args.json, result)
     return result
