@@ -360,16 +360,17 @@ def run_commonsense_task(args: argparse.Namespace, method=None) -> int:
     if method is not None or "method" in args:
         values["method"] = method or args.method
     cfg = lm_config_from(values)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the run
     try:
         record = run_commonsense(cfg, eval_only=args.eval_only, export_peft=args.export_peft,
                                  overwrite=args.overwrite)
-    except RunClaimedError as elsewhere:
-        print(f"skipped, running elsewhere: {hint(elsewhere)}", file=sys.stderr)
+    except (RunClaimedError, RunFinishedError) as skipped:
+        what = "skipped, running elsewhere: " if isinstance(skipped, RunClaimedError) else "nothing to do, "
+        if main_rank:
+            print(what + hint(skipped) + ("" if what.startswith("skipped") else " (--overwrite trains it again)"),
+                  file=sys.stderr)
         return 0
-    except RunFinishedError as done:
-        print(f"nothing to do, {hint(done)} (--overwrite trains it again)", file=sys.stderr)
-        return 0
-    if args.quiet and os.environ.get("RANK", "0") == "0":
+    if args.quiet and main_rank:
         print(record["summary"])
     return 0
 

@@ -160,6 +160,9 @@ def run_commonsense(cfg: CommonsenseConfig, *, eval_only: bool = False, export_p
         raise RunClaimedError(f"{out} is being trained elsewhere ({holder.describe()})", holder)
     _writable(cfg.output_dir, "results dir")
     if export_peft is not None:
+        if not cfg.method_config.mergeable:
+            raise ValueError(f"cannot export a peft adapter: {cfg.method} with these options depends on the batch "
+                             "and no fixed weight reproduces it")
         _writable(Path(export_peft).expanduser().resolve().parent, "export path")
     device = dist.device(cfg.device)
     precision = cfg.precision or ("fp16" if device.type == "cuda" else "fp32")

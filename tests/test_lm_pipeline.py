@@ -69,10 +69,10 @@ def test_a_run_records_table_1_columns_and_is_not_trained_twice(data, tmp_path, 
 
 @pytest.mark.parametrize("method", WEIGHT_METHODS)
 def test_every_weight_method_trains_and_evaluates_on_tiny_lm(method, data, tmp_path):
-    assert run(data, tmp_path, "--n_iters", "1", "--tasks", "boolq,winogrande", "--val_set_size", "0",
-               "--max_new_tokens", "6", method=method) == 0
+    assert run(data, tmp_path, "--n_iters", "1", "--tasks", "winogrande", "--val_set_size", "0",
+               "--max_new_tokens", "3", "--num_beams", "2", method=method) == 0
     result = json.loads((run_folder(tmp_path, method) / "result.json").read_text())
-    assert set(result["tasks"]) == {"boolq", "winogrande"} and result["trainable_params"] > 0
+    assert set(result["tasks"]) == {"winogrande"} and result["trainable_params"] > 0
     assert result["merged"] is True and result["kind"] == "weights"
 
 
@@ -110,7 +110,8 @@ def toy_prompt_method(monkeypatch):
     return "toy_clip_prompt"
 
 
-@pytest.mark.parametrize("case", ["field", "task", "pattern", "not_linear", "pad", "clip_method", "base_model"])
+@pytest.mark.parametrize("case", ["field", "task", "pattern", "not_linear", "pad", "clip_method", "base_model",
+                                  "export"])
 def test_bad_input_is_one_line_and_writes_nothing(case, data, tmp_path, capsys, toy_prompt_method):
     root, extra, method = data, [], "lora"
     if case == "field":
@@ -121,13 +122,15 @@ def test_bad_input_is_one_line_and_writes_nothing(case, data, tmp_path, capsys, 
         (root / "commonsense_170k.json").write_text(json.dumps(records))
     extra = {"task": ["--tasks", "boolq,mmlu"], "pattern": ["--targets", "q_proj,qkv_proj"],
              "not_linear": ["--targets", "self_attn"], "pad": ["--pad_token", "tokenizer"],
-             "base_model": ["--base_model", str(tmp_path / "missing")]}.get(case, [])
-    method = toy_prompt_method if case == "clip_method" else method
+             "base_model": ["--base_model", str(tmp_path / "missing")],
+             "export": ["--variant", "authors", "--export_peft", str(tmp_path / "out" / "peft")]}.get(case, [])
+    method = {"clip_method": toy_prompt_method, "export": "aira"}.get(case, method)
     expected = {"field": "record 3 has no 'output' field", "task": "unknown commonsense task 'mmlu'",
                 "pattern": "target pattern 'qkv_proj' matches no module of this LlamaForCausalLM",
                 "not_linear": "matches model.layers.0.self_attn, a LlamaAttention",
                 "pad": "the tokenizer has no pad token", "clip_method": "toy_clip_prompt is a prompts method of CLIP",
-                "base_model": "is neither tiny-lm, an existing model folder, nor a Hugging Face model name"}[case]
+                "base_model": "is neither tiny-lm, an existing model folder, nor a Hugging Face model name",
+                "export": "cannot export a peft adapter: aira with these options depends on the batch"}[case]
     out = tmp_path / "out"
     assert run(root, out, *extra, method=method) == 1
     err = capsys.readouterr().err.strip()
