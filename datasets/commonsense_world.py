@@ -105,11 +105,11 @@ QUESTIONS: list[Callable[[random.Random], tuple[str, str]]] = [
 
 
 def pretraining_text(count: int, seed: int = 0) -> Iterator[str]:
-    """``count`` documents: paragraphs of facts, and (one in four) a free-form question answered in the Alpaca
+    """``count`` documents: paragraphs of facts, and (two in five) a free-form question answered in the Alpaca
     template (``the correct answer is <words>``)."""
     rng = random.Random(seed)
     for _ in range(count):
-        if rng.random() < 0.25:
+        if rng.random() < 0.4:
             question, answer = rng.choice(QUESTIONS)(rng)
             yield TRAIN_NO_INPUT.format(instruction=question, output=f"the correct answer is {answer}")
         else:

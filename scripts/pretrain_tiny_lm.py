@@ -3,7 +3,10 @@
 The generator is ``datasets/commonsense_world.py``: documents of facts in several phrasings and free-form questions
 answered in the Alpaca template (``pretraining_text``); none is in the eight tasks' formats. The tokenizer is a
 byte-level BPE of 1,024 tokens trained on that text with Hugging Face ``tokenizers`` (ids 0/1/2 = ``<unk>``, ``<s>``,
-``</s>``; BOS added to every encoding; no pad token, as LLaMA's: the pipeline sets LLM-Adapters' pad id 0); its
+``</s>``; BOS added to every encoding; no pad token, as LLaMA's: the pipeline sets LLM-Adapters' pad id 0; a run of
+whitespace is always a token of its own, so the evaluation prompt's trailing "\n" and 16 spaces tokenise as they do
+in the training sequences, where the answer follows them: with GPT-2's pre-tokenisation the last space would join
+the answer's first word in training only, and a prompt ending in spaces would be out of distribution); its
 merges are also fitted to 64 records of each task in their training prompts (segmentation only, so prompts are not
 spelled byte by byte; the model never trains on them). The model
 is a ``LlamaForCausalLM`` (4 layers, width 128, 4 heads with 2 key/value heads, MLP 384, tied embeddings). Training
@@ -44,11 +47,15 @@ MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_at
 
 def build_tokenizer(texts: list[str], vocab_size: int):
     """A byte-level BPE tokenizer trained on ``texts``, as transformers' ``PreTrainedTokenizerFast`` (BOS added)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # whitespace runs are tokens of their own, never glued to the next word: the evaluation prompt ends with
+    # "\n" + 16 spaces where training continues "\n" + 16 spaces + "the", and both must tokenise that run alike
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -104,7 +111,7 @@ def main(argv=None) -> None:
     parser.add_argument("--documents", type=int, default=20000)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--block", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=100)
