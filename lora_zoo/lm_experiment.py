@@ -42,22 +42,12 @@ from .lm_train import train_commonsense
 from .naming import count_trainable
 from .provenance import RunLog, environment, peak_memory
 from .runlock import claim, claimed_by
+from .runs import ADAPTER_FILE, EVAL_FILE, RESULT_FILE, STATE_FILE, read_result
 
 logger = logging.getLogger(__name__)
-RESULT_FILE, ADAPTER_FILE, STATE_FILE = "result.json", "adapters.safetensors", "checkpoint.pt"
 PREDICTIONS_FILE = "predictions.json"
 CALIBRATION_RECORDS = 128
 VALIDATION_SEED = 42  # LLM-Adapters' train_test_split(seed=42)
-
-
-def read_finished(out: Path) -> Optional[dict]:
-    import json
-
-    try:
-        record = json.loads((out / RESULT_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("accuracy"), (int, float)) else None
 
 
 def setting_dict(cfg: CommonsenseConfig) -> dict:
@@ -70,7 +60,7 @@ def plan_request(cfg: CommonsenseConfig, out: Path, eval_only: bool, export_peft
     """True to train, False to reload the finished run's adapters (``--eval_only``, an export of a finished run)."""
     from .results import first_difference
 
-    finished = read_finished(out)
+    finished = read_result(out)
     if finished is not None and not overwrite:
         difference = first_difference(tuple(sorted((finished.get("setting") or {}).items())),
                                       tuple(sorted(setting_dict(cfg).items())))
@@ -241,7 +231,7 @@ def _write_outputs(cfg, model, out: Path, record: dict, predictions: dict, adapt
     record.update(config=cfg.to_dict(), setting=setting_dict(cfg), wall_seconds=time.perf_counter() - started,
                   **environment())
     record["summary"] = run_summary(cfg, record, out)
-    write_json(out / (RESULT_FILE if adapt else "eval.json"), record)
+    write_json(out / (RESULT_FILE if adapt else EVAL_FILE), record)
     if adapt:
         (out / STATE_FILE).unlink(missing_ok=True)
     logger.info(record["summary"])
