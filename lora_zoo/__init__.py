@@ -7,8 +7,11 @@ Public API::
     wrap_linear(linear, method, stats=None, **cfg)
     apply_adapters(model, method, encoders=("vision", "text"), targets=("q", "k", "v"),
                    layers=None, stats=None, **options)          -> {layer name: adapter}   (weight adapters)
+        on any other model targets are module-name patterns: apply_adapters(llama, "nora",
+        targets=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], stats=collect_token_stats(...))
     ClassSet.of(names, prompts, tokenizer), scorer_of(model)  the classes a model scores, and how it scores them
     collect_activation_stats(model, image_batches=None, text_batches=None, targets=...)
+    collect_token_stats(model, batches of (input_ids, attention_mask), targets=[patterns])
     build_optimizer(model, lr, ...), training_hooks(model, total_steps, seed)
     trainable_parameters(model), count_trainable(model)
     merge_adapters(model), unmerge_adapters(model)
@@ -36,7 +39,7 @@ from .host import __version__
 _EXPORTS = {
     "AdapterConfig": "adapter", "AdapterLinear": "adapter", "adapter_modules": "adapter",
     "SplitAttention": "attention", "split_attention": "attention",
-    "LayerStats": "calibration", "collect_activation_stats": "calibration",
+    "LayerStats": "calibration", "collect_activation_stats": "calibration", "collect_token_stats": "calibration",
     "get_method": "catalog", "get_optimizer": "catalog", "list_methods": "catalog", "list_optimizers": "catalog",
     "load_adapters": "checkpoint", "read_adapter_config": "checkpoint", "save_adapters": "checkpoint",
     "TrainingHooks": "hooks", "training_hooks": "hooks",
@@ -58,7 +61,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # the names for type checkers and IDEs, at no import cost
     from .adapter import AdapterConfig, AdapterLinear, adapter_modules  # noqa: F401
     from .attention import SplitAttention, split_attention  # noqa: F401
-    from .calibration import LayerStats, collect_activation_stats  # noqa: F401
+    from .calibration import LayerStats, collect_activation_stats, collect_token_stats  # noqa: F401
     from .catalog import get_method, get_optimizer, list_methods, list_optimizers  # noqa: F401
     from .checkpoint import load_adapters, read_adapter_config, save_adapters  # noqa: F401
     from .hf_clip import to_hf_clip  # noqa: F401

@@ -11,17 +11,23 @@ rank allocation uses). Text padding tokens (those equal to the text tower's
 ``pad_id``) are excluded unless ``include_padding`` (the authors' NoRA/AIRA
 calibration keeps them). Everything is gathered in one forward pass over the
 batches, with hooks on the target linear layers; nothing per-token is kept.
+
+``collect_token_stats`` does the same for any model that takes ``input_ids`` and
+``attention_mask`` (a transformers causal LM, a BERT encoder), its targets named by module
+patterns (``targets.match_modules``): positions whose attention mask is 0 (padding, on either
+side) are left out, and the first-position statistic is taken at each sequence's first
+unpadded token (position 0 would be padding under left padding).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from .attention import split_attention
-from .targets import find_target_linears
+from .targets import find_target_linears, match_modules
 
 
 @dataclass
@@ -47,9 +53,11 @@ class _Accumulator:
         self.tokens = 0
         self.first_norm_sum, self.sequences = 0.0, 0
 
-    def update(self, x: torch.Tensor, z: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
-        if z.dim() == 3:  # (N, L, d_out), batch first: position 0 of every sequence
-            self.first_norm_sum += z[:, 0].detach().float().norm(dim=-1).sum().item()
+    def update(self, x: torch.Tensor, z: torch.Tensor, valid: Optional[torch.Tensor],
+               first: Optional[torch.Tensor] = None) -> None:
+        if z.dim() == 3:  # (N, L, d_out), batch first: position 0 (or ``first``) of every sequence
+            heads = z[:, 0] if first is None else z[torch.arange(z.shape[0], device=z.device), first]
+            self.first_norm_sum += heads.detach().float().norm(dim=-1).sum().item()
             self.sequences += z.shape[0]
         x = x.detach().float().reshape(-1, x.shape[-1])
         z = z.detach().float().reshape(-1, z.shape[-1])
@@ -126,6 +134,47 @@ def collect_activation_stats(model: nn.Module, image_batches: Optional[Iterable[
                 seq_len = tokens.shape[1] + (1 if getattr(model, "cls_emb", None) is not None else 0)
                 state["valid"] = _valid_tokens(tokens, pad_id, seq_len).reshape(-1)
                 model.encode_text(tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = [name for name, acc in accumulators.items() if acc.tokens == 0]
+    if missing:
+        raise RuntimeError(f"no calibration tokens reached {missing[0]} ({len(missing)} layers)")
+    return {name: acc.result() for name, acc in accumulators.items()}
+
+
+TokenBatch = Union[Mapping[str, torch.Tensor], tuple]
+
+
+@torch.no_grad()
+def collect_token_stats(model: nn.Module, batches: Iterable[TokenBatch], targets: Iterable[str],
+                        include_padding: bool = False) -> dict[str, LayerStats]:
+    """Per-layer ``LayerStats`` of the modules ``targets`` (patterns) name, from ``model(input_ids=...,
+    attention_mask=...)`` on each batch: a mapping with those keys, or an ``(input_ids, attention_mask)`` pair.
+    Positions with mask 0 are excluded unless ``include_padding``; the first-position statistic is each sequence's
+    first unpadded token. Returns ``{qualified module name: LayerStats}``, the names ``apply_adapters`` uses."""
+    linears = match_modules(model, targets)
+    accumulators = {name: _Accumulator() for name in linears}
+    state: dict = {"valid": None, "first": None}
+
+    def hook_for(name):
+        def hook(module, inputs, output):
+            accumulators[name].update(inputs[0], output, state["valid"], state["first"])
+        return hook
+
+    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in linears.items()]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            ids, mask = (batch["input_ids"], batch.get("attention_mask")) if isinstance(batch, Mapping) else batch
+            ids = ids.to(device)
+            mask = torch.ones_like(ids) if mask is None else mask.to(device)
+            state["valid"] = None if include_padding else mask.reshape(-1).bool()
+            state["first"] = None if include_padding else mask.long().argmax(dim=1)
+            model(input_ids=ids, attention_mask=mask)
     finally:
         for handle in handles:
             handle.remove()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 # the method modules (each registers its method with @register_method, presets and optimizer builders)
-from . import adalora, aira, clip_svd, dora, dylora, lora, lorafa, loraplus, maple, nora, optim  # noqa: F401
+from . import adalora, aira, clip_svd, dora, dylora, lokr, lora, lorafa, loraplus, maple, nora, optim  # noqa: F401
 from . import pissa, plot, twostage, vera  # noqa: F401
 from . import clip_adapter, lp_pp, taskres, tip_adapter  # noqa: F401  (heads)
 from . import cocoop, coop, kgcoop, prograd  # noqa: F401  (prompt learners)

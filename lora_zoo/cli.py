@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import time
@@ -34,7 +35,8 @@ from .options import yaml_value
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 ACTIONS = ("config", "overrides", "eval_only", "export_merged", "export_peft", "eval_on", "overwrite", "quiet", "demo",
-           "method")
+           "method", "task")
+TASKS = ("classification", "commonsense")  # few-shot CLIP classification; LLM-Adapters' commonsense reasoning
 
 
 class UsageError(ValueError):
@@ -63,22 +65,69 @@ def _add_fields(group, fields, dest_prefix: str, taken: set, helps=None) -> None
         taken.add(f.name)
 
 
-def build_parser(method=None, optimizer=None, fixed_method=False) -> argparse.ArgumentParser:
-    """The parser; with ``method``/``optimizer`` known, their options become flags too."""
-    from datasets import list_datasets
-
-    from .config import EXPERIMENT_KEYS, TRAIN_KEYS, ExperimentConfig, TrainConfig
-    from .catalog import get_method, get_optimizer, list_methods
-
-    parser = argparse.ArgumentParser(description="Few-shot CLIP adaptation with any registered lora_zoo method: train and evaluate one run.")
-    if not fixed_method:
-        parser.add_argument("--method", default=argparse.SUPPRESS,
-                            help="registered method: " + ", ".join(list_methods()))
+def _add_actions(parser: argparse.ArgumentParser) -> None:
+    """The flags both tasks share."""
+    parser.add_argument("--task", choices=TASKS, default=argparse.SUPPRESS,
+                        help="classification: few-shot CLIP (default); commonsense: the NoRA paper's Table 1 protocol "
+                             "on a causal LM (--base_model; main.py --task commonsense --help)")
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="YAML config, e.g. configs/nora_authors.yaml (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override any config key, e.g. --set lr=1e-3 --set method_options.inner_rank=8")
     parser.add_argument("--eval_only", action="store_true", help="reload the run's adapters and evaluate them")
+
+
+def _add_method_groups(parser, method, optimizer, taken: set) -> None:
+    """The method's options and its optimizer's, as flags."""
+    from .catalog import get_method, get_optimizer
+
+    if method is not None:
+        spec = get_method(method)
+        group = parser.add_argument_group(f"{method} options ({spec.display_name}, {spec.citation}; "
+                                          f"protocol lr {spec.lr:g}; method_options.<name>)")
+        for options_class in spec.option_classes():
+            _add_fields(group, dataclasses.fields(options_class), "method_options.", taken)
+        optimizer = optimizer or spec.optimizer
+    if optimizer is not None:
+        options_class = get_optimizer(optimizer).options_class
+        if options_class is not None:
+            group = parser.add_argument_group(f"optimizer {optimizer} options (optimizer_options.<name>)")
+            _add_fields(group, dataclasses.fields(options_class), "optimizer_options.", taken)
+
+
+def build_lm_parser(method=None, optimizer=None, fixed_method=False) -> argparse.ArgumentParser:
+    """The parser of ``--task commonsense`` (``lm_config.CommonsenseConfig``'s fields as flags)."""
+    from .catalog import list_methods
+    from .lm_config import COMMONSENSE_KEYS, CommonsenseConfig
+
+    parser = argparse.ArgumentParser(description="Commonsense reasoning (the NoRA paper's Table 1, LLM-Adapters' "
+                                                 "protocol) with any weight method of lora_zoo on a causal LM.")
+    if not fixed_method:
+        parser.add_argument("--method", default=argparse.SUPPRESS, help="registered method: " + ", ".join(list_methods()))
+    _add_actions(parser)
+    parser.add_argument("--export_peft", metavar="DIR", help="also save the adapters as a peft adapter of the base "
+                        "model in DIR (PeftModel.from_pretrained)")
+    parser.add_argument("--overwrite", action="store_true", help="train again a run that already has result.json")
+    parser.add_argument("--quiet", action="store_true", help="warnings only on the console")
+    taken = set(ACTIONS)
+    _add_fields(parser.add_argument_group("commonsense run"),
+                [f for f in dataclasses.fields(CommonsenseConfig) if f.name in COMMONSENSE_KEYS], "", taken)
+    _add_method_groups(parser, method, optimizer, taken)
+    return parser
+
+
+def build_parser(method=None, optimizer=None, fixed_method=False) -> argparse.ArgumentParser:
+    """The parser; with ``method``/``optimizer`` known, their options become flags too."""
+    from datasets import list_datasets
+
+    from .config import EXPERIMENT_KEYS, TRAIN_KEYS, ExperimentConfig, TrainConfig
+    from .catalog import list_methods
+
+    parser = argparse.ArgumentParser(description="Few-shot CLIP adaptation with any registered lora_zoo method: train and evaluate one run.")
+    if not fixed_method:
+        parser.add_argument("--method", default=argparse.SUPPRESS,
+                            help="registered method: " + ", ".join(list_methods()))
+    _add_actions(parser)
     parser.add_argument("--export_merged", metavar="PATH", help="also save merged plain open_clip weights to PATH")
     parser.add_argument("--export_peft", metavar="DIR", help="also save the adapters as a peft LoRA adapter for "
                         "transformers' CLIPModel in DIR (needs peft; README: Using an adapter in transformers)")
@@ -96,18 +145,7 @@ def build_parser(method=None, optimizer=None, fixed_method=False) -> argparse.Ar
                 helps={"dataset": "registered dataset: " + ", ".join(list_datasets())})
     _add_fields(parser.add_argument_group("training loop"),
                 [f for f in dataclasses.fields(TrainConfig) if f.name in TRAIN_KEYS], "", taken)
-    if method is not None:
-        spec = get_method(method)
-        group = parser.add_argument_group(f"{method} options ({spec.display_name}, {spec.citation}; "
-                                          f"protocol lr {spec.lr:g}; method_options.<name>)")
-        for options_class in spec.option_classes():
-            _add_fields(group, dataclasses.fields(options_class), "method_options.", taken)
-        optimizer = optimizer or spec.optimizer
-    if optimizer is not None:
-        options_class = get_optimizer(optimizer).options_class
-        if options_class is not None:
-            group = parser.add_argument_group(f"optimizer {optimizer} options (optimizer_options.<name>)")
-            _add_fields(group, dataclasses.fields(options_class), "optimizer_options.", taken)
+    _add_method_groups(parser, method, optimizer, taken)
     return parser
 
 
@@ -217,14 +255,40 @@ def hint(err: Exception) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def task_of(argv) -> str:
+    """The task a command line asks for (``--task``, ``--set task=...`` or a ``--config`` file's ``task``)."""
+    from .config import read_yaml
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task")
+    pre.add_argument("--config", action="append", default=[])
+    pre.add_argument("--set", action="append", default=[], dest="overrides")
+    known, _ = pre.parse_known_args(argv)
+    task = None
+    for path in known.config:
+        with contextlib.suppress(ValueError):
+            task = read_yaml(path).get("task", task)
+    for pair in known.overrides:
+        key, _, value = pair.partition("=")
+        task = value.strip() if key.strip() == "task" else task
+    task = known.task or task or TASKS[0]
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    return task
+
+
 def parse_args(argv, method=None, on_error=None) -> argparse.Namespace:
-    """The command line parsed with the flags of the method and optimizer it names (``on_error``
+    """The command line parsed with the flags of its task and of the method and optimizer it names (``on_error``
     replaces argparse's print-usage-and-exit, e.g. to raise)."""
+    task = task_of(argv)
     chosen, optimizer = _choices(argv, method)
-    parser = build_parser(chosen, optimizer, fixed_method=method is not None)
+    build = build_lm_parser if task == "commonsense" else build_parser
+    parser = build(chosen, optimizer, fixed_method=method is not None)
     if on_error is not None:
         parser.error = on_error
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.task = task
+    return args
 
 
 def config_from_args(args: argparse.Namespace, method=None):
@@ -252,6 +316,8 @@ def run(argv=None, method=None) -> int:
     try:
         args = parse_args(argv, method)
         setup_logging(args.quiet)
+        if args.task == "commonsense":
+            return run_commonsense_task(args, method)
         if args.demo:
             return run_demo(getattr(args, "output_dir", None), collect_overrides(args), args.quiet)
         from .experiment import run_experiment
@@ -275,8 +341,38 @@ def run(argv=None, method=None) -> int:
               "last checkpoint", file=sys.stderr)
         return 130
     except (ValueError, OSError, TypeError, NonFiniteError) as err:  # every known failure becomes one line
-        print(f"error: {hint(err)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run, from rank 0
+            print(f"error: {hint(err)}", file=sys.stderr)
         return 1
+
+
+def run_commonsense_task(args: argparse.Namespace, method=None) -> int:
+    """``--task commonsense``: one run of ``lm_experiment.run_commonsense`` (under torchrun: this process's part)."""
+    from .config import read_yaml
+    from .lm_config import lm_config_from
+    from .lm_experiment import run_commonsense
+
+    values: dict = {}
+    for path in args.config:
+        values.update(read_yaml(path))
+    values.update(collect_overrides(args))
+    values.pop("task", None)
+    if method is not None or "method" in args:
+        values["method"] = method or args.method
+    cfg = lm_config_from(values)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the run
+    try:
+        record = run_commonsense(cfg, eval_only=args.eval_only, export_peft=args.export_peft,
+                                 overwrite=args.overwrite)
+    except (RunClaimedError, RunFinishedError) as skipped:
+        what = "skipped, running elsewhere: " if isinstance(skipped, RunClaimedError) else "nothing to do, "
+        if main_rank:
+            print(what + hint(skipped) + ("" if what.startswith("skipped") else " (--overwrite trains it again)"),
+                  file=sys.stderr)
+        return 0
+    if args.quiet and main_rank:
+        print(record["summary"])
+    return 0
 
 
 def _interrupt(signum, frame):

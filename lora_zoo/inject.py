@@ -1,7 +1,9 @@
-"""Putting adapters into models: ``wrap_linear`` for any ``nn.Linear``, ``apply_adapters`` for open_clip.
+"""Putting adapters into models: ``wrap_linear`` for any ``nn.Linear``, ``apply_adapters`` for any model.
 
-``apply_adapters`` splits attention (once, ``attention.split_attention``),
-finds the target linears (``targets.find_target_linears``), freezes the whole
+On an open_clip CLIP model ``apply_adapters`` splits attention (once, ``attention.split_attention``)
+and finds the target linears by short names (``targets.find_target_linears``); on any other
+``nn.Module`` (a transformers ``LlamaForCausalLM``) targets are module-name patterns
+(``targets.match_modules``: ``q_proj,k_proj,v_proj,up_proj,down_proj``, or globs), and it freezes the whole
 model, lets the method plan per-layer options from a global view (AIRA's rank
 allocation) and replaces each target by its adapter. The method's options are
 split between its layer config (saved with the adapters; rebuilds them) and its
@@ -23,7 +25,8 @@ from .attached import MethodSetup
 from .attention import split_attention
 from .catalog import get_method
 from .registry import MethodSpec
-from .targets import check_targets, find_target_linears, target_shapes
+from .targets import (check_patterns, check_targets, find_target_linears, is_open_clip, match_modules, module_shapes,
+                      target_shapes)
 
 AdapterSetup = MethodSetup  # what apply_adapters records (the name of lora_zoo 0.3)
 
@@ -62,16 +65,19 @@ def check_fits(model_or_layers: Union[nn.Module, Mapping[str, Any]], method: str
     above min(d_in, d_out), ...), from the shapes alone: nothing is built or changed.
 
     ``model_or_layers``: an open_clip model, whose targets ``encoders``/``targets``/``layers`` choose (its
-    attention split or not), or ``{name: nn.Linear or (d_out, d_in)}``. The check is each layer class's
-    ``check_fits``; its constructor runs the same check again.
+    attention split or not), any other model whose modules ``targets`` patterns name, or
+    ``{name: nn.Linear or (d_out, d_in)}``. The check is each layer class's ``check_fits``; its constructor runs
+    the same check again.
     """
     spec, config, _ = method_options(method, options)
     weight_method(spec)
     if isinstance(model_or_layers, Mapping):
         shapes = {name: (layer.out_features, layer.in_features) if isinstance(layer, nn.Module) else tuple(layer)
                   for name, layer in model_or_layers.items()}
-    else:
+    elif is_open_clip(model_or_layers):
         shapes = target_shapes(model_or_layers, encoders, targets, layers)
+    else:
+        shapes = module_shapes(model_or_layers, _module_targets(targets, layers))
     _check_shapes(spec.layer_class, config, shapes)
 
 
@@ -94,27 +100,43 @@ def wrap_linear(linear: nn.Linear, method: str, stats=None, **cfg) -> AdapterLin
     return spec.layer_class(linear, spec.config_class.from_dict(cfg), stats).train(linear.training)
 
 
+def _module_targets(targets, layers) -> tuple[str, ...]:
+    """The target patterns of a model that is not open_clip's (``layers`` chooses open_clip blocks only)."""
+    if layers is not None:
+        raise ValueError("layers= chooses blocks of an open_clip model's towers; on other models name the modules "
+                         "with target patterns (globs such as model.layers.1*.self_attn.q_proj)")
+    return check_patterns(targets)
+
+
 def apply_adapters(model: nn.Module, method: str, encoders: Iterable[str] = ("vision", "text"),
                    targets: Iterable[str] = ("q", "k", "v"), layers: Optional[Iterable[int]] = None,
                    stats: Optional[Mapping[str, Any]] = None,
                    layer_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None, **options) -> dict[str, AdapterLinear]:
-    """Inject ``method`` adapters into an open_clip CLIP model in place; returns ``{layer name: adapter}``.
+    """Inject ``method`` adapters into a model in place; returns ``{layer name: adapter}``.
 
-    ``options`` are the method's options (layer and schedule alike). ``stats`` are calibration
+    On an open_clip CLIP model ``encoders``, ``targets`` (short names: q, k, v, o, fc1, fc2) and ``layers`` choose
+    the layers; on any other model ``targets`` are module-name patterns (``targets.match_modules``) and
+    ``encoders`` is not used (recorded as ``()``). ``options`` are the method's options (layer and schedule alike). ``stats`` are calibration
     statistics from ``collect_activation_stats`` (needed by methods that use activations).
     ``layer_overrides`` fixes per-layer options (e.g. ``{"name": {"rank": 4}}``) instead of letting the
     method plan them; checkpoints use it to rebuild an allocation.
     """
     spec, config, schedule_options = method_options(method, options)
     cls = weight_method(spec).layer_class
-    encoders, targets = check_targets(encoders, targets)
-    layers = tuple(int(i) for i in layers) if layers is not None else None
+    clip = is_open_clip(model)
+    if clip:
+        encoders, targets = check_targets(encoders, targets)
+        layers = tuple(int(i) for i in layers) if layers is not None else None
+    else:
+        encoders, targets = (), _module_targets(targets, layers)
     if adapter_modules(model):
         raise ValueError("model already has adapters; apply_adapters expects a model without them")
     if layer_overrides is None:  # planned options are fitted by the plan; given ones are checked per layer
-        _check_shapes(cls, config, target_shapes(model, encoders, targets, layers))
-    split_attention(model, encoders)
-    linears = find_target_linears(model, encoders, targets, layers)
+        _check_shapes(cls, config, target_shapes(model, encoders, targets, layers) if clip
+                      else module_shapes(model, targets))
+    if clip:
+        split_attention(model, encoders)
+    linears = find_target_linears(model, encoders, targets, layers) if clip else match_modules(model, targets)
     for param in model.parameters():
         param.requires_grad_(False)
     overrides = dict(layer_overrides) if layer_overrides is not None else cls.plan_layers(linears, stats, config)

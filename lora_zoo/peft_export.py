@@ -1,15 +1,18 @@
-"""Export a model's adapters as a peft LoRA adapter for transformers' ``CLIPModel``.
+"""Export a model's adapters as a peft adapter: for transformers' ``CLIPModel``, or for the model itself.
 
 ``export_peft(model, directory)`` writes ``adapter_model.safetensors`` and then
-``adapter_config.json`` (peft's LoRA format, peft 0.21's keys), so that with stock
-peft and transformers
+``adapter_config.json`` (peft 0.21's keys), so that with stock peft and transformers
 
     base = CLIPModel.from_pretrained(...)          # the pretrained model: hf_clip.to_hf_clip(model)
     adapted = PeftModel.from_pretrained(base, directory)
 
 computes what the adapted open_clip model computes. Target modules carry
 transformers' names (``vision_model.encoder.layers.N.self_attn.q_proj``, ``k_proj``,
-``v_proj``, ``out_proj``; ``text_model...``; ``mlp.fc1`` / ``mlp.fc2``).
+``v_proj``, ``out_proj``; ``text_model...``; ``mlp.fc1`` / ``mlp.fc2``). Adapters on any
+other model (a transformers ``LlamaForCausalLM``, ``apply_adapters(model, m, targets=[...])``)
+keep their own qualified module names, and the base of ``PeftModel.from_pretrained`` is that
+model without adapters (``AutoModelForCausalLM.from_pretrained`` of the same weights); a causal LM's
+config says ``task_type: CAUSAL_LM``, so peft gives a ``PeftModelForCausalLM`` (``generate`` works).
 
 Each adapted layer exports the exact low-rank factors of its update relative to
 the *pretrained* weight, ``W_eff − W = up @ down``, from the method's ``factors``
@@ -26,14 +29,17 @@ Every layer gets peft scaling exactly 1 (``lora_alpha`` = r, per-layer ranks in
 exports as peft's DoRA (``use_dora``, ``lora_magnitude_vector`` = m; peft computes
 ``m ⊙ (W + up·down) / ‖W + up·down‖_row`` as lora_zoo does). A bias the adapter adds
 (``extra_bias()``, the authors' NoRA double bias) goes into ``lora_B.bias``
-(``lora_bias``). Dropout is not exported (``lora_dropout`` 0): the adapter describes
+(``lora_bias``). LoKr exports as peft's LoKr (``LoKrConfig``: the same r, α and factor
+tensors, ``lokr_w1``, ``lokr_w2_a``, ...), which computes the same Kronecker product.
+Dropout is not exported (``lora_dropout`` 0): the adapter describes
 the trained model. A merged adapter exports the same as unmerged.
 
 Refused, with one line and before anything is written: a model without adapters,
 an architecture transformers' CLIP cannot represent (``hf_clip.convertible_config``),
 an update that depends on the batch (AIRA ``act_scale="batch"``: no fixed weight
-reproduces it), an update that is not the product of the method's factors, and
-DoRA layers mixed with others (peft's ``use_dora`` holds for the whole adapter).
+reproduces it), an update that is not the product of the method's factors,
+DoRA layers mixed with others (peft's ``use_dora`` holds for the whole adapter), and
+LoKr layers mixed with others (one peft adapter has one type).
 peft is imported only by ``export_peft``.
 """
 from __future__ import annotations
@@ -54,6 +60,8 @@ from .dora import DoraLinear
 from .files import atomic_write, write_text
 from .hf_clip import INSTALL, convertible_config
 from .kinds import refuse_without_weight_update
+from .lokr import LokrLinear
+from .targets import is_open_clip
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # what peft puts before a module name in its state dict
@@ -137,21 +145,48 @@ def layer_export(name: str, adapter: AdapterLinear) -> LayerExport:
     return LayerExport(up, down, magnitude, None if extra is None else extra.detach().float())
 
 
-def peft_exports(model: nn.Module) -> dict[str, LayerExport]:
-    """``{transformers module name: LayerExport}`` for every adapter of ``model``; refusals as ``export_peft``."""
+@dataclass
+class LokrExport:
+    """One LoKr layer as peft's LoKr holds it: its tensors under peft's names and the config that builds them."""
+
+    tensors: dict[str, torch.Tensor]   # lokr_w1 or lokr_w1_a/_b; lokr_w2 or lokr_w2_a/_b
+    config: dict                       # r, alpha, decompose_both, decompose_factor
+
+
+@torch.no_grad()
+def lokr_export(adapter: LokrLinear) -> LokrExport:
+    config = adapter.config
+    tensors = {"lokr_" + n.removeprefix("lora_"): t.detach().float() for n, t in adapter.trainable_tensors().items()}
+    return LokrExport(tensors, dict(r=config.rank, alpha=float(config.alpha), decompose_both=config.decompose_both,
+                                    decompose_factor=config.decompose_factor))
+
+
+def peft_exports(model: nn.Module) -> dict[str, LayerExport | LokrExport]:
+    """``{peft module name: LayerExport or LokrExport}`` for every adapter of ``model`` (transformers' CLIPModel names
+    for an open_clip model, else the model's own); refusals as ``export_peft``."""
     adapters = adapter_modules(model)
     if not adapters:
         raise ValueError("the model has no lora_zoo adapters to export (apply_adapters or load_adapters first)")
-    convertible_config(model)
-    exports = {hf_module_name(name): layer_export(name, adapter) for name, adapter in adapters.items()}
+    name_of = hf_module_name if is_open_clip(model) else str
+    if is_open_clip(model):
+        convertible_config(model)
+    lokr = {isinstance(adapter, LokrLinear) for adapter in adapters.values()}
+    if len(lokr) > 1:
+        raise ValueError("cannot export LoKr layers together with others: one peft adapter has one type")
+    if lokr == {True}:
+        return {name_of(name): lokr_export(adapter) for name, adapter in adapters.items()}
+    exports = {name_of(name): layer_export(name, adapter) for name, adapter in adapters.items()}
     dora = {e.magnitude is not None for e in exports.values()}
     if len(dora) > 1:
         raise ValueError("cannot export DoRA layers together with others: peft's use_dora holds for the whole adapter")
     return exports
 
 
-def peft_tensors(exports: dict[str, LayerExport]) -> dict[str, torch.Tensor]:
+def peft_tensors(exports: dict[str, LayerExport | LokrExport]) -> dict[str, torch.Tensor]:
     """The adapter's state dict under the keys ``PeftModel.from_pretrained`` reads."""
+    if all(isinstance(e, LokrExport) for e in exports.values()):
+        return {f"{PREFIX}{module}.{name}": tensor.to("cpu", torch.float32).contiguous()
+                for module, export in exports.items() for name, tensor in export.tensors.items()}
     with_bias = any(e.bias is not None for e in exports.values())
     state = {}
     for module, export in exports.items():
@@ -166,12 +201,32 @@ def peft_tensors(exports: dict[str, LayerExport]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
-def peft_config(exports: dict[str, LayerExport], base_model_name_or_path: Optional[str] = None) -> dict:
-    """``adapter_config.json``'s content, validated by peft's own ``LoraConfig``: scaling 1 in every layer."""
+def _lokr_config(exports: dict[str, LokrExport], base_model_name_or_path: Optional[str]):
+    """peft's ``LoKrConfig`` of LoKr layers (all built from one config: the same r, α and factor rule)."""
+    from peft import LoKrConfig
+
+    (config,) = {tuple(sorted(e.config.items())) for e in exports.values()}
+    return LoKrConfig(**dict(config), target_modules=sorted(exports), rank_dropout=0.0, module_dropout=0.0,
+                      init_weights=True, inference_mode=True, base_model_name_or_path=base_model_name_or_path)
+
+
+def _task_type(model: Optional[nn.Module]) -> Optional[str]:
+    """peft's task type of a transformers model with a causal LM head (``PeftModelForCausalLM``), else None."""
+    causal = model is not None and type(model).__name__.endswith("ForCausalLM") and hasattr(model, "generate")
+    return "CAUSAL_LM" if causal else None
+
+
+def peft_config(exports: dict[str, LayerExport | LokrExport], base_model_name_or_path: Optional[str] = None,
+                model: Optional[nn.Module] = None) -> dict:
+    """``adapter_config.json``'s content, validated by peft's own ``LoraConfig`` (scaling 1 in every layer) or
+    ``LoKrConfig``; ``model``: the adapted model (CLIP unless it is another model)."""
     try:
         from peft import LoraConfig
     except ImportError:
         raise ImportError(f"export_peft needs peft ({INSTALL})") from None
+    clip = model is None or is_open_clip(model)
+    if all(isinstance(e, LokrExport) for e in exports.values()):
+        return _config_values(_lokr_config(exports, base_model_name_or_path), clip, _task_type(model))
     ranks = {module: export.rank for module, export in exports.items()}
     # the most common rank is r; the others (AIRA's allocation, AdaLoRA's pruning) go to rank_pattern
     common = min(Counter(ranks.values()).most_common(), key=lambda item: (-item[1], item[0]))[0]
@@ -182,15 +237,23 @@ def peft_config(exports: dict[str, LayerExport], base_model_name_or_path: Option
         use_dora=any(e.magnitude is not None for e in exports.values()),
         lora_bias=any(e.bias is not None for e in exports.values()),
         base_model_name_or_path=base_model_name_or_path)
+    return _config_values(config, clip, _task_type(model))
+
+
+def _config_values(config, clip: bool, task_type: Optional[str]) -> dict:
     values = config.to_dict()
     values = {k: sorted(v) if isinstance(v, set) else v for k, v in values.items()}
-    # as peft writes it for a CLIPModel, so AutoPeftModel can find the base class
-    values["auto_mapping"] = {"base_model_class": "CLIPModel", "parent_library": "transformers.models.clip.modeling_clip"}
+    if task_type is not None:
+        values["task_type"] = task_type
+    if clip:  # as peft writes it for a CLIPModel, so AutoPeftModel can find the base class
+        values["auto_mapping"] = {"base_model_class": "CLIPModel",
+                                  "parent_library": "transformers.models.clip.modeling_clip"}
     return values
 
 
 def export_peft(model: nn.Module, directory, base_model_name_or_path: Optional[str] = None) -> Path:
-    """Write ``model``'s adapters as a peft LoRA adapter for transformers' CLIPModel into ``directory``.
+    """Write ``model``'s adapters as a peft adapter into ``directory``: for transformers' CLIPModel when ``model`` is
+    an open_clip model, else for ``model`` itself (its module names).
 
     ``base_model_name_or_path`` is recorded in the config for ``AutoPeftModel`` (e.g.
     ``openai/clip-vit-base-patch16`` for a run on OpenAI's ViT-B-16, or the folder where
@@ -201,7 +264,9 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: Optional[s
     """
     refuse_without_weight_update(model, "exported as a peft adapter")
     exports = peft_exports(model)
-    config = peft_config(exports, base_model_name_or_path)
+    if base_model_name_or_path is None and not is_open_clip(model):
+        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    config = peft_config(exports, base_model_name_or_path, model)
     tensors = peft_tensors(exports)
     directory = Path(directory)
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))

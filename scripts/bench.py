@@ -256,7 +256,8 @@ def markdown(result: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-B-16")
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=None, help="images per step (default 4); commonsense: sequences "
+                                                                "of the 7B-width model (default 1)")
     parser.add_argument("--dataset", default="food101", choices=sorted(BENCHMARK_SIZES),
                         help="its class count is the prompt count; the run projected (default food101: 101)")
     parser.add_argument("--classes", type=int, default=None, help="prompt count (default: the dataset's classes)")
@@ -281,7 +282,13 @@ def main(argv=None):
                              "bench_pipeline.BENCH_OPTIONS; --quick: those the tiny model needs, TINY_OPTIONS)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 repetitions (seconds)")
+    parser.add_argument("--task", choices=["classification", "commonsense"], default="classification",
+                        help="commonsense: weight methods on tiny-lm and a Llama at 7B width (bench_commonsense.py)")
+    parser.add_argument("--layers", type=int, default=2, help="commonsense: blocks of the 7B-width Llama")
+    parser.add_argument("--seq", type=int, default=64, help="commonsense: tokens per sequence of the 7B-width model")
     args = parser.parse_args(argv)
+    if args.task == "commonsense":
+        return commonsense(args, parser)
     if args.quick:
         args.model, args.reps, args.step_batch, args.cocoop_batch = "tiny-vit", 2, 8, 4
         args.head_images, args.head_epochs, args.head_views = 8, 4, 2
@@ -297,7 +304,7 @@ def main(argv=None):
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     result = {}
     if args.part in ("methods", "all"):
-        result = run_benchmark(args.model, args.batch, classes, args.image_size, args.device, args.reps,
+        result = run_benchmark(args.model, args.batch or 4, classes, args.image_size, args.device, args.reps,
                                args.amp, args.methods, args.threads, log=log, dropout=args.dropout,
                                options=options)
         print(markdown(result))
@@ -310,6 +317,24 @@ def main(argv=None):
     if args.part in ("prompts", "all"):
         result["prompts"] = run_prompts(args, classes, log)
         print("\n" + bench_prompts.prompts_markdown(result["prompts"]))
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+def commonsense(args, parser) -> dict:
+    """``--task commonsense``: ``bench_commonsense.py`` (``--batch`` is the 7B-width model's, default 1)."""
+    import bench_commonsense
+
+    args.batch = args.batch or 1
+    args.reps = 2 if args.quick else args.reps
+    weights = [m for m in lz.list_methods() if lz.get_method(m).kind == "weights"]
+    unknown = sorted(set(args.methods or []) - set(weights))
+    if unknown:
+        parser.error(f"unknown weight method {unknown[0]}; expected some of {', '.join(weights)}")
+    result = bench_commonsense.run_commonsense_bench(args, lambda m: print(m, file=sys.stderr))
+    for model in result["models"]:
+        print(bench_commonsense.markdown(model) + "\n")
     if args.json:
         write_json(args.json, result)
     return result

@@ -19,6 +19,7 @@ column order and rendering of ``lora_zoo/tables.py``; neither torch, open_clip n
                                  [--best_over lr] [--datasets benchmark] [--format md|latex|csv|all] [--plot_dir DIR]
     python scripts/make_table.py outputs --protocol base2new|cross_dataset|domain [--source imagenet]
     python scripts/make_table.py outputs --paper table2     # the paper's rows in its order, ours beside each value
+    python scripts/make_table.py outputs --task commonsense     # the NoRA paper's Table 1 layout (lora_zoo/lm_tables.py)
 """
 from __future__ import annotations
 
@@ -308,6 +309,19 @@ def paper_main(args) -> int:
     return 0
 
 
+def commonsense_main(args) -> int:
+    from lora_zoo.lm_tables import load_commonsense, tables as commonsense_tables
+
+    runs, unreadable = load_commonsense(args.results)
+    if not runs:
+        print(f"error: no readable commonsense result.json under {args.results}"
+              + (f" ({unreadable} unreadable)" if unreadable else ""), file=sys.stderr)
+        return 2
+    for title, head, rows in commonsense_tables(runs):
+        print_table(title, head, rows, args.format)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="results folder (main.py --output_dir)")
@@ -329,12 +343,16 @@ def main(argv=None) -> int:
     parser.add_argument("--paper", metavar="TABLE", help="a paper's table row by row, ours beside its values: table2 "
                                                          "(the NoRA paper's, lora_zoo/paper_table.py)")
     add_protocol_arguments(parser)
+    parser.add_argument("--task", choices=["classification", "commonsense"], default="classification",
+                        help="commonsense: the runs of main.py --task commonsense, in Table 1's columns")
     args = parser.parse_args(argv)
     if not args.results.is_dir():
         print(f"error: results folder not found: {args.results}", file=sys.stderr)
         return 1
     if args.paper:
         return paper_main(args)
+    if args.task == "commonsense":
+        return commonsense_main(args)
     if args.protocol != "fewshot":  # base-to-new, cross-dataset, domain generalisation: scripts/protocol_tables.py
         return protocol_main(args)
     runs, args.unreadable = load_results(args.results)

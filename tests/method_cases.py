@@ -88,6 +88,14 @@ def plot_count(n_text, n_ctx, n_visual, visual_tokens):  # N text contexts of th
 
 def svd_count(adapter):  # CLIP-SVD: one singular value per direction
     return min(adapter.in_features, adapter.out_features)
+def lokr_count(adapter):  # peft's LoKr: each side split into its divisor pair nearest the square root
+    def pair(side):
+        small = max(m for m in range(1, int(side ** 0.5) + 1) if side % m == 0)
+        return small, side // small
+    (out_l, out_k), (in_m, in_n), r = pair(adapter.out_features), pair(adapter.in_features), adapter.config.rank
+    small = out_l * in_m if not (adapter.config.decompose_both and r < max(out_l, in_m) / 2) else r * (out_l + in_m)
+    large = out_k * in_n if r >= max(out_k, in_n) / 2 else r * (out_k + in_n)
+    return small + large
 
 
 WEIGHTS = dict(kind="weights", mergeable=True, rank="rank")
@@ -201,6 +209,12 @@ CASES = {
     "twostage": dict(kind="tensors", options=dict(), preserves=False, mergeable=False, rank=None,
                      count=lambda model: 2 * 2 * 2 * 2 * 64 + 4 * 32, later_stage=("lora_head",),
                      export=dict(refused="no weight update"), precision={}),
+    # 64-wide layers split 8 × 8: at rank 2 the large factor is a rank-2 pair, the small one full (and zero)
+    "lokr": dict(WEIGHTS, options=dict(rank=2, alpha=4), preserves=True, count=per_adapter(lokr_count),
+                 export=dict(form="lokr", ranks={2}), precision={}),
+    "lokr_decompose_both": dict(WEIGHTS, method="lokr", options=dict(rank=2, alpha=4, decompose_both=True,
+                                                                     init="lycoris"),
+                                preserves=True, count=per_adapter(lokr_count), export=dict(form="lokr", ranks={2})),
     # (a new method's row goes above this line)
 }
 

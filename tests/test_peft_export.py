@@ -129,6 +129,25 @@ def test_export_reproduces_the_adapted_model_in_transformers(case, images, texts
 
     adapters = lz.adapter_modules(model)
     assert sorted(config["target_modules"]) == sorted(hf_module_name(n) for n in adapters)
+    form = CASES[case]["export"]["form"]
+    if form == "lokr":  # peft's own LoKr: the same r, alpha and factor tensors
+        options = column(case, "export")["options"]
+        assert config["peft_type"] == "LOKR" and (config["r"], config["alpha"]) == (options["rank"], options["alpha"])
+        assert {config["r"]} == CASES[case]["export"]["ranks"] and not config["rank_pattern"]
+    else:
+        check_lora_config(case, config, adapters)
+    lz.merge_adapters(model)
+    merged = adapted.merge_and_unload()
+    assert_same(theirs(merged, images, texts), ours(model, images, texts))
+    merged_state = merged.state_dict()
+    for name, adapter in adapters.items():
+        module = hf_module_name(name)
+        torch.testing.assert_close(merged_state[module + ".weight"], adapter.base_layer.weight, atol=1e-5, rtol=0)
+        torch.testing.assert_close(merged_state[module + ".bias"], adapter.base_layer.bias, atol=1e-6, rtol=0)
+
+
+def check_lora_config(case, config, adapters):
+    """A LoRA export's config: scaling 1 everywhere, the row's form (DoRA, bias) and ranks."""
     ranks = {m: config["rank_pattern"].get(m, config["r"]) for m in config["target_modules"]}
     assert all(config["alpha_pattern"].get(m, config["lora_alpha"]) == r for m, r in ranks.items())  # scaling 1
     assert not config["use_rslora"]
@@ -143,15 +162,6 @@ def test_export_reproduces_the_adapted_model_in_transformers(case, images, texts
         expected_ranks = {hf_module_name(n): max(1, a.rank) for n, a in adapters.items()}
         assert min(a.rank for a in adapters.values()) < 6 and sum(a.rank for a in adapters.values()) > 0
         assert ranks == expected_ranks
-
-    lz.merge_adapters(model)
-    merged = adapted.merge_and_unload()
-    assert_same(theirs(merged, images, texts), ours(model, images, texts))
-    merged_state = merged.state_dict()
-    for name, adapter in adapters.items():
-        module = hf_module_name(name)
-        torch.testing.assert_close(merged_state[module + ".weight"], adapter.base_layer.weight, atol=1e-5, rtol=0)
-        torch.testing.assert_close(merged_state[module + ".bias"], adapter.base_layer.bias, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("case", ["pissa", "nora_authors", "dora"])
