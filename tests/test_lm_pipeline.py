@@ -96,23 +96,9 @@ def test_a_killed_run_resumes_to_the_adapters_of_an_uninterrupted_one(data, tmp_
     assert resumed["adapters_sha256"] == whole["adapters_sha256"]
 
 
-@pytest.fixture
-def toy_prompt_method(monkeypatch):
-    """A CLIP prompt learner registered for this test only (the registry is restored after it)."""
-    from lora_zoo import registry
-    from lora_zoo.learner import LearnerConfig, PromptLearner
-
-    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
-
-    @registry.register_method("toy_clip_prompt", display_name="Toy", citation="nobody", lr=1e-3)
-    class ToyPrompt(PromptLearner):
-        config_class = LearnerConfig
-    return "toy_clip_prompt"
-
-
-@pytest.mark.parametrize("case", ["field", "task", "pattern", "not_linear", "pad", "clip_method", "base_model",
-                                  "export"])
-def test_bad_input_is_one_line_and_writes_nothing(case, data, tmp_path, capsys, toy_prompt_method):
+@pytest.mark.parametrize("case", ["field", "task", "pattern", "not_linear", "pad", "clip_prompts", "clip_head",
+                                  "clip_tensors", "base_model", "export"])
+def test_bad_input_is_one_line_and_writes_nothing(case, data, tmp_path, capsys):
     root, extra, method = data, [], "lora"
     if case == "field":
         root = tmp_path / "bad"
@@ -124,11 +110,13 @@ def test_bad_input_is_one_line_and_writes_nothing(case, data, tmp_path, capsys, 
              "not_linear": ["--targets", "self_attn"], "pad": ["--pad_token", "tokenizer"],
              "base_model": ["--base_model", str(tmp_path / "missing")],
              "export": ["--variant", "authors", "--export_peft", str(tmp_path / "out" / "peft")]}.get(case, [])
-    method = {"clip_method": toy_prompt_method, "export": "aira"}.get(case, method)
+    method = {"clip_prompts": "coop", "clip_head": "tip_adapter", "clip_tensors": "twostage",
+              "export": "aira"}.get(case, method)
     expected = {"field": "record 3 has no 'output' field", "task": "unknown commonsense task 'mmlu'",
                 "pattern": "target pattern 'qkv_proj' matches no module of this LlamaForCausalLM",
                 "not_linear": "matches model.layers.0.self_attn, a LlamaAttention",
-                "pad": "the tokenizer has no pad token", "clip_method": "toy_clip_prompt is a prompts method of CLIP",
+                "pad": "the tokenizer has no pad token", "clip_prompts": "coop is a prompts method of CLIP",
+                "clip_head": "tip_adapter is a head method of CLIP", "clip_tensors": "twostage is a tensors method of CLIP",
                 "base_model": "is neither tiny-lm, an existing model folder, nor a Hugging Face model name",
                 "export": "cannot export a peft adapter: aira with these options depends on the batch"}[case]
     out = tmp_path / "out"
