@@ -20,6 +20,7 @@ unpadded token (position 0 would be padding under left padding).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Union
 
@@ -95,6 +96,37 @@ def _valid_tokens(tokens: torch.Tensor, pad_id: Optional[int], seq_len: int) -> 
     return valid[:, :seq_len]
 
 
+@contextmanager
+def _recording(model: nn.Module, linears: Mapping[str, nn.Module]):
+    """Forward hooks feeding each of ``linears`` (name → module) to its ``_Accumulator``, the model in eval mode.
+    Yields ``(accumulators, state, device)``: set ``state["valid"]`` (and ``state["first"]``) before each forward.
+    The hooks are removed and the training mode restored on exit, also after an error."""
+    accumulators = {name: _Accumulator() for name in linears}
+    state: dict = {"valid": None, "first": None}
+
+    def hook_for(name):
+        def hook(module, inputs, output):
+            accumulators[name].update(inputs[0], output, state["valid"], state["first"])
+        return hook
+
+    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in linears.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        yield accumulators, state, next(model.parameters()).device
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
+def _results(accumulators: Mapping[str, "_Accumulator"]) -> dict[str, LayerStats]:
+    missing = [name for name, acc in accumulators.items() if acc.tokens == 0]
+    if missing:
+        raise RuntimeError(f"no calibration tokens reached {missing[0]} ({len(missing)} layers)")
+    return {name: acc.result() for name, acc in accumulators.items()}
+
+
 @torch.no_grad()
 def collect_activation_stats(model: nn.Module, image_batches: Optional[Iterable[torch.Tensor]] = None,
                              text_batches: Optional[Iterable[torch.Tensor]] = None,
@@ -109,20 +141,7 @@ def collect_activation_stats(model: nn.Module, image_batches: Optional[Iterable[
     if not encoders:
         raise ValueError("collect_activation_stats needs image_batches and/or text_batches")
     split_attention(model, encoders)
-    linears = find_target_linears(model, encoders, targets, layers)
-    accumulators = {name: _Accumulator() for name in linears}
-    state = {"valid": None}
-
-    def hook_for(name):
-        def hook(module, inputs, output):
-            accumulators[name].update(inputs[0], output, state["valid"])
-        return hook
-
-    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in linears.items()]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
+    with _recording(model, find_target_linears(model, encoders, targets, layers)) as (accumulators, state, device):
         if image_batches is not None:
             for images in image_batches:
                 state["valid"] = None
@@ -134,14 +153,7 @@ def collect_activation_stats(model: nn.Module, image_batches: Optional[Iterable[
                 seq_len = tokens.shape[1] + (1 if getattr(model, "cls_emb", None) is not None else 0)
                 state["valid"] = _valid_tokens(tokens, pad_id, seq_len).reshape(-1)
                 model.encode_text(tokens)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    missing = [name for name, acc in accumulators.items() if acc.tokens == 0]
-    if missing:
-        raise RuntimeError(f"no calibration tokens reached {missing[0]} ({len(missing)} layers)")
-    return {name: acc.result() for name, acc in accumulators.items()}
+    return _results(accumulators)
 
 
 TokenBatch = Union[Mapping[str, torch.Tensor], tuple]
@@ -154,20 +166,7 @@ def collect_token_stats(model: nn.Module, batches: Iterable[TokenBatch], targets
     attention_mask=...)`` on each batch: a mapping with those keys, or an ``(input_ids, attention_mask)`` pair.
     Positions with mask 0 are excluded unless ``include_padding``; the first-position statistic is each sequence's
     first unpadded token. Returns ``{qualified module name: LayerStats}``, the names ``apply_adapters`` uses."""
-    linears = match_modules(model, targets)
-    accumulators = {name: _Accumulator() for name in linears}
-    state: dict = {"valid": None, "first": None}
-
-    def hook_for(name):
-        def hook(module, inputs, output):
-            accumulators[name].update(inputs[0], output, state["valid"], state["first"])
-        return hook
-
-    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in linears.items()]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
+    with _recording(model, match_modules(model, targets)) as (accumulators, state, device):
         for batch in batches:
             ids, mask = (batch["input_ids"], batch.get("attention_mask")) if isinstance(batch, Mapping) else batch
             ids = ids.to(device)
@@ -175,11 +174,4 @@ def collect_token_stats(model: nn.Module, batches: Iterable[TokenBatch], targets
             state["valid"] = None if include_padding else mask.reshape(-1).bool()
             state["first"] = None if include_padding else mask.long().argmax(dim=1)
             model(input_ids=ids, attention_mask=mask)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    missing = [name for name, acc in accumulators.items() if acc.tokens == 0]
-    if missing:
-        raise RuntimeError(f"no calibration tokens reached {missing[0]} ({len(missing)} layers)")
-    return {name: acc.result() for name, acc in accumulators.items()}
+    return _results(accumulators)
