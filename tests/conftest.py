@@ -127,3 +127,29 @@ def one_line(err: str) -> str:
     """The one line ``err`` holds (it must hold exactly one)."""
     assert err.count("\n") == 1 and err.endswith("\n"), err
     return err[:-1]
+
+
+def killed_at(step: int):
+    """``lora_zoo.train.training_step`` as it is now, but a Ctrl-C (KeyboardInterrupt) once a run reaches ``step``:
+    patched in, it kills the run there (its last checkpoint stays for the resume)."""
+    import lora_zoo.train as train
+    original = train.training_step
+
+    def step_or_interrupt(model, inputs, labels, classes, optimizer, hooks, at, *rest, **kwargs):
+        if at == step:
+            raise KeyboardInterrupt
+        return original(model, inputs, labels, classes, optimizer, hooks, at, *rest, **kwargs)
+    return step_or_interrupt
+
+
+@pytest.fixture
+def encoded_views(monkeypatch):
+    """The views each ``features.encode_views`` call encodes, in order: ``[(first view, views), ...]``."""
+    import lora_zoo.features as features
+    calls, real = [], features.encode_views
+
+    def encode(*args, first=0, **kwargs):
+        calls.append((first, args[3]))
+        return real(*args, first=first, **kwargs)
+    monkeypatch.setattr(features, "encode_views", encode)
+    return calls

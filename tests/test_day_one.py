@@ -20,7 +20,7 @@ from open_clip import SimpleTokenizer
 
 import lora_zoo
 import main
-from conftest import tiny_clip
+from conftest import killed_at, tiny_clip
 from datasets import write_synthetic_dataset
 from datasets.base import DatasetError
 from datasets.splits import classnames_from_splits, parse_split
@@ -253,13 +253,7 @@ def test_killed_run_resumes_and_ends_bit_identical(method, data_root, tmp_path, 
     assert run(capsys, args + ["--output_dir", tmp_path / "whole"], method)[0] == 0
     import lora_zoo.train as train
     original = train.training_step
-
-    def killed_at_8(model, images, labels, tokens, optimizer, hooks, step, *rest, **kw):
-        if step == 8:
-            raise KeyboardInterrupt
-        return original(model, images, labels, tokens, optimizer, hooks, step, *rest, **kw)
-
-    monkeypatch.setattr(train, "training_step", killed_at_8)
+    monkeypatch.setattr(train, "training_step", killed_at(8))
     assert run(capsys, args + ["--output_dir", tmp_path / "killed"], method)[0] == 130
     killed = tmp_path / f"killed/tiny-vit/dtd/2shots/seed1/{method}"
     assert (killed / "checkpoint.pt").is_file() and not (killed / "result.json").exists()
@@ -280,7 +274,7 @@ def test_killed_run_resumes_and_ends_bit_identical(method, data_root, tmp_path, 
         (tmp_path / f"whole/tiny-vit/dtd/2shots/seed1/{method}/adapters.safetensors").read_bytes()
     assert not (killed / "checkpoint.pt").exists()
     # --overwrite retrains from scratch: killed on the way, it leaves no finished-looking result behind
-    monkeypatch.setattr(train, "training_step", killed_at_8)
+    monkeypatch.setattr(train, "training_step", killed_at(8))
     assert run(capsys, args + ["--output_dir", tmp_path / "killed", "--overwrite"], method)[0] == 130
     assert not (killed / "result.json").exists() and (killed / "checkpoint.pt").is_file()
 

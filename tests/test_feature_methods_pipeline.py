@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-import lora_zoo.features as features
 import lora_zoo.train as train
+from conftest import killed_at
 from lora_zoo.cli import run
 from scripts import make_table
 
@@ -41,19 +40,7 @@ def result(out, method, protocol=()) -> dict:
     return json.loads(Path(out, "tiny-clip", "dtd", *protocol, "2shots", "seed1", method, "result.json").read_text())
 
 
-@pytest.fixture
-def encoded(monkeypatch):
-    """The views each ``encode_views`` call encoded: ``[(first, views), ...]``."""
-    calls, real = [], features.encode_views
-
-    def encode(*args, first=0, **kwargs):
-        calls.append((first, args[3]))
-        return real(*args, first=first, **kwargs)
-    monkeypatch.setattr(features, "encode_views", encode)
-    return calls
-
-
-def test_every_head_under_a_protocol_and_the_features_read_once_encoded(two_datasets, tmp_path, capsys, encoded):
+def test_every_head_under_a_protocol_and_the_features_read_once_encoded(two_datasets, tmp_path, capsys, encoded_views):
     out, data = tmp_path / "out", two_datasets / "data"
     base = ["--root_path", data, "--output_dir", out, *SHORT]
     assert cli(capsys, "--method", "tip_adapter", *base, "--eval_on", "eurosat")[0] == 0   # encodes its 10 views
@@ -61,7 +48,7 @@ def test_every_head_under_a_protocol_and_the_features_read_once_encoded(two_data
     assert cli(capsys, "--method", "taskres", *base)[0] == 0                               # 3 epochs: 3 views read
     assert cli(capsys, "--method", "clip_adapter", *base, "--protocol", "base2new")[0] == 0  # base half: its own
     assert cli(capsys, "--method", "taskres", *base, "--protocol", "base2new")[0] == 0     # reads clip_adapter's
-    assert encoded == [(0, 10), (0, 3)]
+    assert encoded_views == [(0, 10), (0, 3)]
     assert len(list((out / ".cache" / "features").glob("views-*.safetensors"))) == 2
     tip = result(out, "tip_adapter")
     assert tip["selected_on"] == "val" and tip["tip_alpha"] >= 0 and tip["kind"] == "head"
@@ -78,26 +65,20 @@ def test_every_head_under_a_protocol_and_the_features_read_once_encoded(two_data
     assert lp["iterations"] == 3 and lp["optimizer"] == "lp_pp" and "4N/lambda_max" in lp["optimizer_groups"][0]["name"]
     assert cli(capsys, "--method", "lp_pp", *base, "--eval_only")[0] == 0          # reloaded: the same accuracy
     assert json.loads((out / "tiny-clip/dtd/2shots/seed1/lp_pp/eval.json").read_text())["accuracy"] == lp["accuracy"]
-    assert encoded == [(0, 10), (0, 3)]
+    assert encoded_views == [(0, 10), (0, 3)]
 
 
 def test_a_killed_run_resumes_from_its_checkpoint_and_the_cache_and_ends_as_an_uninterrupted_one(
-        two_datasets, tmp_path, capsys, monkeypatch, encoded):
+        two_datasets, tmp_path, capsys, monkeypatch, encoded_views):
     """Tip-Adapter-F as its authors ran it: the keys after every epoch are kept across the kill (its checkpoint), the
     epoch with the best test accuracy is kept, and the result and tables say it was selected on test."""
-    original = train.training_step
-
-    def killed_at_2(model, images, labels, tokens, optimizer, hooks, step, *rest, **kwargs):
-        if step == 2:
-            raise KeyboardInterrupt
-        return original(model, images, labels, tokens, optimizer, hooks, step, *rest, **kwargs)
     args = ["--method", "tip_adapter", "--root_path", two_datasets / "data", *SHORT, "--batch_size", "4",
             "--checkpoint_every", "1", "--set", "method_options.variant=authors"]
     with monkeypatch.context() as patch:
-        patch.setattr(train, "training_step", killed_at_2)
+        patch.setattr(train, "training_step", killed_at(2))
         assert cli(capsys, *args, "--output_dir", tmp_path / "out")[0] == 130
     assert cli(capsys, *args, "--output_dir", tmp_path / "out")[0] == 0
-    assert encoded == [(0, 10)]                                   # the resumed run read the features
+    assert encoded_views == [(0, 10)]                                   # the resumed run read the features
     assert cli(capsys, *args, "--output_dir", tmp_path / "whole")[0] == 0
     resumed, whole = result(tmp_path / "out", "tip_adapter"), result(tmp_path / "whole", "tip_adapter")
     assert resumed["resumed_from"] == 2 and resumed["iterations"] == 3 * 2  # 8 images, batch 4: 2 per epoch
@@ -128,7 +109,7 @@ def test_training_free_tip_adapter_skips_the_loop(two_datasets, tmp_path, capsys
                   r"features\); cpu has 0\.0 GiB free: use fewer shots or classes"),
 ])
 def test_a_task_the_head_cannot_train_is_one_line_before_any_work(case, message, two_datasets, tmp_path, capsys,
-                                                                  monkeypatch, encoded):
+                                                                  monkeypatch, encoded_views):
     import re
 
     import lora_zoo.learner as learner
@@ -138,4 +119,4 @@ def test_a_task_the_head_cannot_train_is_one_line_before_any_work(case, message,
     code, err = cli(capsys, "--method", method, "--root_path", root, "--output_dir", tmp_path / "out", *SHORT)
     assert code != 0 and err.count("\n") == 1 and re.search(message if case == "no memory" else re.escape(message),
                                                             err), err
-    assert not (tmp_path / "out").exists() and encoded == []    # nothing written, nothing encoded
+    assert not (tmp_path / "out").exists() and encoded_views == []    # nothing written, nothing encoded_views

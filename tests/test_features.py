@@ -50,28 +50,16 @@ def cached(model, data, views, folder, key):
     return features.cached_views(model, data, transform, views, 1, CPU, "fp32", 4, folder, key)
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """The views each call encodes: ``[(first, views), ...]``."""
-    calls, real = [], features.encode_views
-
-    def encode(*args, first=0, **kwargs):
-        calls.append((first, args[3]))
-        return real(*args, first=first, **kwargs)
-    monkeypatch.setattr(features, "encode_views", encode)
-    return calls
-
-
-def test_a_rerun_reads_the_entry_and_views_are_a_prefix(images, tmp_path, counted):
+def test_a_rerun_reads_the_entry_and_views_are_a_prefix(images, tmp_path, encoded_views):
     model, folder = tiny_clip(), tmp_path / "cache"
     key = key_of(images, build_train_transform(model))
     first = cached(model, images, 3, folder, key)
-    assert counted == [(0, 3)] and first.features.shape == (3, 6, 32)
+    assert encoded_views == [(0, 3)] and first.features.shape == (3, 6, 32)
     assert [p.name for p in folder.iterdir()] == [features.cache_path(folder, key).name]
     again = cached(model, images, 3, folder, key)                 # a rerun: read, nothing encoded
     fewer = cached(model, images, 1, folder, key)                 # LP++'s one view from Tip-Adapter's entry
     more = cached(model, images, 5, folder, key)                  # only views 3 and 4 are encoded
-    assert counted == [(0, 3), (3, 5)]
+    assert encoded_views == [(0, 3), (3, 5)]
     assert torch.equal(again.features, first.features) and torch.equal(fewer.features, first.features[:1])
     assert torch.equal(more.features[:3], first.features)
     fresh = features.encode_views(model, images, build_train_transform(model), 5, 1, CPU, "fp32", 4)
@@ -80,7 +68,7 @@ def test_a_rerun_reads_the_entry_and_views_are_a_prefix(images, tmp_path, counte
 
 
 @pytest.mark.parametrize("planted", ["another backbone's features under the same file name", "a stale key"])
-def test_an_entry_of_other_weights_or_a_stale_key_is_never_read(planted, images, tmp_path, counted):
+def test_an_entry_of_other_weights_or_a_stale_key_is_never_read(planted, images, tmp_path, encoded_views):
     model, folder = tiny_clip(), tmp_path / "cache"
     key = key_of(images, build_train_transform(model))
     path = features.cache_path(folder, key)
@@ -94,17 +82,17 @@ def test_an_entry_of_other_weights_or_a_stale_key_is_never_read(planted, images,
     save_file({"features": wrong, "labels": torch.tensor([0, 1, 2, 0, 1, 2])}, str(path),
               metadata={"key": json.dumps(stored, sort_keys=True)})
     support = cached(model, images, 3, folder, key)
-    assert counted == [(0, 3)]                    # encoded, not read
+    assert encoded_views == [(0, 3)]                    # encoded, not read
     assert support.features.shape == (3, 6, 32) and not (support.features == 7.0).any()
     assert torch.equal(features.read_cached(path, key, support.labels), support.features)  # replaced
 
 
-def test_a_changed_image_is_another_entry(images, tmp_path, counted):
+def test_a_changed_image_is_another_entry(images, tmp_path, encoded_views):
     model, folder = tiny_clip(), tmp_path / "cache"
     first = cached(model, images, 2, folder, key_of(images, build_train_transform(model)))
     os.utime(images[0].impath, ns=(1, 1))         # the same name, another modification time: maybe other pixels
     second = cached(model, images, 2, folder, key_of(images, build_train_transform(model)))
-    assert counted == [(0, 2), (0, 2)] and len(list(folder.iterdir())) == 2
+    assert encoded_views == [(0, 2), (0, 2)] and len(list(folder.iterdir())) == 2
     assert torch.equal(first.features, second.features)  # (the pixels did not change here)
 
 

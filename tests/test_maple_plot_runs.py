@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import killed_at
 import lora_zoo as lz
 import main
 from datasets import write_synthetic_dataset
@@ -92,13 +93,7 @@ def test_plot_resumes_bit_identically_after_a_kill_across_its_stage_switch(root,
     assert run(capsys, args + ["--output_dir", tmp_path / "whole"], "plot")[0] == 0
     import lora_zoo.train as train
     original = train.training_step
-
-    def killed_at_5(model, inputs, labels, classes, optimizer, hooks, step, *rest, **kw):
-        if step == 5:
-            raise KeyboardInterrupt
-        return original(model, inputs, labels, classes, optimizer, hooks, step, *rest, **kw)
-
-    monkeypatch.setattr(train, "training_step", killed_at_5)
+    monkeypatch.setattr(train, "training_step", killed_at(5))
     assert run(capsys, args + ["--output_dir", tmp_path / "killed"], "plot")[0] == 130
     monkeypatch.setattr(train, "training_step", original)
     assert run(capsys, args + ["--output_dir", tmp_path / "killed"], "plot")[0] == 0

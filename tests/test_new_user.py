@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lora_zoo as lz
-from conftest import cli, one_line
+from conftest import cli, killed_at, one_line
 from lora_zoo.checkpoint import RECORD_DIGEST, config_path
 from lora_zoo.cli import run
 from lora_zoo.files import sha256_json
@@ -380,12 +380,6 @@ def test_resuming_with_another_thread_count_warns_once_and_the_result_records_ev
     """Resumed at another --threads, a run gave 36.67% against 37.00%, and result.json named only the last count."""
     import lora_zoo.train as train
 
-    original = train.training_step
-
-    def killed_at_3(model, images, labels, tokens, optimizer, hooks, step, *rest, **kwargs):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(model, images, labels, tokens, optimizer, hooks, step, *rest, **kwargs)
     for first, then, warning in ((2, 1, "resuming with 1 thread a run trained with 2 so far: the last bits of its "
                                         "numbers can differ from an uninterrupted run's (--threads 2 resumes it as "
                                         "it ran)"),
@@ -394,7 +388,7 @@ def test_resuming_with_another_thread_count_warns_once_and_the_result_records_ev
         args = ["--method", "lora", *TINY, "--root_path", data_root, "--output_dir", out, "--n_iters", "5",
                 "--checkpoint_every", "2"]
         with monkeypatch.context() as patch:
-            patch.setattr(train, "training_step", killed_at_3)
+            patch.setattr(train, "training_step", killed_at(3))
             assert cli(capsys, *args, "--threads", first)[0] == 130
         folder = run_folder(out)
         assert torch.load(folder / "checkpoint.pt", weights_only=True)["threads"] == [first]

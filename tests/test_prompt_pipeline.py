@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import killed_at
 import lora_zoo as lz
 from datasets import write_synthetic_dataset
 from lora_zoo.cli import run as main_run
@@ -101,13 +102,7 @@ def test_a_killed_prograd_run_resumes_and_ends_bit_identical(root, tmp_path, cap
     assert run(capsys, *args, "--output_dir", tmp_path / "whole")[0] == 0
     import lora_zoo.train as train
     original = train.training_step
-
-    def killed_at_5(model, images, labels, classes, optimizer, hooks, step, *rest, **kw):
-        if step == 5:
-            raise KeyboardInterrupt
-        return original(model, images, labels, classes, optimizer, hooks, step, *rest, **kw)
-
-    monkeypatch.setattr(train, "training_step", killed_at_5)
+    monkeypatch.setattr(train, "training_step", killed_at(5))
     assert run(capsys, *args, "--output_dir", tmp_path / "killed")[0] == 130
     killed = tmp_path / "killed/tiny-clip/dtd/2shots/seed1/prograd"
     assert (killed / "checkpoint.pt").is_file() and not (killed / "result.json").exists()

@@ -3,7 +3,6 @@ here: which LayerNorms their selection code leaves trainable (``fs/utils/model_u
 (``fs/twostage.py`` ``run_twostage``: AdamW and a cosine per stage, the head initialised from the tuned text
 encoder) and their inference on classes the head has no row for (``SingleStreamClassifier.infer``).
 """
-import copy
 import json
 
 import pytest
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 
 import lora_zoo as lz
 import lora_zoo.train as train
-from conftest import cli, one_line, tiny_clip
+from conftest import cli, killed_at, one_line, tiny_clip
 from datasets import write_synthetic_dataset
 from lora_zoo.config import TrainConfig
 from lora_zoo.scoring import ClassSet, text_features
@@ -186,13 +185,7 @@ def test_killed_after_the_switch_it_resumes_to_the_same_result_and_evaluates_aga
     args = ARGS + ["--root_path", two_datasets]
     assert cli(capsys, *args, "--output_dir", tmp_path / "whole")[0] == 0
     original = train.training_step
-
-    def killed_at_10(model, images, labels, classes, optimizer, hooks, step, *rest, **kw):
-        if step == 10:
-            raise KeyboardInterrupt
-        return original(model, images, labels, classes, optimizer, hooks, step, *rest, **kw)
-
-    monkeypatch.setattr(train, "training_step", killed_at_10)
+    monkeypatch.setattr(train, "training_step", killed_at(10))
     assert cli(capsys, *args, "--output_dir", tmp_path / "killed")[0] == 130  # checkpoints at 4 and 8; switch at 7
     monkeypatch.setattr(train, "training_step", original)
     assert cli(capsys, *args, "--output_dir", tmp_path / "killed")[0] == 0
