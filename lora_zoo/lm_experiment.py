@@ -46,6 +46,7 @@ from .runs import ADAPTER_FILE, EVAL_FILE, RESULT_FILE, STATE_FILE, read_result
 
 logger = logging.getLogger(__name__)
 PREDICTIONS_FILE = "predictions.json"
+EVAL_PREDICTIONS_FILE = "eval_predictions.json"  # --eval_only's, beside eval.json: the run's own stay
 CALIBRATION_RECORDS = 128
 VALIDATION_SEED = 42  # LLM-Adapters' train_test_split(seed=42)
 
@@ -180,11 +181,11 @@ def run_commonsense(cfg: CommonsenseConfig, *, eval_only: bool = False, export_p
             stats = calibrate(cfg, model, train, tokenizer.pad_token_id)
             torch.manual_seed(cfg.seed)
             apply_adapters(model, cfg.method, targets=cfg.targets, stats=stats, **cfg.method_options)
+        else:  # a finished run's adapters, checked before anything (eval.log) is written: refused, nothing is
+            load_adapters(model, out / ADAPTER_FILE)
         claim_folder(out, stack, dist, log, adapt, overwrite)
         if adapt:
             record.update(_train(cfg, model, train, validation, out, dist, device, precision, tokenizer.pad_token_id))
-        else:
-            load_adapters(model, out / ADAPTER_FILE)
         record["merged"] = kind_of(model).merge(model)
         evaluation = evaluate_commonsense(model, tokenizer, data.tests, cfg, dist, device, precision)
         predictions = evaluation.pop("predictions")
@@ -218,11 +219,12 @@ def _train(cfg, model, train, validation, out: Path, dist: Dist, device, precisi
 
 def _write_outputs(cfg, model, out: Path, record: dict, predictions: dict, adapt: bool, export_peft,
                    started: float) -> None:
-    """Rank 0: the adapters, the predictions, the peft export, then ``result.json`` (or ``eval.json``) last."""
+    """Rank 0: the adapters, the predictions, the peft export, then ``result.json`` last; an evaluation of a finished
+    run (``--eval_only``) writes ``eval_predictions.json`` and ``eval.json`` beside the run's own files instead."""
     if adapt:
         save_adapters(model, out / ADAPTER_FILE)
         record["adapters_sha256"] = sha256_file(out / ADAPTER_FILE)
-    write_json(out / PREDICTIONS_FILE, predictions)
+    write_json(out / (PREDICTIONS_FILE if adapt else EVAL_PREDICTIONS_FILE), predictions)
     if export_peft is not None:
         from .peft_export import export_peft as write_peft
 

@@ -67,6 +67,29 @@ def test_a_run_records_table_1_columns_and_is_not_trained_twice(data, tmp_path, 
     assert "nothing to do, run already finished" in capsys.readouterr().err
 
 
+def test_eval_only_scores_the_run_as_it_finished_and_refuses_an_edited_adapter_record(data, tmp_path, capsys):
+    args = ("--eval_limit", "2", "--max_new_tokens", "8")
+    assert run(data, tmp_path, *args, method="nora") == 0
+    folder = run_folder(tmp_path, "nora")
+    result, predictions = (json.loads((folder / name).read_text()) for name in ("result.json", "predictions.json"))
+    assert run(data, tmp_path, *args, "--eval_only", method="nora") == 0
+    evaluated = json.loads((folder / "eval.json").read_text())
+    assert evaluated["tasks"] == result["tasks"] and evaluated["accuracy"] == result["accuracy"]
+    assert json.loads((folder / "eval_predictions.json").read_text()) == predictions  # the same generations
+    assert json.loads((folder / "predictions.json").read_text()) == predictions      # the run's own kept
+    for name in ("eval.json", "eval_predictions.json", "eval.log"):
+        (folder / name).unlink()
+    record = json.loads((folder / "adapters.json").read_text())
+    record["config"]["alpha"] = 9.0  # rebuilds NoRA's layers at another scale
+    (folder / "adapters.json").write_text(json.dumps(record))
+    before = sorted(p.name for p in folder.iterdir())
+    capsys.readouterr()
+    assert run(data, tmp_path, *args, "--eval_only", method="nora") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not match the record_sha256 recorded in it" in err
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing written: no eval.json, eval.log
+
+
 @pytest.mark.parametrize("method", WEIGHT_METHODS)
 def test_every_weight_method_trains_and_evaluates_on_tiny_lm(method, data, tmp_path):
     assert run(data, tmp_path, "--n_iters", "1", "--tasks", "winogrande", "--val_set_size", "0",
