@@ -7,6 +7,7 @@ follow LLM-Adapters (EOS rule, left padding to a multiple of 8, labels -100); an
 repository's ``datasets/`` package breaks when run from the root, is never needed.
 """
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,6 +89,33 @@ def test_eval_only_scores_the_run_as_it_finished_and_refuses_an_edited_adapter_r
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not match the record_sha256 recorded in it" in err
     assert sorted(p.name for p in folder.iterdir()) == before  # nothing written: no eval.json, eval.log
+
+
+def test_a_run_claimed_by_another_process_is_skipped_and_trains_once_released(data, tmp_path, capsys):
+    folder = run_folder(tmp_path)
+    folder.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lora_zoo.runlock import claim\n"
+                               f"with claim({str(folder)!r}):\n    print('held', flush=True); time.sleep(120)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert run(data, tmp_path) == 0
+        assert "skipped, running elsewhere" in capsys.readouterr().err
+        assert not (folder / "result.json").exists() and not (folder / "adapters.safetensors").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run(data, tmp_path) == 0 and json.loads((folder / "result.json").read_text())["steps"] == 2
+
+
+def test_a_non_finite_loss_stops_the_run_in_one_line_and_records_nothing(data, tmp_path, capsys):
+    capsys.readouterr()
+    assert run(data, tmp_path, "--lr", "1e38", "--n_iters", "3") == 1  # warm-up: lr 0, then 1e36 sends them to inf
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training loss is nan at step 3/3" in err
+    assert not (run_folder(tmp_path) / "result.json").exists()
+    assert not (run_folder(tmp_path) / "adapters.safetensors").exists()
 
 
 @pytest.mark.parametrize("method", WEIGHT_METHODS)
