@@ -16,18 +16,24 @@ is the checksum saved files are recorded and verified with, ``sha256_json(data, 
 JSON record's content. ``without_cache(what, err)`` is the rule of every cache (the zero-shot accuracies,
 the preprocessed test images, a head's features): one that cannot be written (a read-only folder or
 filesystem) is skipped with one warning per process and cache; any other failure is raised again.
+Ctrl-C or SIGTERM arriving while a file is written is held until the file is in place (``interrupts_held``):
+raised inside torch's zip writer it would leave a checkpoint unwritten and surface as torch's "unexpected pos"
+error instead of the run's one-line "interrupted" message. A second signal during the same write is not held.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 #: the errno values of a full disk: no space left, quota exceeded
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
@@ -96,9 +102,54 @@ def write_error(path, err: BaseException) -> Optional[WriteError]:
     return WriteError(path, code, reason)
 
 
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """While inside, the first SIGINT or SIGTERM is recorded instead of handled, and delivered to its own handler
+    on leaving (so Ctrl-C raises ``KeyboardInterrupt`` after the write, not in the middle of it); a second
+    signal is handled at once. Only the main thread receives signals: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in HELD_SIGNALS}
+
+    def hold(signum, frame):
+        if held:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                _restore(previous)
+                signal.raise_signal(signum)
+            return
+        held.append(signum)
+
+    for signum in HELD_SIGNALS:
+        signal.signal(signum, hold)
+    try:
+        yield
+    finally:
+        _restore(previous)
+        if held:
+            signal.raise_signal(held[0])  # its own handler now: KeyboardInterrupt, or the process ends
+
+
+def _restore(handlers: dict) -> None:
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
 def atomic_write(path, write: Callable[[str], Any]) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path`` (same folder); returns ``path``."""
-    path = Path(path)
+    """Call ``write(tmp_path)`` then rename onto ``path`` (same folder); returns ``path``. Ctrl-C and SIGTERM
+    wait until it has returned (``interrupts_held``)."""
+    with interrupts_held():
+        return _atomic_write(Path(path), write)
+
+
+def _atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,10 @@ import torch
 import lora_zoo as lz
 from lora_zoo import resume as resume_state
 from lora_zoo.checkpoint import config_path
+from lora_zoo.cli import sigterm_as_interrupt
 from lora_zoo.config import load_config
 from lora_zoo.experiment import STATE_FILE, run_dir, run_experiment
+from lora_zoo.files import atomic_write, torch_save
 from lora_zoo.hooks import TrainingHooks
 from lora_zoo.models import build_clip
 
@@ -206,3 +209,38 @@ def test_cuda_generator_states_are_restored_for_the_devices_visible_now(checkpoi
     loaded = resume_state.load(path)
     assert calls == [(1, 0), ("all", 1)]  # tried on device 0, then the current state put back
     assert [torch.equal(a, b) for a, b in zip(loaded["rng"]["cuda"], saved)] == [True, True]
+
+
+class _SignalWhenPickled:
+    """Sends ``signum`` to this process while ``torch.save`` is pickling it (mid-write); loads back as 3."""
+
+    def __init__(self, *signums):
+        self.signums = signums
+
+    def __reduce__(self):
+        for signum in self.signums:
+            signal.raise_signal(signum)
+        return int, (3,)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupt_during_a_checkpoint_write_waits_for_the_file(signum, tmp_path):
+    """Ctrl-C or SIGTERM inside torch's zip writer used to surface as torch's "unexpected pos" error with no
+    checkpoint; the write now finishes (the file is whole and loads) and the interrupt is raised after it."""
+    path = tmp_path / "checkpoint.pt"
+    state = {"a": torch.arange(4000.0), "mid": _SignalWhenPickled(signum), "b": torch.ones(3000)}
+    with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+        atomic_write(path, lambda tmp: torch_save(state, tmp))
+    loaded = torch.load(path, weights_only=False)
+    assert loaded["mid"] == 3 and torch.equal(loaded["a"], state["a"]) and torch.equal(loaded["b"], state["b"])
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are given back
+
+
+def test_a_second_interrupt_during_a_write_stops_it_at_once_and_leaves_no_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    state = {"a": torch.arange(10.0), "mid": _SignalWhenPickled(signal.SIGINT, signal.SIGINT)}
+    with pytest.raises((KeyboardInterrupt, RuntimeError)):
+        atomic_write(path, lambda tmp: torch_save(state, tmp))
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
