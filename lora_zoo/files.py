@@ -117,7 +117,8 @@ def interrupts_held() -> Iterator[None]:
     previous = {signum: signal.getsignal(signum) for signum in HELD_SIGNALS}
 
     def hold(signum, frame):
-        if held:
+        if held:  # the second: handled now, and the first is not delivered again on leaving
+            held.clear()
             handler = previous[signum]
             if callable(handler):
                 handler(signum, frame)
