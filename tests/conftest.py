@@ -78,14 +78,20 @@ def texts():
     return tokens
 
 
+def synthetic_datasets(root, classes: dict, train_per_class=4, val_per_class=2, test_per_class=4, image_size=32):
+    """Write each synthetic dataset of ``classes`` (name -> number of classes) under ``root``, in the CoOp layout,
+    with these sizes (images per class; pixels); returns ``root``."""
+    from datasets import write_synthetic_dataset
+    for name, count in classes.items():
+        write_synthetic_dataset(root, name, num_classes=count, train_per_class=train_per_class,
+                                val_per_class=val_per_class, test_per_class=test_per_class, image_size=image_size)
+    return root
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory):
     """A small synthetic DTD (4 classes; 4 train, 2 val, 4 test images each; 32 px) in the CoOp layout."""
-    from datasets import write_synthetic_dataset
-    root = tmp_path_factory.mktemp("data")
-    write_synthetic_dataset(root, "dtd", num_classes=4, train_per_class=4, val_per_class=2, test_per_class=4,
-                            image_size=32)
-    return root
+    return synthetic_datasets(tmp_path_factory.mktemp("data"), {"dtd": 4})
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_zoo as lz
-from conftest import cli, one_line, tiny_clip
-from datasets import write_synthetic_dataset
+from conftest import cli, one_line, synthetic_datasets, tiny_clip
 from lora_zoo.clip_svd import ALL_TARGETS
 from lora_zoo.config import load_config
 from lora_zoo.targets import find_target_linears
@@ -128,10 +127,7 @@ RUN = ["--backbone", "tiny-clip", "--shots", "2", "--batch_size", "4", "--num_wo
 
 
 def test_few_shot_run_evaluated_on_another_dataset_and_a_base_to_new_run(tmp_path, capsys):
-    root = tmp_path / "data"
-    for dataset in ("dtd", "eurosat"):
-        write_synthetic_dataset(root, dataset, num_classes=4, train_per_class=4, val_per_class=2, test_per_class=4,
-                                image_size=32)
+    root = synthetic_datasets(tmp_path / "data", {"dtd": 4, "eurosat": 4})
     out = tmp_path / "out"
     code, err = cli(capsys, "--method", "clip_svd", "--root_path", root, "--output_dir", out, *RUN, "--n_iters", "2",
                     "--eval_on", "eurosat")

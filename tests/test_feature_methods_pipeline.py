@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import lora_zoo.train as train
-from conftest import killed_at
+from conftest import killed_at, synthetic_datasets
 from lora_zoo.cli import run
 from scripts import make_table
 
@@ -22,9 +22,7 @@ def two_datasets(tmp_path_factory):
     """DTD (4 classes) and EuroSAT (3 classes), 32 px, under one root; and a DTD without validation images."""
     from datasets import write_synthetic_dataset
     root = tmp_path_factory.mktemp("heads")
-    for name, classes in (("dtd", 4), ("eurosat", 3)):
-        write_synthetic_dataset(root / "data", name, num_classes=classes, train_per_class=3, val_per_class=2,
-                                test_per_class=3, image_size=32)
+    synthetic_datasets(root / "data", {"dtd": 4, "eurosat": 3}, train_per_class=3, test_per_class=3)
     write_synthetic_dataset(root / "no_val", "dtd", num_classes=4, train_per_class=3, val_per_class=0,
                             test_per_class=3, image_size=32)
     return root

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import killed_at
+from conftest import killed_at, synthetic_datasets
 import lora_zoo as lz
 import main
-from datasets import write_synthetic_dataset
 from lora_zoo.models import build_clip
 from lora_zoo.runs import read_result
 
@@ -23,11 +22,7 @@ TINY = ["--backbone", "tiny-clip", "--shots", "2", "--num_workers", "0", "--eval
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prompt_data")
-    for name, classes in (("dtd", 4), ("eurosat", 3)):
-        write_synthetic_dataset(root, name, num_classes=classes, train_per_class=4, val_per_class=2,
-                                test_per_class=4, image_size=32)
-    return root
+    return synthetic_datasets(tmp_path_factory.mktemp("prompt_data"), {"dtd": 4, "eurosat": 3})
 
 
 def run(capsys, argv, method):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lora_zoo as lz
-from conftest import cli, killed_at, one_line
+from conftest import cli, killed_at, one_line, synthetic_datasets
 from lora_zoo.checkpoint import RECORD_DIGEST, config_path
 from lora_zoo.cli import run
 from lora_zoo.files import sha256_json
@@ -171,12 +171,8 @@ KEPT = "the trained adapters are kept in {run}/checkpoint.pt: free space and run
 @pytest.fixture(scope="module")
 def two_datasets(tmp_path_factory):
     """DTD (4 classes) and EuroSAT (3 classes) under one root, small: a run on one evaluated on the other."""
-    from datasets import write_synthetic_dataset
-    root = tmp_path_factory.mktemp("two_datasets")
-    for name, classes in (("dtd", 4), ("eurosat", 3)):
-        write_synthetic_dataset(root, name, num_classes=classes, train_per_class=2, val_per_class=1,
-                                test_per_class=2, image_size=32)
-    return root
+    return synthetic_datasets(tmp_path_factory.mktemp("two_datasets"), {"dtd": 4, "eurosat": 3}, train_per_class=2,
+                              val_per_class=1, test_per_class=2)
 
 
 @pytest.mark.parametrize("site", sorted(FULL_DISK_SITES))

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import killed_at
+from conftest import killed_at, synthetic_datasets
 import lora_zoo as lz
-from datasets import write_synthetic_dataset
 from lora_zoo.cli import run as main_run
 from scripts import make_table
 
@@ -23,11 +22,7 @@ RUN = ["--backbone", "tiny-clip", "--shots", "2", "--epochs", "3", "--batch_size
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prompt_data")
-    for name in ("dtd", "eurosat"):
-        write_synthetic_dataset(root, name, num_classes=4, train_per_class=2, val_per_class=2, test_per_class=4,
-                                image_size=32)
-    return root
+    return synthetic_datasets(tmp_path_factory.mktemp("prompt_data"), {"dtd": 4, "eurosat": 4}, train_per_class=2)
 
 
 def run(capsys, *args):

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 import lora_zoo as lz
 import lora_zoo.train as train
-from conftest import cli, killed_at, one_line, tiny_clip
-from datasets import write_synthetic_dataset
+from conftest import cli, killed_at, one_line, synthetic_datasets, tiny_clip
 from lora_zoo.config import TrainConfig
 from lora_zoo.scoring import ClassSet, text_features
 from lora_zoo.twostage import block_norms
@@ -58,16 +57,20 @@ def their_two_stages(model, images, tokens, iterations, lr, weight_decay):
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, switch, eta_min=1e-6)
     losses, lrs = [], []
-    for _ in range(switch):
-        text = F.normalize(model.encode_text(tokens), dim=-1)
-        image = F.normalize(model.encode_image(images), dim=-1)
-        loss = F.cross_entropy(model.logit_scale.exp() * image @ text.t(), LABELS)
+
+    def step(loss):  # one of their iterations, recording the learning rate it ran at and the loss
         lrs.append(optimizer.param_groups[0]["lr"])
         loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+
+    for _ in range(switch):
+        text = F.normalize(model.encode_text(tokens), dim=-1)
+        image = F.normalize(model.encode_image(images), dim=-1)
+        loss = F.cross_entropy(model.logit_scale.exp() * image @ text.t(), LABELS)
+        step(loss)
     with torch.no_grad():
         head = torch.nn.Parameter(F.normalize(model.encode_text(tokens), dim=-1))
     initial = head.detach().clone()
@@ -77,12 +80,7 @@ def their_two_stages(model, images, tokens, iterations, lr, weight_decay):
         with torch.no_grad():
             image = F.normalize(model.encode_image(images), dim=-1)
         loss = F.cross_entropy(model.logit_scale.exp() * image @ F.normalize(head, dim=-1).t(), LABELS)
-        lrs.append(optimizer.param_groups[0]["lr"])
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+        step(loss)
     return losses, lrs, initial, head.detach(), model
 
 
@@ -173,11 +171,7 @@ ARGS = ["--method", "twostage", "--backbone", "tiny-clip", "--shots", "2", "--n_
 @pytest.fixture(scope="module")
 def two_datasets(tmp_path_factory):
     """The synthetic DTD of conftest and a synthetic EuroSAT to evaluate on (--eval_on)."""
-    root = tmp_path_factory.mktemp("two")
-    for dataset in ("dtd", "eurosat"):
-        write_synthetic_dataset(root, dataset, num_classes=4, train_per_class=4, val_per_class=2, test_per_class=4,
-                                image_size=32)
-    return root
+    return synthetic_datasets(tmp_path_factory.mktemp("two"), {"dtd": 4, "eurosat": 4})
 
 
 def test_killed_after_the_switch_it_resumes_to_the_same_result_and_evaluates_again(two_datasets, tmp_path, capsys,
